@@ -1,0 +1,171 @@
+"""The APEX multi-task head (official architecture) and its fused inference path.
+
+Architecture (``APEX_SPEC.md``): a shared trunk of 2 (or 3) blocks ``Linear → BatchNorm1d →
+GELU → Dropout(0.3)`` taking the song embedding (768 for MERT-95M) down to 256, then one branch
+per task, ``256→128→64`` blocks with Dropout(0.1) and a final ``Linear(64, 1)``; the output is
+``sigmoid(z) * scale + shift`` so each task stays in its range. Module names reproduce the
+official state_dict keys (``shared.{i}.block.0.weight``, ``branch_{task}.branch.2.bias``, ...),
+so the authors' checkpoint loads with ``load_state_dict(strict=True)``.
+
+:class:`FusedApexHead` is the inference-only form: BatchNorm folded into the preceding Linear,
+and the seven branches evaluated as three batched matrix products (one wide GEMM for the first
+branch layer, two ``bmm``) instead of 21 small ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from apex_rank.errors import ConfigError
+from apex_rank.tasks import resolve_tasks, task_spec
+
+#: Trunk widths after the input, by number of shared blocks (official variants).
+TRUNK_WIDTHS: dict[int, tuple[int, ...]] = {2: (512, 256), 3: (512, 384, 256)}
+BRANCH_WIDTHS: tuple[int, int] = (128, 64)
+
+
+class _Block(nn.Module):
+    """Linear → BatchNorm1d → GELU → Dropout, stored as ``block`` (official key layout)."""
+
+    def __init__(self, d_in: int, d_out: int, dropout: float) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.GELU(), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)  # type: ignore[no-any-return]
+
+
+class _Branch(nn.Module):
+    """One task's tower: two blocks then ``Linear(64, 1)``, stored as ``branch``."""
+
+    def __init__(self, d_in: int, dropout: float) -> None:
+        super().__init__()
+        h1, h2 = BRANCH_WIDTHS
+        self.branch = nn.Sequential(_Block(d_in, h1, dropout), _Block(h1, h2, dropout), nn.Linear(h2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x)  # type: ignore[no-any-return]
+
+
+class ApexHead(nn.Module):
+    """APEX multi-task regression head.
+
+    Parameters
+    ----------
+    input_dim:
+        Width of the song embedding (768 for MERT-v1-95M, 1024 for MERT-v1-330M).
+    tasks:
+        ``"full"`` (7 tasks), ``"popularity"`` (2) or a list of task names; kept in canonical order.
+    n_shared:
+        2 (official best) or 3 shared trunk blocks.
+    dropout_shared, dropout_branch:
+        Dropout rates (0.3 and 0.1 officially).
+
+    Example
+    -------
+    >>> head = ApexHead()
+    >>> sum(p.numel() for p in head.parameters())
+    817799
+    >>> head.eval()(torch.randn(4, 768)).shape
+    torch.Size([4, 7])
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 768,
+        tasks: str | Sequence[str] = "full",
+        *,
+        n_shared: int = 2,
+        dropout_shared: float = 0.3,
+        dropout_branch: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if n_shared not in TRUNK_WIDTHS:
+            raise ConfigError(f"n_shared must be one of {sorted(TRUNK_WIDTHS)}, got {n_shared}")
+        if input_dim < 1:
+            raise ConfigError(f"input_dim must be positive, got {input_dim}")
+        self.input_dim = int(input_dim)
+        self.n_shared = int(n_shared)
+        self.tasks: tuple[str, ...] = resolve_tasks(tasks if isinstance(tasks, str) else list(tasks))
+        widths = (self.input_dim, *TRUNK_WIDTHS[n_shared])
+        self.shared = nn.ModuleList(_Block(a, b, dropout_shared) for a, b in zip(widths[:-1], widths[1:]))
+        for t in self.tasks:
+            self.add_module(f"branch_{t}", _Branch(widths[-1], dropout_branch))
+        specs = [task_spec(t) for t in self.tasks]
+        self.register_buffer("scale", torch.tensor([s.scale for s in specs]), persistent=False)
+        self.register_buffer("shift", torch.tensor([s.shift for s in specs]), persistent=False)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.shared:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, input_dim) → (n, n_tasks) predictions on each task's native scale."""
+        h = self.trunk(x)
+        z = torch.cat([getattr(self, f"branch_{t}")(h) for t in self.tasks], dim=1)
+        return torch.sigmoid(z) * self.scale + self.shift
+
+
+def _fold_bn(linear: nn.Linear, bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight (out, in) and bias (out,) of ``bn(linear(x))`` in eval mode as one affine map."""
+    assert bn.running_var is not None and bn.running_mean is not None  # set by BatchNorm1d itself
+    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    beta = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
+    s = gamma / torch.sqrt(bn.running_var + bn.eps)
+    w = linear.weight * s[:, None]
+    b = (linear.bias - bn.running_mean) * s + beta
+    return w.detach(), b.detach()
+
+
+class FusedApexHead(nn.Module):
+    """Inference-only equivalent of an :class:`ApexHead` in eval mode (dropout off, BN folded).
+
+    Built from a trained head with :meth:`from_head`; equal to it within float32 rounding.
+    """
+
+    def __init__(self, head: ApexHead) -> None:
+        super().__init__()
+        self.tasks = head.tasks
+        trunk = []
+        for block in head.shared:
+            lin, bn = block.block[0], block.block[1]
+            trunk.append(_fold_bn(lin, bn))
+        self.trunk_w = nn.ParameterList(nn.Parameter(w.t().contiguous(), requires_grad=False) for w, _ in trunk)
+        self.trunk_b = nn.ParameterList(nn.Parameter(b, requires_grad=False) for _, b in trunk)
+        l1, l2, l3 = [], [], []
+        for t in head.tasks:
+            seq = getattr(head, f"branch_{t}").branch
+            l1.append(_fold_bn(seq[0].block[0], seq[0].block[1]))
+            l2.append(_fold_bn(seq[1].block[0], seq[1].block[1]))
+            l3.append((seq[2].weight.detach(), seq[2].bias.detach()))
+        # First branch layer of all tasks as one (256, T*128) GEMM.
+        self.w1 = nn.Parameter(torch.cat([w for w, _ in l1], 0).t().contiguous(), requires_grad=False)
+        self.b1 = nn.Parameter(torch.cat([b for _, b in l1], 0), requires_grad=False)
+        # Second and third layers as batched products over tasks: (T, 128, 64), (T, 64, 1).
+        self.w2 = nn.Parameter(torch.stack([w.t() for w, _ in l2]).contiguous(), requires_grad=False)
+        self.b2 = nn.Parameter(torch.stack([b for _, b in l2])[:, None, :], requires_grad=False)
+        self.w3 = nn.Parameter(torch.stack([w.t() for w, _ in l3]).contiguous(), requires_grad=False)
+        self.b3 = nn.Parameter(torch.stack([b for _, b in l3])[:, None, :], requires_grad=False)
+        self.register_buffer("scale", head.scale.clone(), persistent=False)
+        self.register_buffer("shift", head.shift.clone(), persistent=False)
+        self.h1 = BRANCH_WIDTHS[0]
+
+    @classmethod
+    def from_head(cls, head: ApexHead) -> FusedApexHead:
+        return cls(head).eval()
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gelu = nn.functional.gelu
+        for w, b in zip(self.trunk_w, self.trunk_b):
+            x = gelu(torch.addmm(b, x, w))
+        n, t = x.shape[0], len(self.tasks)
+        h = gelu(torch.addmm(self.b1, x, self.w1))  # (n, T*128)
+        h = h.view(n, t, self.h1).transpose(0, 1)  # (T, n, 128)
+        h = gelu(torch.baddbmm(self.b2, h, self.w2))  # (T, n, 64)
+        z = torch.baddbmm(self.b3, h, self.w3)  # (T, n, 1)
+        return torch.sigmoid(z[:, :, 0].t()) * self.scale + self.shift

@@ -1,0 +1,146 @@
+"""From tables to a trained APEX predictor: join songs and embeddings, build labels, split, train.
+
+Labels: ``score_streams`` / ``score_likes`` from the ``streams`` / ``likes`` counts through a
+:class:`~apex_rank.features.targets.PopularityTransform` fitted on the training split only
+(per platform when a ``platform`` column exists); the five aesthetic columns as they are (null
+= unlabelled, masked out of the loss). When the songs table has no ``streams`` column, callers
+may pass ``popularity_counts`` (e.g. training-interaction counts) instead.
+
+Split: the songs table's ``split`` column (``train``/``val``/``test``) when present, otherwise a
+seeded 80/10/10 split by song.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from apex_rank.errors import SchemaError
+from apex_rank.metrics import regression_metrics
+from apex_rank.predictor import ApexPredictor
+from apex_rank.schemas import embedding_matrix, validate_songs
+from apex_rank.tasks import AESTHETIC_TASKS, APEX_TASKS
+from apex_rank.training import ApexTrainer, TrainConfig, TrainResult
+from apex_rank.features.targets import PopularityTransform
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ApexDataset:
+    """Aligned arrays for APEX: ids, X (n, d), Y (n, 7) in APEX_TASKS order (NaN = missing), split."""
+
+    song_ids: list[str]
+    X: np.ndarray
+    Y: np.ndarray
+    split: np.ndarray
+    transforms: dict[str, PopularityTransform] = field(default_factory=dict)
+
+    def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        m = self.split == name
+        return self.X[m], self.Y[m]
+
+
+def assign_split(n: int, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> np.ndarray:
+    """A seeded random train/val/test assignment of ``n`` rows."""
+    rng = np.random.default_rng(seed)
+    r = rng.random(n)
+    a, b = fractions[0], fractions[0] + fractions[1]
+    return np.where(r < a, "train", np.where(r < b, "val", "test"))
+
+
+def build_apex_dataset(
+    songs: pl.DataFrame,
+    embeddings: pl.DataFrame,
+    *,
+    gamma: float = 1.0,
+    seed: int = 42,
+    popularity_counts: dict[str, np.ndarray] | None = None,
+) -> ApexDataset:
+    """Join ``songs`` and ``embeddings`` on song_id and build labels (see module doc).
+
+    Songs without an embedding are an error naming the first one; embeddings without a song row
+    are ignored with a log line. ``popularity_counts`` maps ``streams``/``likes`` to count arrays
+    aligned with ``songs`` rows, used where the table lacks that column.
+    """
+    validate_songs(songs)
+    ids, X = embedding_matrix(embeddings)
+    pos = {s: i for i, s in enumerate(ids)}
+    missing = [s for s in songs["song_id"].to_list() if s not in pos]
+    if missing:
+        raise SchemaError(f"{len(missing)} song(s) have no embedding, e.g. song_id {missing[0]!r}")
+    extra = len(ids) - songs.height
+    if extra > 0:
+        log.info("%d embeddings have no row in the songs table and are not used", extra)
+    song_ids = songs["song_id"].to_list()
+    X = X[[pos[s] for s in song_ids]]
+    if "split" in songs.columns:
+        split = np.asarray(songs["split"].cast(pl.String).to_list(), dtype=object)
+        bad = [s for s in set(split.tolist()) if s not in SPLITS]
+        if bad:
+            raise SchemaError(f"songs table: column 'split' has value {bad[0]!r}; allowed {SPLITS}")
+    else:
+        split = assign_split(len(song_ids), seed).astype(object)
+    if not (split == "train").any() or not (split == "val").any():
+        raise SchemaError("APEX training needs at least one 'train' and one 'val' song")
+    Y = np.full((len(song_ids), len(APEX_TASKS)), np.nan, dtype=np.float32)
+    platforms = songs["platform"].to_list() if "platform" in songs.columns else None
+    train = split == "train"
+    transforms: dict[str, PopularityTransform] = {}
+    for task, col in (("score_streams", "streams"), ("score_likes", "likes")):
+        if col in songs.columns:
+            counts = songs[col].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        elif popularity_counts is not None and col in popularity_counts:
+            counts = np.asarray(popularity_counts[col], dtype=np.float64)
+        else:
+            continue
+        plat_train = None if platforms is None else [p for p, t in zip(platforms, train) if t]
+        tf = PopularityTransform(gamma=gamma).fit(counts[train], plat_train, name=f"songs.{col}")
+        Y[:, APEX_TASKS.index(task)] = tf.transform(counts, platforms)
+        transforms[task] = tf
+    for task in AESTHETIC_TASKS:
+        if task in songs.columns:
+            Y[:, APEX_TASKS.index(task)] = songs[task].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    if np.isnan(Y).all():
+        raise SchemaError("songs table has no label column (streams, likes or an aesthetic score)")
+    return ApexDataset(song_ids, X, Y, split, transforms)
+
+
+def train_apex(
+    data: ApexDataset, config: TrainConfig | None = None, *, encoder: str | None = None,
+    callbacks: tuple[Any, ...] = (),
+) -> tuple[ApexPredictor, dict[str, Any], TrainResult]:
+    """Train on ``data``'s train split with early stopping on val; metrics on val and test.
+
+    Tasks without any label are left out of the head. Returns ``(predictor, metrics, result)``;
+    ``metrics`` is ``{"val": {task: {...}}, "test": {...}, "best_epoch": int, "log_sigma": {...}}``.
+    """
+    cfg = config or TrainConfig()
+    tasks = tuple(t for j, t in enumerate(APEX_TASKS) if np.isfinite(data.Y[data.split == "train", j]).any())
+    if not tasks:
+        raise SchemaError("no task has a label in the training split")
+    cols = [APEX_TASKS.index(t) for t in tasks]
+    if isinstance(cfg.tasks, str) and cfg.tasks == "full":
+        from dataclasses import replace
+
+        cfg = replace(cfg, tasks=tasks)
+    Xtr, Ytr = data.part("train")
+    Xva, Yva = data.part("val")
+    result = ApexTrainer(cfg, callbacks=callbacks).fit(Xtr, Ytr[:, cols], Xva, Yva[:, cols])
+    predictor = ApexPredictor(
+        result.model, encoder=encoder, device="cpu",
+        target_transform={t: tf.to_dict() for t, tf in data.transforms.items()},
+    )
+    metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "log_sigma": result.log_sigma, "tasks": list(tasks)}
+    for part in ("val", "test"):
+        X, Y = data.part(part)
+        if X.shape[0]:
+            P = predictor.predict(X)
+            metrics[part] = regression_metrics(Y[:, cols], P[:, cols], tasks)
+    return predictor, metrics, result
