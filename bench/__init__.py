@@ -1,0 +1,1 @@
+"""Runnable benchmarks: ``python -m bench.NAME``. Not part of the test suite."""
