@@ -94,7 +94,7 @@ class ApexPredictor:
             return out
         parts = []
         for start in range(0, X.shape[0], batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(X[start : start + batch_size])).to(self.device)
+            xb = torch.from_numpy(np.require(X[start : start + batch_size], requirements=["C", "W"])).to(self.device)
             parts.append(self._fused(xb).float().cpu().numpy())
         out[:, self._cols] = np.concatenate(parts)
         return out

@@ -1,0 +1,85 @@
+"""ApexPredictor: inference contract, pickle-free save/load, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from apex_rank import APEX_TASKS, ArtifactError, CheckpointError, SchemaError
+from apex_rank.model import ApexHead
+from apex_rank.predictor import ApexPredictor
+
+
+@pytest.fixture()
+def predictor() -> ApexPredictor:
+    torch.manual_seed(0)
+    head = ApexHead(24)
+    head.train()
+    with torch.no_grad():  # a few forward passes in train mode give BN non-trivial running stats
+        for _ in range(5):
+            head(torch.randn(64, 24) * 3 + 1)
+    return ApexPredictor(head, encoder="spectral-test", target_transform={"score_streams": {"gamma": 1.0}}, device="cpu")
+
+
+def test_predict_returns_n_by_7_float32(predictor: ApexPredictor) -> None:
+    out = predictor.predict(np.random.default_rng(0).normal(size=(10, 24)))
+    assert out.shape == (10, 7) and out.dtype == np.float32
+    assert predictor.predict(np.zeros((0, 24), np.float32)).shape == (0, 7)
+
+
+def test_save_load_round_trip_is_exact(predictor: ApexPredictor, tmp_path: Path) -> None:
+    X = np.random.default_rng(1).normal(size=(50, 24)).astype(np.float32)
+    predictor.save(tmp_path / "m")
+    again = ApexPredictor.load(tmp_path / "m", device="cpu")
+    np.testing.assert_array_equal(again.predict(X), predictor.predict(X))
+    assert again.encoder == "spectral-test" and again.target_transform == predictor.target_transform
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["schema"] == 1 and manifest["tasks"] == list(APEX_TASKS)
+    assert not list((tmp_path / "m").glob("*.pt")) and not list((tmp_path / "m").glob("*.pkl"))
+
+
+def test_score_songs_is_a_table_in_task_order(predictor: ApexPredictor) -> None:
+    df = predictor.score_songs(["a", "b"], np.ones((2, 24), np.float32))
+    assert df.columns == ["song_id", *APEX_TASKS]
+    assert df["song_id"].to_list() == ["a", "b"]
+
+
+def test_nan_embedding_names_the_row(predictor: ApexPredictor) -> None:
+    X = np.zeros((4, 24), np.float32)
+    X[2, 5] = np.nan
+    with pytest.raises(SchemaError, match="row 2"):
+        predictor.predict(X)
+
+
+def test_wrong_width_is_rejected(predictor: ApexPredictor) -> None:
+    with pytest.raises(SchemaError, match=r"\(n, 24\)"):
+        predictor.predict(np.zeros((3, 768), np.float32))
+
+
+def test_load_without_manifest_or_weights_fails_clearly(predictor: ApexPredictor, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        ApexPredictor.load(tmp_path)
+    predictor.save(tmp_path / "m")
+    (tmp_path / "m" / "head.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="head.safetensors"):
+        ApexPredictor.load(tmp_path / "m")
+
+
+def test_newer_schema_is_refused(predictor: ApexPredictor, tmp_path: Path) -> None:
+    predictor.save(tmp_path / "m")
+    man = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    man["schema"] = 99
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="schema version 99 is newer"):
+        ApexPredictor.load(tmp_path / "m")
+
+
+def test_corrupt_weights_file_is_a_checkpoint_error(predictor: ApexPredictor, tmp_path: Path) -> None:
+    predictor.save(tmp_path / "m")
+    (tmp_path / "m" / "head.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="head.safetensors"):
+        ApexPredictor.load(tmp_path / "m")

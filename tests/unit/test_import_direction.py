@@ -1,0 +1,79 @@
+"""Imports go one way: core ← features ← ranking ← offline_eval ← CLI (DESIGN.md).
+
+Walks the AST of every module and fails on an import that points up the chain. The CLI
+(``apex_rank/cli/``) and the lazy re-exports in ``apex_rank/__init__.py`` are the only
+modules of the core allowed to reach up.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LEVEL = {"core": 0, "features": 1, "ranking": 2, "offline_eval": 3, "cli": 4}
+FOLDERS = {"apex_rank": "core", "features": "features", "ranking": "ranking", "offline_eval": "offline_eval"}
+
+
+def layer_of_module(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] in ("features", "ranking", "offline_eval"):
+        return parts[0]  # a bare top-level import would also be wrong, but still classify it
+    if parts[0] != "apex_rank":
+        return None
+    if len(parts) == 1:
+        return "core"
+    if parts[1] == "cli":
+        return "cli"
+    return parts[1] if parts[1] in ("features", "ranking", "offline_eval") else "core"
+
+
+def layer_of_file(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    if rel.parts[0] == "apex_rank" and len(rel.parts) > 1 and rel.parts[1] == "cli":
+        return "cli"
+    return FOLDERS[rel.parts[0]]
+
+
+def violations() -> list[str]:
+    bad = []
+    for folder in FOLDERS:
+        for path in (ROOT / folder).rglob("*.py"):
+            if path == ROOT / "apex_rank" / "__init__.py":
+                continue  # PEP 562 lazy re-exports (strings, not imports)
+            here = layer_of_file(path)
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                for name in names:
+                    if name.split(".")[0] in ("features", "ranking", "offline_eval"):
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports bare {name!r}")
+                        continue
+                    there = layer_of_module(name)
+                    if there is not None and LEVEL[there] > LEVEL[here]:
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} ({here}) imports {name} ({there})")
+    return bad
+
+
+def test_imports_point_down_the_chain_only() -> None:
+    assert violations() == []
+
+
+def test_the_checker_catches_an_upward_import(tmp_path: Path) -> None:
+    # the rule itself: a core module importing ranking is a violation, the CLI doing so is not
+    assert LEVEL[layer_of_module("apex_rank.ranking.recommender")] > LEVEL["core"]  # type: ignore[index]
+    assert LEVEL[layer_of_module("apex_rank.offline_eval")] < LEVEL["cli"]  # type: ignore[index]
+    assert layer_of_file(ROOT / "apex_rank" / "cli" / "main.py") == "cli"
+    assert layer_of_file(ROOT / "features" / "targets.py") == "features"
+
+
+def test_import_apex_rank_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, apex_rank; print(any(m in sys.modules for m in ('faiss', 'lightgbm', 'redis', 'implicit')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
