@@ -1,0 +1,24 @@
+"""Online ranking over a shared store (Redis in production, in-process for the demo).
+
+Modules, in data-flow order: :mod:`.keys` (the versioned key format and codecs),
+:mod:`.store` (the store contract, ``RedisStore``, ``InProcessStore``), :mod:`.engine` (the
+contract of a loaded bundle) and :mod:`.recommender_engine` (the offline ``Recommender``
+behind it), :mod:`.publisher` (stage a version, move ``current`` atomically),
+:mod:`.ranker` (``OnlineRanker.rank``), :mod:`.events` (events, export, song ingestion) and
+:mod:`.service` (the FastAPI app; needs the ``serve`` extra, imported only when serving).
+"""
+
+from __future__ import annotations
+
+from .config import OnlineConfig
+from .events import EVENT_WEIGHTS, export_events, ingest, record
+from .keys import Keys, RequestError
+from .publisher import PublishResult, publish
+from .ranker import OnlineRanker, RankedItem, Ranking
+from .store import InProcessStore, OnlineStore, RedisStore, UserRecord, open_store
+
+__all__ = [
+    "EVENT_WEIGHTS", "InProcessStore", "Keys", "OnlineConfig", "OnlineRanker", "OnlineStore",
+    "PublishResult", "RankedItem", "Ranking", "RedisStore", "RequestError", "UserRecord",
+    "export_events", "ingest", "open_store", "publish", "record",
+]

@@ -1,0 +1,70 @@
+"""``OnlineConfig``: every knob of the online layer in one frozen dataclass (TOML ``[online]``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from apex_rank.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """Settings of the publisher, ranker, events and service.
+
+    Attributes
+    ----------
+    namespace:
+        Key namespace ``NS`` in ``apexrank:{NS}:...``.
+    budget_ms:
+        Latency budget of the ranker's Redis round trip (socket timeout); beyond it, or when
+        Redis is down, ``rank`` answers from the in-process fallback marked ``degraded``.
+    retry_s:
+        After a Redis failure the ranker stays on the fallback this long before trying again
+        (so a dead server costs one timeout per ``retry_s``, not one per request).
+    batch_size:
+        Songs or users per pipelined batch when publishing.
+    staging_ttl_s, version_ttl_s, grace_s:
+        TTL of a version's keys while it is being published, once it is committed, and after
+        a newer version replaced it (readers in flight finish on the old one).
+    history_len:
+        Bound of a user's recent history as events extend it (the publisher writes the
+        bundle's history whole, so online excludes exactly what offline excludes).
+    profile_alpha:
+        Weight of the newest song in the content-profile update of an event (floor of 1/(n+1)).
+    events_maxlen:
+        Approximate length cap of the event stream (``XADD MAXLEN ~``).
+    max_k:
+        Largest ``k`` a caller may ask for.
+    fallback_size:
+        Length of the precomputed popularity-and-quality fallback list.
+    follow_interval_s:
+        How often the catalogue follower wakes to check the stream and the ``current`` pointer.
+    max_body_bytes:
+        Request-size limit of the HTTP service.
+    """
+
+    namespace: str = "default"
+    budget_ms: float = 50.0
+    retry_s: float = 1.0
+    batch_size: int = 2000
+    staging_ttl_s: int = 3600
+    version_ttl_s: int = 90 * 86400
+    grace_s: int = 600
+    history_len: int = 500
+    profile_alpha: float = 0.1
+    events_maxlen: int = 10_000_000
+    max_k: int = 500
+    fallback_size: int = 1000
+    follow_interval_s: float = 0.5
+    max_body_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("budget_ms", "retry_s", "follow_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"online.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("batch_size", "staging_ttl_s", "version_ttl_s", "grace_s", "history_len",
+                     "events_maxlen", "max_k", "fallback_size", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"online.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.profile_alpha <= 1.0:
+            raise ConfigError(f"online.profile_alpha must be in (0, 1], got {self.profile_alpha}")

@@ -1,0 +1,168 @@
+"""The versioned Redis key format of the online store, and the binary codecs of its fields.
+
+Key format, schema 1 (every key starts with ``apexrank:{NS}:``, ``NS`` the namespace)
+---------------------------------------------------------------------------------------
+
+==================================  ========  =====================================================
+key                                 type      holds
+==================================  ========  =====================================================
+``apexrank:{NS}:current``           string    the published version ``V`` readers use (the pointer)
+``apexrank:{NS}:seq``               string    counter handing out version numbers (``INCR``)
+``apexrank:{NS}:events``            stream    every recorded event: ``u`` user, ``s`` song, ``k``
+                                              kind, ``t`` unix seconds, ``w`` weight (kept across
+                                              versions; never expires, trimmed by length)
+``apexrank:{NS}:catalogue``         stream    announcements of ingested songs: ``s`` song, ``v``
+                                              version (other ranker processes follow it)
+``apexrank:{NS}:v{V}:meta``         string    JSON manifest of version ``V``; written last, so its
+                                              presence marks a complete publish
+``apexrank:{NS}:v{V}:songs``        hash      song id -> song record (``SONG_RECORD`` below)
+``apexrank:{NS}:v{V}:emb``          hash      song id -> content embedding, raw little-endian f32
+``apexrank:{NS}:v{V}:ingested``     set       song ids ingested into ``V`` after it was published
+``apexrank:{NS}:v{V}:u:{USER}``     hash      user state: ``f`` CF factor (f32 bytes, absent for
+                                              users without one), ``p`` content profile (f32
+                                              bytes), ``h`` recent history (JSON list of song ids,
+                                              oldest first, bounded), ``n`` activity (JSON number)
+==================================  ========  =====================================================
+
+Every ``v{V}`` key carries a TTL: ``staging_ttl_s`` while a publish is running (a killed
+publish leaves nothing behind for long), ``version_ttl_s`` once committed, and ``grace_s``
+after a newer version replaced it. The song record is 10 little-endian float32 values:
+the 7 APEX priors in ``APEX_TASKS`` order, popularity, age in days, is_cold (0 or 1).
+No pickle anywhere: vectors are raw float32 bytes, lists and manifests are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from apex_rank.errors import ApexRankError, StoreError
+
+KEY_SCHEMA = 1
+SONG_RECORD_WIDTH = 10  # 7 priors, popularity, age_days, is_cold
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@/+\-]{1,128}$")
+NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+class RequestError(ApexRankError, ValueError):
+    """A caller passed an invalid argument to the online layer (malformed id, bad ``k``...)."""
+
+
+def check_id(value: object, what: str) -> str:
+    """Return ``value`` if it is a valid user or song id, else raise :class:`RequestError`.
+
+    Ids are 1-128 characters of letters, digits and ``_ . : @ / + -``; anything else
+    (spaces, braces, control characters, glob characters) is refused before it reaches a key.
+    """
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise RequestError(
+            f"{what} {value!r} is not a valid id (1-128 characters of letters, digits and _.:@/+-)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder for one namespace.
+
+    Example
+    -------
+    >>> Keys("prod").user(3, "u1")
+    'apexrank:prod:v3:u:u1'
+    """
+
+    namespace: str
+
+    def __post_init__(self) -> None:
+        if not NAMESPACE_PATTERN.match(self.namespace):
+            raise StoreError(f"namespace {self.namespace!r} must be 1-64 letters, digits, _ or -")
+
+    @property
+    def root(self) -> str:
+        return f"apexrank:{self.namespace}"
+
+    @property
+    def current(self) -> str:
+        return f"{self.root}:current"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.root}:seq"
+
+    @property
+    def events(self) -> str:
+        return f"{self.root}:events"
+
+    @property
+    def catalogue(self) -> str:
+        return f"{self.root}:catalogue"
+
+    def version_prefix(self, version: int) -> str:
+        return f"{self.root}:v{int(version)}:"
+
+    def meta(self, version: int) -> str:
+        return f"{self.version_prefix(version)}meta"
+
+    def songs(self, version: int) -> str:
+        return f"{self.version_prefix(version)}songs"
+
+    def emb(self, version: int) -> str:
+        return f"{self.version_prefix(version)}emb"
+
+    def ingested(self, version: int) -> str:
+        return f"{self.version_prefix(version)}ingested"
+
+    def user(self, version: int, user_id: str) -> str:
+        return f"{self.version_prefix(version)}u:{user_id}"
+
+
+def encode_vector(vec: np.ndarray) -> bytes:
+    """(d,) numbers -> raw little-endian float32 bytes."""
+    return np.ascontiguousarray(vec, dtype="<f4").tobytes()
+
+
+def decode_vector(raw: bytes, where: str) -> np.ndarray:
+    """Raw float32 bytes -> (d,) float32 array; a wrong length is a :class:`StoreError`."""
+    if len(raw) % 4:
+        raise StoreError(f"{where}: {len(raw)} bytes is not a float32 vector")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+def encode_song_record(priors: np.ndarray, popularity: float, age_days: float, is_cold: bool) -> bytes:
+    """Pack one song record (see the module doc)."""
+    rec = np.empty(SONG_RECORD_WIDTH, dtype="<f4")
+    rec[:7] = priors
+    rec[7], rec[8], rec[9] = popularity, age_days, 1.0 if is_cold else 0.0
+    return rec.tobytes()
+
+
+def decode_song_record(raw: bytes, where: str) -> dict[str, object]:
+    """Unpack a song record into ``{"priors": (7,), "popularity", "age_days", "is_cold"}``."""
+    vec = decode_vector(raw, where)
+    if vec.shape[0] != SONG_RECORD_WIDTH:
+        raise StoreError(f"{where}: song record has {vec.shape[0]} values, expected {SONG_RECORD_WIDTH}")
+    return {
+        "priors": vec[:7].copy(),
+        "popularity": float(vec[7]),
+        "age_days": float(vec[8]),
+        "is_cold": bool(vec[9] > 0.5),
+    }
+
+
+def encode_history(history: list[str]) -> bytes:
+    return json.dumps(list(history), separators=(",", ":")).encode()
+
+
+def decode_history(raw: bytes | None, where: str) -> list[str]:
+    if raw is None:
+        return []
+    try:
+        value = json.loads(raw)
+    except ValueError as err:
+        raise StoreError(f"{where}: history is not JSON") from err
+    if not isinstance(value, list):
+        raise StoreError(f"{where}: history is not a JSON list")
+    return [str(v) for v in value]

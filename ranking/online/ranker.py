@@ -1,0 +1,347 @@
+"""``OnlineRanker``: rank for a user in milliseconds from the published version in the store.
+
+Per request: one pipelined round trip reads the ``current`` pointer and the user's state under
+the version this process serves; the engine (FAISS, the offline feature-frame builder,
+LightGBM, all in-process) ranks it. Song records need no per-request read: they are static
+per version and live in the engine loaded from the version's bundle; songs ingested later
+arrive through the catalogue stream, which a background follower applies within
+``follow_interval_s``.
+
+Versions: the follower (and every request, through the pointer read) notices a moved pointer;
+the new version's engine is loaded in the background and swapped in as one reference
+assignment, while requests keep being served by the old version (its keys live on for the
+grace period). A response is therefore computed from exactly one version, which it names.
+
+Failures: when the round trip fails or exceeds ``budget_ms`` the answer comes from the
+precomputed popularity-and-quality list, marked ``degraded`` (never an exception); the
+ranker retries Redis after ``retry_s``. An unknown user gets the engine's cold-user path.
+
+Example
+-------
+>>> ranker = OnlineRanker.connect("redis://127.0.0.1:6379/0", namespace="prod")  # doctest: +SKIP
+>>> ranker.rank("u42", k=20).items[0].song_id                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from apex_rank.errors import StoreError
+
+from .config import OnlineConfig
+from .engine import FallbackList, RankingEngine
+from .keys import RequestError, check_id, decode_song_record, decode_vector
+from .store import OnlineStore, RedisStore
+
+log = logging.getLogger(__name__)
+
+EngineLoader = Callable[[str], RankingEngine]
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    """One recommended song."""
+
+    song_id: str
+    score: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The answer of :meth:`OnlineRanker.rank`.
+
+    ``model_version`` is the published version that produced it (``"fallback"`` when no
+    version could be read); ``degraded`` is true when the store was unavailable and the items
+    come from the popularity-and-quality list; ``cold_user`` when the user had no state.
+    """
+
+    user_id: str
+    model_version: str
+    degraded: bool
+    items: list[RankedItem]
+    cold_user: bool = False
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "model_version": self.model_version,
+            "degraded": self.degraded,
+            "items": [{"song_id": i.song_id, "score": i.score, "source": i.source}
+                      for i in self.items],
+        }
+
+
+@dataclass
+class _Active:
+    version: int | None
+    engine: RankingEngine
+    fallback: FallbackList
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def check_k(k: object, max_k: int) -> int:
+    """``k`` as an int in ``[1, max_k]``, else :class:`RequestError`."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise RequestError(f"k must be an integer, got {k!r}")
+    if not 1 <= int(k) <= max_k:
+        raise RequestError(f"k must be between 1 and {max_k}, got {k}")
+    return int(k)
+
+
+def default_loader(bundle_dir: str) -> RankingEngine:
+    """Load the engine of a bundle folder (the offline ``Recommender``)."""
+    from .recommender_engine import RecommenderEngine
+
+    return RecommenderEngine.load(bundle_dir)
+
+
+class OnlineRanker:
+    """Serve rankings from the store's current version (see the module doc).
+
+    Parameters
+    ----------
+    store:
+        The store requests read from; for Redis its socket timeout is the latency budget.
+    config:
+        :class:`OnlineConfig`.
+    loader:
+        Bundle folder -> engine (default: the offline ``Recommender``'s engine).
+    bundle_dir:
+        Optional bundle to serve (degraded) when the store is unreachable at start.
+    engine:
+        An already loaded engine for ``bundle_dir`` (skips loading it again).
+    follow_store:
+        Store used by the background follower (blocking reads need a longer timeout than the
+        request budget); ``None``: no follower thread.
+    """
+
+    def __init__(self, store: OnlineStore, *, config: OnlineConfig | None = None,
+                 loader: EngineLoader | None = None, bundle_dir: str | None = None,
+                 engine: RankingEngine | None = None,
+                 follow_store: OnlineStore | None = None) -> None:
+        self.config = config or OnlineConfig()
+        self.store = store
+        self._loader = loader or default_loader
+        self._down_until = 0.0
+        self._switch_lock = threading.Lock()
+        self._switching: int | None = None
+        self._stop = threading.Event()
+        self._catalogue_id = "0-0"
+        self.stats: dict[str, int] = {"requests": 0, "degraded": 0, "cold_users": 0, "switches": 0}
+        self._active = self._initial(bundle_dir, engine)
+        self._thread: threading.Thread | None = None
+        if follow_store is not None:
+            self._follow_store = follow_store
+            try:
+                self._catalogue_id = follow_store.last_catalogue_id()
+            except StoreError as err:
+                log.warning("catalogue not readable yet: %s", err)
+            self._thread = threading.Thread(target=self._follow, name="apexrank-follow", daemon=True)
+            self._thread.start()
+
+    @classmethod
+    def connect(cls, url: str, *, namespace: str | None = None, config: OnlineConfig | None = None,
+                bundle_dir: str | None = None, loader: EngineLoader | None = None,
+                engine: RankingEngine | None = None, follow: bool = True) -> OnlineRanker:
+        """A ranker over Redis at ``url`` with a follower thread (the usual way to build one)."""
+        cfg = config or OnlineConfig()
+        ns = namespace or cfg.namespace
+        store = RedisStore(url, ns, timeout_s=cfg.budget_ms / 1000.0)
+        follow_store = (RedisStore(url, ns, timeout_s=cfg.follow_interval_s + 5.0)
+                        if follow else None)
+        return cls(store, config=cfg, loader=loader, bundle_dir=bundle_dir, engine=engine,
+                   follow_store=follow_store)
+
+    # -- versions ---------------------------------------------------------------------------
+
+    def _make_active(self, version: int | None, engine: RankingEngine,
+                     meta: dict[str, Any]) -> _Active:
+        block = engine.song_block()
+        fb = FallbackList(block.ids, block.popularity, block.priors, self.config.fallback_size)
+        return _Active(version, engine, fb, meta)
+
+    def _load_version(self, version: int, store: OnlineStore,
+                      engine: RankingEngine | None = None) -> _Active:
+        meta = store.read_meta(version)
+        if meta is None:
+            raise StoreError(f"version {version} has no manifest {store.keys.meta(version)}")
+        if engine is None or engine.fingerprint != meta.get("fingerprint"):
+            engine = self._loader(str(meta["bundle_dir"]))
+        if engine.fingerprint != meta.get("fingerprint"):
+            raise StoreError(f"bundle {meta['bundle_dir']} has fingerprint {engine.fingerprint}, "
+                             f"version {version} was published from {meta.get('fingerprint')}")
+        self._apply_ingested(engine, version, store.ingested_ids(version), store)
+        return self._make_active(version, engine, meta)
+
+    def _initial(self, bundle_dir: str | None, engine: RankingEngine | None) -> _Active:
+        if engine is None and bundle_dir is not None:
+            engine = self._loader(bundle_dir)
+        try:
+            cur = self.store.current_version()
+            if cur is None:
+                raise StoreError(f"nothing is published under {self.store.keys.current}")
+            return self._load_version(cur, self.store, engine)
+        except StoreError as err:
+            if engine is None:
+                raise
+            log.warning("serving bundle %s degraded: %s", engine.bundle_dir, err)
+            self._down_until = time.monotonic() + self.config.retry_s
+            return self._make_active(None, engine, {})
+
+    def refresh(self) -> int | None:
+        """Check the pointer now and switch (synchronously) if it moved; returns the version."""
+        cur = self.store.current_version()
+        if cur is not None and cur != self._active.version:
+            self._switch(cur, self.store)
+        return self._active.version
+
+    def _switch(self, version: int, store: OnlineStore) -> None:
+        with self._switch_lock:
+            if self._active.version == version:
+                return
+            self._switching = version
+            try:
+                new = self._load_version(version, store)
+            finally:
+                self._switching = None
+            old = self._active.version
+            self._active = new  # one reference assignment: a request sees old or new, never both
+            self.stats["switches"] += 1
+            log.info("switched from version %s to %d", old, version)
+
+    def _request_switch(self, version: int) -> None:
+        if self._switching is not None or self._thread is None:
+            if self._thread is None and self._switching is None:
+                try:
+                    self._switch(version, self.store)
+                except StoreError as err:
+                    log.error("cannot switch to version %d: %s", version, err)
+            return
+        # The follower thread notices the same pointer within follow_interval_s.
+
+    @property
+    def version(self) -> int | None:
+        """The version this process serves (``None`` while degraded since start)."""
+        return self._active.version
+
+    @property
+    def engine(self) -> RankingEngine:
+        return self._active.engine
+
+    # -- songs ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _apply_ingested(engine: RankingEngine, version: int, ids: list[str],
+                        store: OnlineStore) -> int:
+        new = [s for s in ids if not engine.has_song(s)]
+        if not new:
+            return 0
+        n = 0
+        for sid, (rec, emb) in zip(new, store.read_songs(version, new), strict=True):
+            if rec is None or emb is None:
+                continue
+            where = f"{store.keys.songs(version)}[{sid}]"
+            engine.add_song(sid, decode_vector(emb, where), decode_song_record(rec, where)["priors"])
+            n += 1
+        return n
+
+    def _follow(self) -> None:
+        store = self._follow_store
+        wait_ms = int(self.config.follow_interval_s * 1000)
+        while not self._stop.is_set():
+            try:
+                rows = store.read_catalogue(self._catalogue_id, block_ms=wait_ms)
+                active = self._active
+                for eid, sid, ver in rows:
+                    self._catalogue_id = eid
+                    if ver == active.version:
+                        self._apply_ingested(active.engine, ver, [sid], store)
+                cur = store.current_version()
+                if cur is not None and cur != self._active.version:
+                    self._switch(cur, store)
+            except StoreError as err:
+                log.warning("catalogue follower: %s", err)
+                self._stop.wait(self.config.retry_s)
+            except Exception:  # noqa: BLE001 - keep following; the error is logged with its trace
+                log.exception("catalogue follower failed; retrying")
+                self._stop.wait(self.config.retry_s)
+
+    # -- ranking ----------------------------------------------------------------------------
+
+    def _fallback(self, active: _Active, user_id: str, k: int, exclude: Collection[str],
+                  reason: str) -> Ranking:
+        self.stats["degraded"] += 1
+        items = [RankedItem(s, sc, src) for s, sc, src in active.fallback.top(k, exclude)]
+        ver = "fallback" if active.version is None else str(active.version)
+        return Ranking(user_id, ver, True, items, reason=reason)
+
+    def rank(self, user_id: str, k: int = 20, exclude: Collection[str] | None = None) -> Ranking:
+        """Top-``k`` songs for ``user_id``, never raising on store failures.
+
+        Parameters
+        ----------
+        user_id:
+            A valid id (see :func:`.keys.check_id`); unknown users get the cold-user path.
+        k:
+            1..``config.max_k``.
+        exclude:
+            Song ids not to return (in addition to the user's history).
+
+        Raises
+        ------
+        RequestError
+            Malformed ``user_id``, ``k`` or ``exclude``.
+        """
+        check_id(user_id, "user_id")
+        k = check_k(k, self.config.max_k)
+        excl = frozenset(check_id(s, "excluded song id") for s in (exclude or ()))
+        self.stats["requests"] += 1
+        active = self._active
+        now = time.monotonic()
+        if active.version is None or now < self._down_until:
+            if active.version is None and now >= self._down_until and self._thread is None:
+                try:
+                    self.refresh()
+                    active = self._active
+                except StoreError:
+                    self._down_until = now + self.config.retry_s
+            if active.version is None or now < self._down_until:
+                return self._fallback(active, user_id, k, excl, "store unavailable")
+        try:
+            cur, rec = self.store.read_user(active.version, user_id)
+        except StoreError as err:
+            self._down_until = now + self.config.retry_s
+            log.warning("store read failed, answering degraded for %.1f s: %s",
+                        self.config.retry_s, err)
+            return self._fallback(active, user_id, k, excl, str(err))
+        if cur is not None and cur != active.version:
+            self._request_switch(cur)
+        if rec is None:
+            self.stats["cold_users"] += 1
+        items = active.engine.rank_user(user_id, rec, k, excl)
+        return Ranking(user_id, str(active.version), False,
+                       [RankedItem(s, sc, src) for s, sc, src in items], cold_user=rec is None)
+
+    def close(self) -> None:
+        """Stop the follower thread and close the store connections."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.config.follow_interval_s + 6.0)
+        self.store.close()
+        if self._thread is not None:
+            self._follow_store.close()
+
+    def __enter__(self) -> OnlineRanker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,256 @@
+"""The HTTP ranking service (FastAPI; ``apex-rank serve`` runs it under uvicorn).
+
+Endpoints: ``GET /recommend``, ``POST /events``, ``POST /songs``, ``GET /health``,
+``GET /metrics`` (Prometheus text format) and the OpenAPI schema at ``/openapi.json``.
+Validation errors are 4xx with a reason (``{"detail": ...}``), never 5xx; bodies larger than
+``max_body_bytes`` are refused with 413 before they are read. Store failures during
+``/recommend`` give a ``degraded`` answer (200); during ``/events`` and ``/songs`` a 503.
+
+Several uvicorn workers each build their own ranker from the environment
+(:func:`app_from_env`) and share one Redis; the catalogue stream keeps their song sets equal.
+Metrics are per worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field, field_validator
+
+from apex_rank.errors import ApexRankError, StoreError, UnknownIdError
+
+from .config import OnlineConfig
+from .events import ingest, record
+from .keys import ID_PATTERN, RequestError
+from .ranker import OnlineRanker
+
+log = logging.getLogger(__name__)
+_ID = ID_PATTERN.pattern
+
+class EventIn(BaseModel):
+    """One interaction."""
+
+    user_id: str = Field(pattern=_ID, max_length=128)
+    song_id: str = Field(pattern=_ID, max_length=128)
+    kind: str = "play"
+    ts: float | None = Field(default=None, ge=0)
+
+
+class EventsIn(BaseModel):
+    """A batch of 1-1000 interactions."""
+
+    events: list[EventIn] = Field(min_length=1, max_length=1000)
+
+
+class SongIn(BaseModel):
+    """A new song given by its embedding (the bundle's encoder, its width)."""
+
+    song_id: str = Field(pattern=_ID, max_length=128)
+    embedding: list[float] = Field(min_length=1, max_length=8192)
+    popularity: float = Field(default=0.0, ge=0)
+
+    @field_validator("embedding")
+    @classmethod
+    def finite(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("embedding holds NaN or inf")
+        return v
+
+
+class Item(BaseModel):
+    song_id: str
+    score: float
+    source: str
+
+
+class RecommendOut(BaseModel):
+    """The answer of ``GET /recommend``."""
+
+    user_id: str
+    model_version: str
+    degraded: bool
+    items: list[Item]
+
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """Tiny thread-safe Prometheus registry: request counters and latency histograms."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.hist: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+        self.degraded = 0
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+            h = self.hist.setdefault(route, [0] * (len(_BUCKETS) + 1))
+            for i, b in enumerate(_BUCKETS):
+                if seconds <= b:
+                    h[i] += 1
+            h[-1] += 1
+            self.sums[route] = self.sums.get(route, 0.0) + seconds
+
+    def render(self) -> str:
+        lines = ["# HELP apexrank_requests_total HTTP requests by route and status.",
+                 "# TYPE apexrank_requests_total counter"]
+        with self._lock:
+            for (route, status), n in sorted(self.requests.items()):
+                lines.append(f'apexrank_requests_total{{route="{route}",status="{status}"}} {n}')
+            lines += ["# HELP apexrank_errors_total HTTP responses with status >= 400.",
+                      "# TYPE apexrank_errors_total counter"]
+            errs: dict[str, int] = {}
+            for (route, status), n in self.requests.items():
+                if status >= 400:
+                    errs[route] = errs.get(route, 0) + n
+            for route, n in sorted(errs.items()):
+                lines.append(f'apexrank_errors_total{{route="{route}"}} {n}')
+            lines += ["# HELP apexrank_degraded_total Rankings answered from the fallback list.",
+                      "# TYPE apexrank_degraded_total counter",
+                      f"apexrank_degraded_total {self.degraded}",
+                      "# HELP apexrank_request_seconds Request latency.",
+                      "# TYPE apexrank_request_seconds histogram"]
+            for route, h in sorted(self.hist.items()):
+                for b, n in zip(_BUCKETS, h, strict=False):
+                    lines.append(f'apexrank_request_seconds_bucket{{route="{route}",le="{b}"}} {n}')
+                lines.append(f'apexrank_request_seconds_bucket{{route="{route}",le="+Inf"}} {h[-1]}')
+                lines.append(f'apexrank_request_seconds_sum{{route="{route}"}} {self.sums[route]:.6f}')
+                lines.append(f'apexrank_request_seconds_count{{route="{route}"}} {h[-1]}')
+        return "\n".join(lines) + "\n"
+
+
+def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None) -> FastAPI:
+    """The FastAPI application serving ``ranker`` (see the module doc)."""
+    cfg = config or ranker.config
+    metrics = Metrics()
+
+    app = FastAPI(title="apex-rank", version="0.1.0",
+                  description="Online ranking of AI-generated music (APEX priors + CF + LightGBM)")
+    app.state.ranker = ranker
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def limit_and_measure(request: Request,
+                                call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t0 = time.perf_counter()
+        route = request.url.path
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                resp: Response = JSONResponse({"detail": "invalid Content-Length"}, status_code=400)
+                metrics.observe(route, 400, time.perf_counter() - t0)
+                return resp
+            if int(length) > cfg.max_body_bytes:
+                resp = JSONResponse({"detail": f"request body of {length} bytes exceeds the limit "
+                                               f"of {cfg.max_body_bytes}"}, status_code=413)
+                metrics.observe(route, 413, time.perf_counter() - t0)
+                return resp
+        elif request.method in ("POST", "PUT", "PATCH"):
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > cfg.max_body_bytes:
+                    resp = JSONResponse({"detail": "request body exceeds the limit of "
+                                                   f"{cfg.max_body_bytes} bytes"}, status_code=413)
+                    metrics.observe(route, 413, time.perf_counter() - t0)
+                    return resp
+            request._body = body  # noqa: SLF001 - re-expose the consumed body to the handler
+        try:
+            resp = await call_next(request)
+        except Exception:  # noqa: BLE001 - logged; the client gets a plain 500
+            log.exception("unhandled error on %s", route)
+            resp = JSONResponse({"detail": "internal error"}, status_code=500)
+        known = {"/recommend", "/events", "/songs", "/health", "/metrics", "/openapi.json", "/docs"}
+        metrics.observe(route if route in known else "other", resp.status_code,
+                        time.perf_counter() - t0)
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        return JSONResponse({"detail": errs}, status_code=422)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(UnknownIdError)
+    async def on_unknown(request: Request, exc: UnknownIdError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(StoreError)
+    async def on_store(request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": f"store unavailable: {exc}"}, status_code=503)
+
+    @app.exception_handler(ApexRankError)
+    async def on_apex(request: Request, exc: ApexRankError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.get("/recommend", response_model=RecommendOut)
+    def recommend(user_id: str = Query(min_length=1, max_length=128, pattern=_ID),
+                  k: int = Query(20, ge=1, le=cfg.max_k),
+                  exclude: str | None = Query(None, max_length=16384,
+                                              description="comma-separated song ids")
+                  ) -> dict[str, Any]:
+        excl = [s for s in exclude.split(",") if s] if exclude else []
+        res = ranker.rank(user_id, k, excl)
+        if res.degraded:
+            with metrics._lock:  # noqa: SLF001
+                metrics.degraded += 1
+        return res.to_dict()
+
+    @app.post("/events")
+    def post_events(body: EventsIn) -> dict[str, Any]:
+        out = []
+        for e in body.events:
+            r = record(ranker.store, e.user_id, e.song_id, e.kind, e.ts, config=cfg)
+            out.append({"event_id": r.event_id, "user_id": r.user_id, "created": r.created})
+        return {"recorded": len(out), "events": out}
+
+    @app.post("/songs")
+    def post_song(body: SongIn) -> dict[str, Any]:
+        import numpy as np
+
+        r = ingest(ranker, body.song_id, embedding=np.asarray(body.embedding, np.float32),
+                   popularity=body.popularity)
+        return {"song_id": r.song_id, "version": str(r.version), "stream_id": r.stream_id,
+                "priors": [float(x) for x in r.priors]}
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        ok = ranker.store.ping()
+        body = {"status": "ok" if ok else "degraded", "store": ranker.store.kind,
+                "store_reachable": ok, "model_version": str(ranker.version),
+                "requests": ranker.stats["requests"], "degraded": ranker.stats["degraded"]}
+        return JSONResponse(body, status_code=200)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def get_metrics() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def app_from_env() -> Any:
+    """App factory for ``uvicorn --factory`` and worker processes: reads ``APEX_RANK_REDIS_URL``,
+    ``APEX_RANK_NAMESPACE``, ``APEX_RANK_BUNDLE`` (optional) and ``APEX_RANK_BUDGET_MS``."""
+    url = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
+    ns = os.environ.get("APEX_RANK_NAMESPACE", "default")
+    bundle = os.environ.get("APEX_RANK_BUNDLE") or None
+    budget = float(os.environ.get("APEX_RANK_BUDGET_MS", "50"))
+    cfg = OnlineConfig(namespace=ns, budget_ms=budget)
+    ranker = OnlineRanker.connect(url, namespace=ns, config=cfg, bundle_dir=bundle)
+    return create_app(ranker, config=cfg)

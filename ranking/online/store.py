@@ -1,0 +1,622 @@
+"""The online store contract and its two implementations: Redis and in-process.
+
+:class:`OnlineStore` is the one contract; :class:`RedisStore` is the production store
+(pipelined reads and writes, a TTL on every versioned key, a lazily created client, an atomic
+compare-and-set of the ``current`` pointer in a Lua script) and :class:`InProcessStore` holds
+the same data in dictionaries for the demo when no Redis is reachable. Both pass the same
+tests. The key layout and field codecs are written down in :mod:`.keys`.
+
+Example
+-------
+>>> store = InProcessStore("demo")
+>>> store.current_version() is None
+True
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from apex_rank.errors import MissingDependencyError, StoreError
+
+from .keys import Keys, decode_history, decode_vector, encode_history, encode_vector
+
+log = logging.getLogger(__name__)
+
+# Compare-and-set of the pointer: move it only if it still holds the version the publisher saw
+# when it started and the new version's manifest (written last) exists. Returns {status, old}.
+_COMMIT_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if (cur or '') ~= ARGV[1] then return {0, cur or ''} end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, cur or ''} end
+redis.call('SET', KEYS[1], ARGV[2])
+return {1, cur or ''}
+"""
+
+
+@dataclass
+class UserRecord:
+    """A user's online state as stored (see :mod:`.keys` for the fields)."""
+
+    factor: np.ndarray | None = None
+    profile: np.ndarray | None = None
+    history: list[str] = field(default_factory=list)
+    activity: float = 0.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """One recorded interaction, as read back from the event stream."""
+
+    event_id: str
+    user_id: str
+    song_id: str
+    kind: str
+    ts: float
+    weight: float
+
+
+def _user_to_fields(rec: UserRecord) -> dict[str, bytes]:
+    fields: dict[str, bytes] = {
+        "h": encode_history(rec.history),
+        "n": json.dumps(float(rec.activity)).encode(),
+    }
+    if rec.factor is not None:
+        fields["f"] = encode_vector(rec.factor)
+    if rec.profile is not None:
+        fields["p"] = encode_vector(rec.profile)
+    return fields
+
+
+def _user_from_fields(raw: dict[Any, Any], where: str) -> UserRecord | None:
+    if not raw:
+        return None
+    f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    try:
+        activity = float(json.loads(f.get("n", b"0")))
+    except ValueError as err:
+        raise StoreError(f"{where}: activity field is not a number") from err
+    return UserRecord(
+        factor=decode_vector(f["f"], where) if f.get("f") else None,
+        profile=decode_vector(f["p"], where) if f.get("p") else None,
+        history=decode_history(f.get("h"), where),
+        activity=activity,
+    )
+
+
+class OnlineStore:
+    """Contract of an online store. Versions are integers; ``None`` means none published.
+
+    Writers (:mod:`.publisher`) stage a version, then :meth:`commit` moves ``current`` with a
+    compare-and-set; readers (:mod:`.ranker`) read the pointer and one user's state in one
+    round trip with :meth:`read_user`; :mod:`.events` appends events and updates user state in
+    one transaction with :meth:`record_event`.
+    """
+
+    keys: Keys
+    kind: str = "abstract"
+
+    def ping(self) -> bool:
+        """True when the store answers."""
+        raise NotImplementedError
+
+    def current_version(self) -> int | None:
+        raise NotImplementedError
+
+    def next_version(self) -> int:
+        """A version number no other publisher will get."""
+        raise NotImplementedError
+
+    def write_songs(self, version: int, ids: Sequence[str], records: Sequence[bytes],
+                    embeddings: np.ndarray, ttl_s: int) -> None:
+        """Write one batch of song records and embeddings ((n, d) float32) under ``version``."""
+        raise NotImplementedError
+
+    def write_users(self, version: int, users: Sequence[tuple[str, UserRecord]], ttl_s: int) -> None:
+        """Write one batch of user states under ``version``."""
+        raise NotImplementedError
+
+    def write_meta(self, version: int, meta: dict[str, Any], ttl_s: int) -> None:
+        """Write the manifest of ``version``; call it last (it marks a complete publish)."""
+        raise NotImplementedError
+
+    def read_meta(self, version: int) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def commit(self, version: int, expected: int | None) -> tuple[bool, int | None]:
+        """Atomically point ``current`` at ``version`` if it still equals ``expected``.
+
+        Returns ``(moved, pointer_before)``. Raises :class:`StoreError` when the manifest of
+        ``version`` is missing (an incomplete publish is never made current).
+        """
+        raise NotImplementedError
+
+    def expire_version(self, version: int, ttl_s: int) -> int:
+        """Set the TTL of every key of ``version``; returns how many keys were touched."""
+        raise NotImplementedError
+
+    def read_user(self, version: int, user_id: str) -> tuple[int | None, UserRecord | None]:
+        """One round trip: the ``current`` pointer and ``user_id``'s state under ``version``."""
+        raise NotImplementedError
+
+    def read_songs(self, version: int, ids: Sequence[str]) -> list[tuple[bytes | None, bytes | None]]:
+        """(record, embedding) raw bytes per id (``None`` where unknown), one round trip."""
+        raise NotImplementedError
+
+    def record_event(self, version: int, event: dict[str, str], user_id: str,
+                     update: Callable[[UserRecord | None], UserRecord], ttl_s: int,
+                     maxlen: int) -> tuple[str, UserRecord]:
+        """Append ``event`` to the stream and replace the user's state by ``update(old)``,
+        atomically. Returns the stream id and the new state."""
+        raise NotImplementedError
+
+    def read_events(self, since_ms: int, until_ms: int | None = None, *,
+                    batch: int = 10000) -> Iterator[list[Event]]:
+        """Batches of events with stream time in ``[since_ms, until_ms]``, oldest first."""
+        raise NotImplementedError
+
+    def add_song(self, version: int, song_id: str, record: bytes, embedding: np.ndarray,
+                 ttl_s: int) -> str:
+        """Add one ingested song to ``version`` and announce it on the catalogue stream."""
+        raise NotImplementedError
+
+    def ingested_ids(self, version: int) -> list[str]:
+        raise NotImplementedError
+
+    def read_catalogue(self, after_id: str, block_ms: int = 0) -> list[tuple[str, str, int]]:
+        """Catalogue announcements after ``after_id``: (stream id, song id, version)."""
+        raise NotImplementedError
+
+    def last_catalogue_id(self) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections (no-op for the in-process store)."""
+
+
+def _event_from_fields(eid: str, f: dict[str, str]) -> Event:
+    return Event(eid, f.get("u", ""), f.get("s", ""), f.get("k", ""),
+                 float(f.get("t", 0)), float(f.get("w", 1)))
+
+
+class RedisStore(OnlineStore):
+    """The online store on a real Redis server (plain, password or ``rediss://`` TLS URLs).
+
+    Parameters
+    ----------
+    url:
+        ``redis://[:password@]host:port/db`` or ``rediss://...``.
+    namespace:
+        Key namespace ``NS`` (see :mod:`.keys`).
+    timeout_s:
+        Socket and connect timeout of every call; the ranker sets it to its latency budget.
+
+    The client is created on first use, so constructing a store never touches the network.
+    """
+
+    kind = "redis"
+
+    def __init__(self, url: str, namespace: str = "default", *, timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.keys = Keys(namespace)
+        self.timeout_s = float(timeout_s)
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._commit_script: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        import redis
+                    except ImportError as err:  # pragma: no cover - redis is a dependency
+                        raise MissingDependencyError(
+                            "the online store needs redis: pip install 'apex-rank[serve]'") from err
+                    self._client = redis.Redis.from_url(
+                        self.url, socket_timeout=self.timeout_s,
+                        socket_connect_timeout=self.timeout_s, health_check_interval=30)
+        return self._client
+
+    def _fail(self, what: str, err: Exception) -> StoreError:
+        safe_url = self.url.split("@")[-1]
+        return StoreError(f"redis at {safe_url}: {what} failed: {type(err).__name__}: {err}")
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"
+            return False
+
+    def current_version(self) -> int | None:
+        import redis
+
+        try:
+            raw = self.client.get(self.keys.current)
+        except redis.RedisError as err:
+            raise self._fail(f"GET {self.keys.current}", err) from err
+        return int(raw) if raw else None
+
+    def next_version(self) -> int:
+        import redis
+
+        try:
+            return int(self.client.incr(self.keys.seq))
+        except redis.RedisError as err:
+            raise self._fail(f"INCR {self.keys.seq}", err) from err
+
+    def write_songs(self, version: int, ids: Sequence[str], records: Sequence[bytes],
+                    embeddings: np.ndarray, ttl_s: int) -> None:
+        import redis
+
+        emb = np.ascontiguousarray(embeddings, dtype="<f4")
+        songs_key, emb_key = self.keys.songs(version), self.keys.emb(version)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(songs_key, mapping=dict(zip(ids, records, strict=True)))
+            pipe.hset(emb_key, mapping={sid: emb[i].tobytes() for i, sid in enumerate(ids)})
+            pipe.expire(songs_key, ttl_s)
+            pipe.expire(emb_key, ttl_s)
+            pipe.execute()
+        except redis.RedisError as err:
+            raise self._fail(f"writing {len(ids)} songs to {songs_key}", err) from err
+
+    def write_users(self, version: int, users: Sequence[tuple[str, UserRecord]], ttl_s: int) -> None:
+        import redis
+
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for uid, rec in users:
+                key = self.keys.user(version, uid)
+                pipe.delete(key)
+                pipe.hset(key, mapping=_user_to_fields(rec))
+                pipe.expire(key, ttl_s)
+            pipe.execute()
+        except redis.RedisError as err:
+            raise self._fail(f"writing {len(users)} users of version {version}", err) from err
+
+    def write_meta(self, version: int, meta: dict[str, Any], ttl_s: int) -> None:
+        import redis
+
+        try:
+            self.client.set(self.keys.meta(version), json.dumps(meta), ex=ttl_s)
+        except redis.RedisError as err:
+            raise self._fail(f"SET {self.keys.meta(version)}", err) from err
+
+    def read_meta(self, version: int) -> dict[str, Any] | None:
+        import redis
+
+        try:
+            raw = self.client.get(self.keys.meta(version))
+        except redis.RedisError as err:
+            raise self._fail(f"GET {self.keys.meta(version)}", err) from err
+        return json.loads(raw) if raw else None
+
+    def commit(self, version: int, expected: int | None) -> tuple[bool, int | None]:
+        import redis
+
+        try:
+            if self._commit_script is None:
+                self._commit_script = self.client.register_script(_COMMIT_LUA)
+            status, before = self._commit_script(
+                keys=[self.keys.current, self.keys.meta(version)],
+                args=["" if expected is None else str(expected), str(version)])
+        except redis.RedisError as err:
+            raise self._fail(f"commit of version {version}", err) from err
+        before_v = int(before) if before else None
+        if int(status) == -1:
+            raise StoreError(f"version {version} has no manifest {self.keys.meta(version)}; "
+                             "refusing to make an incomplete publish current")
+        return int(status) == 1, before_v
+
+    def expire_version(self, version: int, ttl_s: int) -> int:
+        import redis
+
+        n = 0
+        try:
+            batch: list[bytes] = []
+            for key in self.client.scan_iter(match=self.keys.version_prefix(version) + "*", count=2000):
+                batch.append(key)
+                if len(batch) >= 2000:
+                    n += self._expire_batch(batch, ttl_s)
+                    batch = []
+            n += self._expire_batch(batch, ttl_s)
+        except redis.RedisError as err:
+            raise self._fail(f"expiring version {version}", err) from err
+        return n
+
+    def _expire_batch(self, keys: list[bytes], ttl_s: int) -> int:
+        if not keys:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.expire(k, ttl_s)
+        pipe.execute()
+        return len(keys)
+
+    def read_user(self, version: int, user_id: str) -> tuple[int | None, UserRecord | None]:
+        import redis
+
+        key = self.keys.user(version, user_id)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(self.keys.current)
+            pipe.hgetall(key)
+            cur, raw = pipe.execute()
+        except redis.RedisError as err:
+            raise self._fail(f"HGETALL {key}", err) from err
+        return (int(cur) if cur else None), _user_from_fields(raw, key)
+
+    def read_songs(self, version: int, ids: Sequence[str]) -> list[tuple[bytes | None, bytes | None]]:
+        import redis
+
+        if not ids:
+            return []
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hmget(self.keys.songs(version), list(ids))
+            pipe.hmget(self.keys.emb(version), list(ids))
+            recs, embs = pipe.execute()
+        except redis.RedisError as err:
+            raise self._fail(f"HMGET {self.keys.songs(version)}", err) from err
+        return list(zip(recs, embs, strict=True))
+
+    def record_event(self, version: int, event: dict[str, str], user_id: str,
+                     update: Callable[[UserRecord | None], UserRecord], ttl_s: int,
+                     maxlen: int) -> tuple[str, UserRecord]:
+        import redis
+
+        key = self.keys.user(version, user_id)
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(20):  # optimistic retries when another writer touches the user
+                    try:
+                        pipe.watch(key)
+                        old = _user_from_fields(pipe.hgetall(key), key)
+                        new = update(old)
+                        pipe.multi()
+                        pipe.delete(key)
+                        pipe.hset(key, mapping=_user_to_fields(new))
+                        pipe.expire(key, ttl_s)
+                        pipe.xadd(self.keys.events, event, maxlen=maxlen, approximate=True)
+                        res = pipe.execute()
+                        eid = res[-1]
+                        return (eid.decode() if isinstance(eid, bytes) else str(eid)), new
+                    except redis.WatchError:
+                        continue
+        except redis.RedisError as err:
+            raise self._fail(f"recording an event for {key}", err) from err
+        raise StoreError(f"user {user_id!r}: too many concurrent writers, event not recorded")
+
+    def read_events(self, since_ms: int, until_ms: int | None = None, *,
+                    batch: int = 10000) -> Iterator[list[Event]]:
+        import redis
+
+        start = f"{int(since_ms)}-0"
+        end = "+" if until_ms is None else f"{int(until_ms)}-18446744073709551615"
+        while True:
+            try:
+                rows = self.client.xrange(self.keys.events, min=start, max=end, count=batch)
+            except redis.RedisError as err:
+                raise self._fail(f"XRANGE {self.keys.events}", err) from err
+            if not rows:
+                return
+            out = [_event_from_fields(eid.decode(), {k.decode(): v.decode() for k, v in f.items()})
+                   for eid, f in rows]
+            yield out
+            if len(rows) < batch:
+                return
+            start = "(" + out[-1].event_id
+
+    def add_song(self, version: int, song_id: str, record: bytes, embedding: np.ndarray,
+                 ttl_s: int) -> str:
+        import redis
+
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(self.keys.songs(version), song_id, record)
+            pipe.hset(self.keys.emb(version), song_id, encode_vector(embedding))
+            pipe.sadd(self.keys.ingested(version), song_id)
+            pipe.expire(self.keys.ingested(version), ttl_s)
+            pipe.xadd(self.keys.catalogue, {"s": song_id, "v": str(version)}, maxlen=100000,
+                      approximate=True)
+            res = pipe.execute()
+        except redis.RedisError as err:
+            raise self._fail(f"ingesting song {song_id!r}", err) from err
+        return res[-1].decode()
+
+    def ingested_ids(self, version: int) -> list[str]:
+        import redis
+
+        try:
+            return sorted(m.decode() for m in self.client.smembers(self.keys.ingested(version)))
+        except redis.RedisError as err:
+            raise self._fail(f"SMEMBERS {self.keys.ingested(version)}", err) from err
+
+    def read_catalogue(self, after_id: str, block_ms: int = 0) -> list[tuple[str, str, int]]:
+        import redis
+
+        try:
+            res = self.client.xread({self.keys.catalogue: after_id}, count=1000,
+                                    block=block_ms or None)
+        except redis.RedisError as err:
+            raise self._fail(f"XREAD {self.keys.catalogue}", err) from err
+        out = []
+        for _, rows in res or []:
+            for eid, f in rows:
+                out.append((eid.decode(), f[b"s"].decode(), int(f[b"v"])))
+        return out
+
+    def last_catalogue_id(self) -> str:
+        import redis
+
+        try:
+            rows = self.client.xrevrange(self.keys.catalogue, count=1)
+        except redis.RedisError as err:
+            raise self._fail(f"XREVRANGE {self.keys.catalogue}", err) from err
+        return rows[0][0].decode() if rows else "0-0"
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class InProcessStore(OnlineStore):
+    """The same store in this process's memory (for the demo without a Redis server).
+
+    TTLs are recorded but not enforced; nothing is shared between processes or persisted.
+    """
+
+    kind = "in-process"
+
+    def __init__(self, namespace: str = "default") -> None:
+        self.keys = Keys(namespace)
+        self._lock = threading.RLock()
+        self._current: int | None = None
+        self._seq = itertools.count(1)
+        self._meta: dict[int, dict[str, Any]] = {}
+        self._songs: dict[int, dict[str, bytes]] = {}
+        self._emb: dict[int, dict[str, bytes]] = {}
+        self._ingested: dict[int, set[str]] = {}
+        self._users: dict[int, dict[str, UserRecord]] = {}
+        self._events: list[tuple[str, dict[str, str]]] = []
+        self._catalogue: list[tuple[str, str, int]] = []
+        self._last_ms, self._last_seq = 0, 0
+        self._cv = threading.Condition(self._lock)
+
+    def _stream_id(self) -> str:
+        ms = int(time.time() * 1000)
+        if ms <= self._last_ms:
+            ms, self._last_seq = self._last_ms, self._last_seq + 1
+        else:
+            self._last_seq = 0
+        self._last_ms = ms
+        return f"{ms}-{self._last_seq}"
+
+    def ping(self) -> bool:
+        return True
+
+    def current_version(self) -> int | None:
+        return self._current
+
+    def next_version(self) -> int:
+        with self._lock:
+            return next(self._seq)
+
+    def write_songs(self, version: int, ids: Sequence[str], records: Sequence[bytes],
+                    embeddings: np.ndarray, ttl_s: int) -> None:
+        emb = np.ascontiguousarray(embeddings, dtype="<f4")
+        with self._lock:
+            s, e = self._songs.setdefault(version, {}), self._emb.setdefault(version, {})
+            for i, sid in enumerate(ids):
+                s[sid], e[sid] = records[i], emb[i].tobytes()
+
+    def write_users(self, version: int, users: Sequence[tuple[str, UserRecord]], ttl_s: int) -> None:
+        with self._lock:
+            u = self._users.setdefault(version, {})
+            for uid, rec in users:
+                u[uid] = rec
+
+    def write_meta(self, version: int, meta: dict[str, Any], ttl_s: int) -> None:
+        with self._lock:
+            self._meta[version] = json.loads(json.dumps(meta))
+
+    def read_meta(self, version: int) -> dict[str, Any] | None:
+        return self._meta.get(version)
+
+    def commit(self, version: int, expected: int | None) -> tuple[bool, int | None]:
+        with self._lock:
+            before = self._current
+            if before != expected:
+                return False, before
+            if version not in self._meta:
+                raise StoreError(f"version {version} has no manifest; refusing to make it current")
+            self._current = version
+            return True, before
+
+    def expire_version(self, version: int, ttl_s: int) -> int:
+        return 0
+
+    def read_user(self, version: int, user_id: str) -> tuple[int | None, UserRecord | None]:
+        with self._lock:
+            return self._current, self._users.get(version, {}).get(user_id)
+
+    def read_songs(self, version: int, ids: Sequence[str]) -> list[tuple[bytes | None, bytes | None]]:
+        with self._lock:
+            s, e = self._songs.get(version, {}), self._emb.get(version, {})
+            return [(s.get(i), e.get(i)) for i in ids]
+
+    def record_event(self, version: int, event: dict[str, str], user_id: str,
+                     update: Callable[[UserRecord | None], UserRecord], ttl_s: int,
+                     maxlen: int) -> tuple[str, UserRecord]:
+        with self._lock:
+            users = self._users.setdefault(version, {})
+            new = update(users.get(user_id))
+            users[user_id] = new
+            eid = self._stream_id()
+            self._events.append((eid, dict(event)))
+            del self._events[: max(0, len(self._events) - maxlen)]
+            return eid, new
+
+    def read_events(self, since_ms: int, until_ms: int | None = None, *,
+                    batch: int = 10000) -> Iterator[list[Event]]:
+        with self._lock:
+            rows = [(eid, f) for eid, f in self._events
+                    if int(eid.split("-")[0]) >= since_ms
+                    and (until_ms is None or int(eid.split("-")[0]) <= until_ms)]
+        for i in range(0, len(rows), batch):
+            yield [_event_from_fields(eid, f) for eid, f in rows[i : i + batch]]
+
+    def add_song(self, version: int, song_id: str, record: bytes, embedding: np.ndarray,
+                 ttl_s: int) -> str:
+        with self._cv:
+            self._songs.setdefault(version, {})[song_id] = record
+            self._emb.setdefault(version, {})[song_id] = encode_vector(embedding)
+            self._ingested.setdefault(version, set()).add(song_id)
+            eid = self._stream_id()
+            self._catalogue.append((eid, song_id, version))
+            self._cv.notify_all()
+            return eid
+
+    def ingested_ids(self, version: int) -> list[str]:
+        return sorted(self._ingested.get(version, set()))
+
+    def read_catalogue(self, after_id: str, block_ms: int = 0) -> list[tuple[str, str, int]]:
+        def key(eid: str) -> tuple[int, int]:
+            a, b = eid.split("-")
+            return int(a), int(b)
+
+        with self._cv:
+            rows = [r for r in self._catalogue if key(r[0]) > key(after_id)]
+            if not rows and block_ms:
+                self._cv.wait(block_ms / 1000)
+                rows = [r for r in self._catalogue if key(r[0]) > key(after_id)]
+            return rows
+
+    def last_catalogue_id(self) -> str:
+        return self._catalogue[-1][0] if self._catalogue else "0-0"
+
+
+def open_store(url: str | None, namespace: str = "default", *, timeout_s: float = 5.0,
+               fallback: bool = False) -> OnlineStore:
+    """A :class:`RedisStore` for ``url``; with ``fallback=True`` an :class:`InProcessStore`
+    when ``url`` is ``None`` or not reachable (logged), else a :class:`StoreError`."""
+    if url:
+        store = RedisStore(url, namespace, timeout_s=timeout_s)
+        if store.ping():
+            return store
+        if not fallback:
+            raise StoreError(f"no Redis server reachable at {url.split('@')[-1]}")
+        log.warning("no Redis at %s; using an in-process store", url.split("@")[-1])
+    return InProcessStore(namespace)
