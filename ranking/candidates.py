@@ -1,0 +1,245 @@
+"""Candidate generation: four sources, per-source limits, history filter, de-dup, source ranks.
+
+Every source implements one contract, :class:`CandidateSource`: ``retrieve_batch(states, n,
+excludes)`` returns ``(ids (b, n) object, scores (b, n) float32)`` sorted best first, with the
+excluded ids (history + caller excludes) already removed and ``""`` / ``-inf`` padding when
+fewer than n remain. ``retrieve`` is the one-user form and equals row 0 of the batch form.
+
+Sources (DESIGN.md, "Cold start"):
+
+- ``als``: exact top-N of u·V over warm songs (needs a CF factor).
+- ``content``: FAISS neighbours of the user's content profile over all songs.
+- ``pseudo_cf``: FAISS inner product of the CF factor with cold songs' pseudo factors V̂.
+- ``fresh``: cold songs ordered by their popularity-and-quality prior score (not personal).
+- ``popular`` (fallback only): all songs by the same score, for users with no state.
+
+:func:`generate_candidates` unions the sources per user into one long frame: ``user_id``,
+``song_id``, ``source`` (the source that ranked it best, ties in the order above) and one
+``rank_<source>`` column (1-based, null where the source did not return the song).
+
+Example
+-------
+>>> # sources = recommender.sources; state = recommender.user_state("u00001")
+>>> # generate_candidates([state], sources, CandidateConfig()).columns[:3]
+>>> # ['user_id', 'song_id', 'source']
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from apex_rank.errors import ConfigError
+
+from apex_rank.ranking.cf import top_k_by_factors
+from apex_rank.ranking.index import CandidateIndex
+from apex_rank.ranking.state import UserState
+
+SOURCE_ORDER = ("als", "content", "pseudo_cf", "fresh")
+RANK_COLUMNS = tuple(f"rank_{s}" for s in SOURCE_ORDER)
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """Per-source candidate limits (0 disables a source) and the over-fetch cap.
+
+    Attributes
+    ----------
+    als, content, pseudo_cf, fresh: how many candidates each source contributes per user.
+    max_overfetch: at most this many extra results are fetched from FAISS sources to make up for
+        filtered history; users with longer histories may get fewer than the limit.
+    """
+
+    als: int = 200
+    content: int = 100
+    pseudo_cf: int = 100
+    fresh: int = 50
+    max_overfetch: int = 2000
+
+    def __post_init__(self) -> None:
+        for name in ("als", "content", "pseudo_cf", "fresh", "max_overfetch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"candidates.{name} must be >= 0, got {getattr(self, name)}")
+
+    def limit(self, source: str) -> int:
+        return int(getattr(self, source))
+
+
+def _filter_rows(ids: np.ndarray, scores: np.ndarray, excludes: Sequence[set[str]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drop excluded ids and padding from each row, keep the first n (order preserved)."""
+    b = ids.shape[0]
+    out_ids = np.full((b, n), "", dtype=object)
+    out_sc = np.full((b, n), -np.inf, dtype=np.float32)
+    for r in range(b):
+        ex = excludes[r]
+        row_ids, row_sc = ids[r], scores[r]
+        keep = [j for j in range(row_ids.shape[0]) if row_ids[j] != "" and row_ids[j] not in ex][:n]
+        if keep:
+            out_ids[r, : len(keep)] = row_ids[keep]
+            out_sc[r, : len(keep)] = row_sc[keep]
+    return out_ids, out_sc
+
+
+class CandidateSource(abc.ABC):
+    """The contract every candidate source implements (see module doc)."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def retrieve_batch(self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Top-n per state: ``(ids (b, n) object, scores (b, n) float32)``, excluded ids removed."""
+
+    def retrieve(self, state: UserState, n: int, exclude: set[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One user: ``(ids (n,), scores (n,))``."""
+        ids, sc = self.retrieve_batch([state], n, [exclude or set()])
+        return ids[0], sc[0]
+
+    @staticmethod
+    def _empty(b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.full((b, n), "", dtype=object), np.full((b, n), -np.inf, dtype=np.float32)
+
+
+class FactorSource(CandidateSource):
+    """``als``: exact u·V top-N over warm songs."""
+
+    name = "als"
+
+    def __init__(self, song_ids: Sequence[str], factors: np.ndarray) -> None:
+        self.song_ids = list(song_ids)
+        self.factors = np.ascontiguousarray(factors, dtype=np.float32)
+        self._pos = {s: i for i, s in enumerate(self.song_ids)}
+
+    def retrieve_batch(self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+        b = len(states)
+        ids, sc = self._empty(b, n)
+        rows = [i for i, s in enumerate(states) if s.cf_factor is not None]
+        if n == 0 or not rows or not self.song_ids:
+            return ids, sc
+        import scipy.sparse as sp
+
+        U = np.stack([states[i].cf_factor for i in rows]).astype(np.float32)  # type: ignore[misc]
+        if U.shape[1] != self.factors.shape[1]:
+            raise ConfigError(f"user factor width {U.shape[1]} != item factor width {self.factors.shape[1]}")
+        cols: list[int] = []
+        indptr = [0]
+        for i in rows:
+            cols.extend(j for j in (self._pos.get(s, -1) for s in excludes[i]) if j >= 0)
+            indptr.append(len(cols))
+        mask = sp.csr_matrix((np.ones(len(cols), np.float32), np.asarray(cols, np.int64), np.asarray(indptr)),
+                             shape=(len(rows), len(self.song_ids)))
+        I, D = top_k_by_factors(U, self.factors, self.song_ids, n, exclude=mask)
+        ids[rows], sc[rows] = I, D
+        return ids, sc
+
+
+class IndexSource(CandidateSource):
+    """``content`` / ``pseudo_cf``: FAISS search with the state's profile or CF factor."""
+
+    def __init__(self, name: str, index: CandidateIndex, query: str, *, max_overfetch: int = 2000) -> None:
+        if query not in ("profile", "cf_factor"):
+            raise ConfigError(f"IndexSource query must be 'profile' or 'cf_factor', got {query!r}")
+        self.name = name
+        self.index = index
+        self.query = query
+        self.max_overfetch = max_overfetch
+
+    def retrieve_batch(self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+        b = len(states)
+        ids, sc = self._empty(b, n)
+        rows = [i for i, s in enumerate(states) if getattr(s, self.query) is not None]
+        if n == 0 or not rows or len(self.index) == 0:
+            return ids, sc
+        Q = np.stack([getattr(states[i], self.query) for i in rows]).astype(np.float32)
+        extra = min(self.max_overfetch, max(len(excludes[i]) for i in rows))
+        D, I = self.index.search(Q, n + extra)
+        fi, fs = _filter_rows(I, D, [excludes[i] for i in rows], n)
+        ids[rows], sc[rows] = fi, fs
+        return ids, sc
+
+
+class RankedListSource(CandidateSource):
+    """``fresh`` / ``popular``: one global ordering, history filtered per user."""
+
+    def __init__(self, name: str, song_ids: Sequence[str], scores: np.ndarray, *, max_overfetch: int = 2000) -> None:
+        order = np.lexsort((np.arange(len(song_ids)), -np.asarray(scores, dtype=np.float64)))
+        self.name = name
+        self.song_ids = np.asarray(list(song_ids), dtype=object)[order]
+        self.scores = np.asarray(scores, dtype=np.float32)[order]
+        self.max_overfetch = max_overfetch
+
+    def retrieve_batch(self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+        b = len(states)
+        if n == 0 or b == 0 or len(self.song_ids) == 0:
+            return self._empty(b, n)
+        m = min(len(self.song_ids), n + min(self.max_overfetch, max(len(e) for e in excludes)))
+        I = np.broadcast_to(self.song_ids[:m], (b, m))
+        D = np.broadcast_to(self.scores[:m], (b, m))
+        return _filter_rows(I, D, excludes, n)
+
+
+def generate_candidates(
+    states: Sequence[UserState],
+    sources: Sequence[CandidateSource],
+    config: CandidateConfig,
+    *,
+    excludes: Sequence[set[str] | None] | None = None,
+    min_per_source: int = 0,
+) -> pl.DataFrame:
+    """Union of the sources' candidates per user (see module doc).
+
+    Parameters
+    ----------
+    states:
+        Users to generate for (row order is kept in the output).
+    sources:
+        Named sources; names must be among ``SOURCE_ORDER``.
+    config:
+        Per-source limits.
+    excludes:
+        Extra ids to drop per user, on top of each state's history.
+    min_per_source:
+        Raise every source's limit to at least this (so that k larger than the limits still fills).
+    """
+    excl: list[set[str]] = []
+    for i, s in enumerate(states):
+        e = set(s.history)
+        if excludes is not None and excludes[i]:
+            e |= set(excludes[i])  # type: ignore[arg-type]
+        excl.append(e)
+    parts = []
+    for src in sources:
+        if src.name not in SOURCE_ORDER:
+            raise ConfigError(f"candidate source {src.name!r} is not one of {SOURCE_ORDER}")
+        n = max(config.limit(src.name), min_per_source if config.limit(src.name) > 0 else 0)
+        if n == 0:
+            continue
+        I, _ = src.retrieve_batch(states, n, excl)
+        valid = I != ""
+        r, c = np.nonzero(valid)
+        parts.append(pl.DataFrame({
+            "_row": r.astype(np.int64), "song_id": pl.Series(I[r, c].tolist(), dtype=pl.String),
+            "_src": np.full(len(r), SOURCE_ORDER.index(src.name), dtype=np.int8),
+            "_rank": (c + 1).astype(np.int32),
+        }))
+    schema = {"user_id": pl.String, "song_id": pl.String, "source": pl.String, **{c: pl.Int32 for c in RANK_COLUMNS}}
+    if not parts:
+        return pl.DataFrame(schema=schema)
+    long = pl.concat(parts)
+    wide = long.group_by(["_row", "song_id"]).agg(
+        *[pl.col("_rank").filter(pl.col("_src") == j).min().alias(RANK_COLUMNS[j]) for j in range(len(SOURCE_ORDER))],
+        pl.col("_src").sort_by(["_rank", "_src"]).first().alias("_best"),
+    )
+    users = pl.DataFrame({"_row": np.arange(len(states), dtype=np.int64),
+                          "user_id": pl.Series([s.user_id for s in states], dtype=pl.String)})
+    names = dict(enumerate(SOURCE_ORDER))
+    out = (
+        wide.join(users, on="_row", how="left")
+        .with_columns(pl.col("_best").cast(pl.Int64).replace_strict(names, return_dtype=pl.String).alias("source"))
+        .sort(["_row", "_best", pl.min_horizontal(*RANK_COLUMNS), "song_id"])
+        .select(["user_id", "song_id", "source", *RANK_COLUMNS])
+    )
+    return out.cast({c: pl.Int32 for c in RANK_COLUMNS})

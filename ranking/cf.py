@@ -1,0 +1,323 @@
+"""Collaborative filtering with implicit (ALS or BPR) behind one interface: :class:`CFModel`.
+
+Interactions (polars, string ids) become a users × songs CSR matrix of summed weights with
+sorted id maps; implicit fits user factors U (n_users, f) and item factors V (n_songs, f) on it,
+inside :func:`~apex_rank.threads.blas_single_threaded` (implicit runs its own OpenMP loop and
+asks for single-threaded BLAS). Users unseen at fit time get a factor from their history by the
+ALS user step (one regularised least-squares solve against the fixed V), which is what
+implicit's ``recalculate_user`` computes; the same solve serves BPR as an approximation.
+
+Scores are inner products u·v. Songs without interactions are not in the model (cold): their
+scores are NaN and they are never recommended by it.
+
+Example
+-------
+>>> import polars as pl
+>>> inter = pl.DataFrame({"user_id": ["u1", "u1", "u2"], "song_id": ["a", "b", "a"], "weight": [1.0, 1.0, 1.0]})
+>>> cf = CFModel(CFConfig(factors=4, iterations=2)).fit(inter)
+>>> ids, scores = cf.recommend("u2", k=3)
+>>> ids.tolist()[:1]
+['b']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from apex_rank.config import from_dict, to_dict
+from apex_rank.errors import ArtifactError, ConfigError, NotFittedError, SchemaError, UnknownIdError
+from apex_rank.threads import blas_single_threaded, thread_count
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CFConfig:
+    """Settings of :class:`CFModel`.
+
+    Attributes
+    ----------
+    model: ``als`` (implicit AlternatingLeastSquares) or ``bpr`` (BayesianPersonalizedRanking).
+    factors: latent width f. regularization: L2 penalty. alpha: ALS confidence scale (c = alpha·w).
+    iterations: ALS sweeps / BPR epochs. learning_rate: BPR step size. seed: random_state.
+    """
+
+    model: Literal["als", "bpr"] = "als"
+    factors: int = 64
+    regularization: float = 0.05
+    alpha: float = 10.0
+    iterations: int = 15
+    learning_rate: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model not in ("als", "bpr"):
+            raise ConfigError(f"cf.model must be 'als' or 'bpr', got {self.model!r}")
+        if self.factors < 1 or self.iterations < 1:
+            raise ConfigError(f"cf.factors and cf.iterations must be >= 1, got {self.factors}, {self.iterations}")
+        if self.regularization < 0 or self.alpha <= 0 or self.learning_rate <= 0:
+            raise ConfigError("cf.regularization must be >= 0, cf.alpha and cf.learning_rate > 0")
+
+
+def interactions_to_csr(
+    interactions: pl.DataFrame,
+    *,
+    user_ids: Sequence[str] | None = None,
+    song_ids: Sequence[str] | None = None,
+) -> tuple[sp.csr_matrix, list[str], list[str]]:
+    """Sum ``weight`` per (user, song) into a users × songs float32 CSR matrix.
+
+    Id maps default to the sorted unique ids of the table. Rows naming ids outside given maps
+    are an error (callers filter and report them first).
+    """
+    for col in ("user_id", "song_id"):
+        if col not in interactions.columns:
+            raise SchemaError(f"interactions table: required column {col!r} is missing")
+    w = interactions["weight"] if "weight" in interactions.columns else pl.Series([1.0] * interactions.height)
+    df = pl.DataFrame({"u": interactions["user_id"], "s": interactions["song_id"], "w": w.cast(pl.Float64)})
+    users = sorted(df["u"].unique().to_list()) if user_ids is None else list(user_ids)
+    songs = sorted(df["s"].unique().to_list()) if song_ids is None else list(song_ids)
+    umap = pl.DataFrame({"u": users, "ui": np.arange(len(users), dtype=np.int64)})
+    smap = pl.DataFrame({"s": songs, "si": np.arange(len(songs), dtype=np.int64)})
+    j = df.join(umap, on="u", how="left").join(smap, on="s", how="left")
+    bad = j.filter(pl.col("ui").is_null() | pl.col("si").is_null())
+    if bad.height:
+        raise UnknownIdError(
+            f"interaction (user_id {bad['u'][0]!r}, song_id {bad['s'][0]!r}) is outside the id maps "
+            f"({bad.height} rows)"
+        )
+    agg = j.group_by(["ui", "si"]).agg(pl.col("w").sum())
+    M = sp.csr_matrix(
+        (agg["w"].to_numpy().astype(np.float32), (agg["ui"].to_numpy(), agg["si"].to_numpy())),
+        shape=(len(users), len(songs)), dtype=np.float32,
+    )
+    M.sum_duplicates()
+    M.sort_indices()
+    return M, users, songs
+
+
+def solve_user_factor(
+    item_factors: np.ndarray, item_idx: np.ndarray, weights: np.ndarray, *, alpha: float, regularization: float,
+    gram: np.ndarray | None = None,
+) -> np.ndarray:
+    """The ALS user step: argmin_u Σ_i c_i (p_i − u·v_i)² + λ‖u‖² with c = alpha·w on the history.
+
+    Returns a float32 (f,) vector; an empty history gives zeros.
+    """
+    V = item_factors.astype(np.float64, copy=False)
+    f = V.shape[1]
+    if len(item_idx) == 0:
+        return np.zeros(f, dtype=np.float32)
+    G = V.T @ V if gram is None else gram
+    Vh = V[item_idx]
+    c = alpha * np.asarray(weights, dtype=np.float64)
+    A = G + regularization * np.eye(f) + (Vh * (c - 1.0)[:, None]).T @ Vh
+    b = (Vh * c[:, None]).sum(axis=0)
+    return np.linalg.solve(A, b).astype(np.float32)
+
+
+class CFModel:
+    """Implicit-feedback CF (ALS or BPR) over string ids (see module doc)."""
+
+    def __init__(self, config: CFConfig | None = None) -> None:
+        self.config = config or CFConfig()
+        self.user_ids: list[str] = []
+        self.song_ids: list[str] = []
+        self.user_factors = np.zeros((0, 0), dtype=np.float32)
+        self.item_factors = np.zeros((0, 0), dtype=np.float32)
+        self.user_items = sp.csr_matrix((0, 0), dtype=np.float32)
+        self._upos: dict[str, int] = {}
+        self._spos: dict[str, int] = {}
+        self._gram: np.ndarray | None = None
+        self.fit_seconds = 0.0
+
+    @property
+    def fitted(self) -> bool:
+        return self.item_factors.shape[0] > 0
+
+    def _check(self) -> None:
+        if not self.fitted:
+            raise NotFittedError("CFModel is not fitted; call fit() or load()")
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, interactions: pl.DataFrame, *, show_progress: bool = False) -> CFModel:
+        """Fit on an interactions table (user_id, song_id, weight); returns self."""
+        import time
+
+        M, users, songs = interactions_to_csr(interactions)
+        if M.nnz == 0:
+            raise SchemaError("interactions table has no rows to fit CF on")
+        cfg = self.config
+        t0 = time.perf_counter()
+        with blas_single_threaded():  # implicit checks the BLAS pool when the model is constructed
+            model = make_implicit_model(cfg)
+            model.fit(M, show_progress=show_progress)
+        self.fit_seconds = time.perf_counter() - t0
+        self._set(users, songs, np.asarray(model.user_factors), np.asarray(model.item_factors), M)
+        log.info("%s fitted: %d users x %d songs, %d nnz, %.2fs", cfg.model, len(users), len(songs), M.nnz,
+                 self.fit_seconds)
+        return self
+
+    def _set(self, users: list[str], songs: list[str], U: np.ndarray, V: np.ndarray, M: sp.csr_matrix) -> None:
+        self.user_ids, self.song_ids = list(users), list(songs)
+        self.user_factors = np.ascontiguousarray(U, dtype=np.float32)
+        self.item_factors = np.ascontiguousarray(V, dtype=np.float32)
+        self.user_items = M.tocsr().astype(np.float32)
+        self._upos = {u: i for i, u in enumerate(self.user_ids)}
+        self._spos = {s: i for i, s in enumerate(self.song_ids)}
+        self._gram = self.item_factors.astype(np.float64).T @ self.item_factors.astype(np.float64)
+
+    # ------------------------------------------------------------------ lookups
+    def has_user(self, user_id: str) -> bool:
+        return user_id in self._upos
+
+    def song_index(self, song_ids: Sequence[str]) -> np.ndarray:
+        """Dense item index per song id, -1 for songs outside the model (cold)."""
+        return np.asarray([self._spos.get(s, -1) for s in song_ids], dtype=np.int64)
+
+    def user_factor(self, user_id: str) -> np.ndarray:
+        """The fitted factor (f,) of a user seen at fit time."""
+        self._check()
+        i = self._upos.get(user_id)
+        if i is None:
+            raise UnknownIdError(f"user_id {user_id!r} was not seen when the CF model was fitted")
+        return self.user_factors[i].copy()
+
+    def factor_from_history(self, song_ids: Sequence[str], weights: Sequence[float] | None = None) -> np.ndarray | None:
+        """A user factor from a history (songs outside the model are ignored); None if none is known."""
+        self._check()
+        idx = self.song_index(song_ids)
+        w = np.ones(len(idx)) if weights is None else np.asarray(weights, dtype=np.float64)
+        keep = idx >= 0
+        if not keep.any():
+            return None
+        # sum weights per song, as the CSR used at fit time does
+        uniq, inv = np.unique(idx[keep], return_inverse=True)
+        wsum = np.bincount(inv, weights=w[keep])
+        return solve_user_factor(self.item_factors, uniq, wsum, alpha=self.config.alpha if self.config.model == "als" else 1.0,
+                                 regularization=self.config.regularization, gram=self._gram)
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, user_id: str, song_ids: Sequence[str]) -> np.ndarray:
+        """u·v for each song (float32, NaN for songs outside the model)."""
+        u = self.user_factor(user_id)
+        idx = self.song_index(song_ids)
+        out = np.full(len(idx), np.nan, dtype=np.float32)
+        ok = idx >= 0
+        out[ok] = (self.item_factors[idx[ok]] * u[None, :]).sum(axis=1)
+        return out
+
+    def recommend(self, user_id: str, k: int = 20, *, filter_history: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k songs for a fitted user: ``(ids (k,) object, scores (k,) float32)``, padded ``""``/-inf."""
+        I, D = self.recommend_batch([user_id], k, filter_history=filter_history)
+        return I[0], D[0]
+
+    def recommend_batch(
+        self, user_ids: Sequence[str], k: int = 20, *, filter_history: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k for each user: ``(ids (n, k) object, scores (n, k) float32)``; unknown users raise."""
+        self._check()
+        if k < 1:
+            raise ConfigError(f"k must be >= 1, got {k}")
+        rows = []
+        for u in user_ids:
+            if u not in self._upos:
+                raise UnknownIdError(f"user_id {u!r} was not seen when the CF model was fitted")
+            rows.append(self._upos[u])
+        U = self.user_factors[np.asarray(rows, dtype=np.int64)]
+        hist = self.user_items[rows] if filter_history else None
+        return top_k_by_factors(U, self.item_factors, self.song_ids, k, exclude=hist)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write one ``.npz`` (allow_pickle=False) holding factors, id maps, CSR and config."""
+        self._check()
+        path = Path(path)
+        M = self.user_items
+        np.savez(
+            path, user_ids=np.asarray(self.user_ids, dtype=str), song_ids=np.asarray(self.song_ids, dtype=str),
+            user_factors=self.user_factors, item_factors=self.item_factors, indptr=M.indptr, indices=M.indices,
+            data=M.data, config=np.asarray(json.dumps(to_dict(self.config))),
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CFModel:
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"CF model file {path} is missing")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                cfg = from_dict(CFConfig, json.loads(str(z["config"])))
+                users = z["user_ids"].tolist()
+                songs = z["song_ids"].tolist()
+                M = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(len(users), len(songs)))
+                obj = cls(cfg)
+                obj._set(users, songs, z["user_factors"], z["item_factors"], M)
+        except (KeyError, ValueError, OSError) as err:
+            raise ArtifactError(f"CF model file {path} cannot be read: {err}") from err
+        return obj
+
+
+def make_implicit_model(cfg: CFConfig):  # type: ignore[no-untyped-def]
+    """The bare implicit CPU model for ``cfg`` (also used by the benchmark's baseline fit)."""
+    if cfg.model == "als":
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        return AlternatingLeastSquares(
+            factors=cfg.factors, regularization=cfg.regularization, alpha=cfg.alpha, iterations=cfg.iterations,
+            random_state=cfg.seed, num_threads=thread_count(),
+        )
+    from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+    return BayesianPersonalizedRanking(
+        factors=cfg.factors, learning_rate=cfg.learning_rate, regularization=cfg.regularization,
+        iterations=cfg.iterations, random_state=cfg.seed, num_threads=thread_count(),
+    )
+
+
+def top_k_by_factors(
+    U: np.ndarray, V: np.ndarray, item_ids: Sequence[str] | np.ndarray, k: int, *,
+    exclude: sp.csr_matrix | None = None, chunk: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of U·Vᵀ per row, with a CSR mask of excluded items; ``""``/-inf padding.
+
+    Returns ``(ids (n, k) object, scores (n, k) float32)`` sorted by descending score, ties by item
+    index (deterministic).
+    """
+    n = U.shape[0]
+    lookup = np.asarray(list(item_ids) + [""], dtype=object)
+    n_items = V.shape[0]
+    ids = np.full((n, k), "", dtype=object)
+    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    if n == 0 or n_items == 0:
+        return ids, scores
+    kk = min(k, n_items)
+    for start in range(0, n, chunk):
+        S = U[start : start + chunk] @ V.T
+        if exclude is not None:
+            sub = exclude[start : start + chunk]
+            r = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+            S[r, sub.indices] = -np.inf
+        if kk < n_items:
+            part = np.argpartition(-S, kk - 1, axis=1)[:, :kk]
+        else:
+            part = np.broadcast_to(np.arange(n_items), (S.shape[0], n_items))
+        ps = np.take_along_axis(S, part, axis=1)
+        order = np.lexsort((part, -ps), axis=1)
+        top = np.take_along_axis(part, order, axis=1)
+        ts = np.take_along_axis(ps, order, axis=1)
+        ok = np.isfinite(ts)
+        rows = slice(start, start + S.shape[0])
+        scores[rows, :kk] = np.where(ok, ts, -np.inf)
+        ids[rows, :kk] = lookup[np.where(ok, top, n_items)]
+    return ids, scores

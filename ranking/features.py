@@ -1,0 +1,145 @@
+"""The feature frame per (user, candidate): ONE function, used for reranker training and serving.
+
+Columns (``FEATURES``, in this order, float32 with null = missing):
+
+- ``als_score``: u·v (null for cold songs or users without a CF factor)
+- ``pseudo_cf_score``: u·V̂ (content→CF pseudo factor; every song)
+- ``content_sim``: cosine of the user's content profile and the song embedding
+- the seven APEX priors (``APEX_TASKS``)
+- ``log_popularity``: log1p of train interactions (null for cold songs)
+- ``age_days``: days between release and the table's reference time (null if unknown)
+- ``is_cold``: 1 for songs without a CF factor
+- ``rank_als``, ``rank_content``, ``rank_pseudo_cf``, ``rank_fresh``: source ranks
+- ``user_activity``: log1p of the user's interaction count
+- ``gap_<prior>``: the song's prior minus the mean prior over the user's history
+
+Every value depends only on its own row's user state and song, so a batch equals the
+concatenation of single-user frames exactly.
+
+Example
+-------
+>>> # frame = build_feature_frame([state], candidates, song_table)
+>>> # frame.columns[:3] == ['user_id', 'song_id', 'source']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from apex_rank.errors import SchemaError
+from apex_rank.tasks import APEX_TASKS
+
+from apex_rank.ranking.candidates import RANK_COLUMNS
+from apex_rank.ranking.state import SongTable, UserState
+
+GAP_COLUMNS = tuple(f"gap_{t}" for t in APEX_TASKS)
+FEATURES: tuple[str, ...] = (
+    "als_score", "pseudo_cf_score", "content_sim", *APEX_TASKS, "log_popularity", "age_days", "is_cold",
+    *RANK_COLUMNS, "user_activity", *GAP_COLUMNS,
+)
+COLD_MASKED = ("als_score", "log_popularity", "rank_als")  # what a cold song lacks
+
+
+def _rowdot(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Row-wise dot products, summed in a fixed order per row (batch-size independent)."""
+    return np.einsum("ij,ij->i", A, B, optimize=False).astype(np.float32)
+
+
+def build_feature_frame(states: Sequence[UserState], candidates: pl.DataFrame, song_table: SongTable) -> pl.DataFrame:
+    """Features for every candidate row.
+
+    Parameters
+    ----------
+    states:
+        The users the candidates were generated for; ``candidates.user_id`` must be among them.
+    candidates:
+        Output of :func:`~apex_rank.ranking.candidates.generate_candidates` (``user_id``,
+        ``song_id``, ``source``, rank columns); extra columns (e.g. a label) are kept.
+    song_table:
+        The song side.
+
+    Returns
+    -------
+    The candidates frame (same row order) with the ``FEATURES`` columns appended.
+    """
+    for col in ("user_id", "song_id", *RANK_COLUMNS):
+        if col not in candidates.columns:
+            raise SchemaError(f"candidates frame: required column {col!r} is missing")
+    upos = {s.user_id: i for i, s in enumerate(states)}
+    users = pl.DataFrame({"user_id": pl.Series(list(upos), dtype=pl.String),
+                          "_u": np.asarray(list(upos.values()), dtype=np.int64)})
+    j = candidates.join(users, on="user_id", how="left", maintain_order="left").join(
+        song_table.index_frame(), on="song_id", how="left", maintain_order="left")
+    if j["_u"].null_count():
+        raise SchemaError(f"candidates frame: user_id {j.filter(pl.col('_u').is_null())['user_id'][0]!r} has no state")
+    if j["_idx"].null_count():
+        raise SchemaError(f"candidates frame: song_id {j.filter(pl.col('_idx').is_null())['song_id'][0]!r} is not in the catalogue")
+    u = j["_u"].to_numpy()
+    s = j["_idx"].to_numpy()
+    n = len(u)
+    st = song_table
+
+    f = st.cf_factors.shape[1]
+    has_cf = np.asarray([x.cf_factor is not None for x in states], dtype=bool)
+    U = np.zeros((len(states), f), dtype=np.float32)
+    for i, x in enumerate(states):
+        if x.cf_factor is not None:
+            U[i] = x.cf_factor
+    d = st.embeddings.shape[1]
+    has_prof = np.asarray([x.profile is not None for x in states], dtype=bool)
+    P = np.zeros((len(states), d), dtype=np.float32)
+    for i, x in enumerate(states):
+        if x.profile is not None:
+            P[i] = x.profile
+    # mean priors over each user's known history
+    hist_mean = np.full((len(states), len(APEX_TASKS)), np.nan, dtype=np.float32)
+    for i, x in enumerate(states):
+        hi = st.index_of(x.history)
+        hi = hi[hi >= 0]
+        if len(hi):
+            hist_mean[i] = st.priors[hi].mean(axis=0)
+    activity = np.log1p(np.asarray([x.activity for x in states], dtype=np.float32))
+
+    warm = st.warm[s]
+    ucf = has_cf[u]
+    als = np.full(n, np.nan, dtype=np.float32)
+    m = ucf & warm
+    if m.any():
+        als[m] = _rowdot(U[u[m]], st.cf_factors[s[m]])
+    pcf = np.full(n, np.nan, dtype=np.float32)
+    if ucf.any():
+        pcf[ucf] = _rowdot(U[u[ucf]], st.pseudo_factors[s[ucf]])
+    csim = np.full(n, np.nan, dtype=np.float32)
+    mp = has_prof[u]
+    if mp.any():
+        csim[mp] = _rowdot(P[u[mp]], st.embeddings[s[mp]])
+    pri = st.priors[s]
+    logpop = np.where(warm, np.log1p(st.popularity[s]), np.nan).astype(np.float32)
+    age = (np.maximum(0.0, st.now_s - st.created_s[s]) / 86400.0).astype(np.float32)
+    gaps = (pri - hist_mean[u]).astype(np.float32)
+
+    cols: dict[str, object] = {"als_score": als, "pseudo_cf_score": pcf, "content_sim": csim}
+    for k, t in enumerate(APEX_TASKS):
+        cols[t] = pri[:, k].astype(np.float32)
+    cols["log_popularity"] = logpop
+    cols["age_days"] = age
+    cols["is_cold"] = (~warm).astype(np.float32)
+    cols["user_activity"] = activity[u]
+    for k, g in enumerate(GAP_COLUMNS):
+        cols[g] = gaps[:, k]
+    feats = pl.DataFrame({k: pl.Series(v, dtype=pl.Float32).fill_nan(None) for k, v in cols.items()})
+    base = candidates.drop([c for c in FEATURES if c in candidates.columns and c not in RANK_COLUMNS])
+    out = pl.concat([base, feats], how="horizontal")
+    return out.with_columns([pl.col(c).cast(pl.Float32) for c in RANK_COLUMNS])
+
+
+def feature_matrix(frame: pl.DataFrame) -> np.ndarray:
+    """The ``FEATURES`` columns as a contiguous float32 (n, n_features) array, NaN for null."""
+    missing = [c for c in FEATURES if c not in frame.columns]
+    if missing:
+        raise SchemaError(f"feature frame lacks column(s) {missing}")
+    X = frame.select([pl.col(c).cast(pl.Float32) for c in FEATURES]).to_numpy()
+    return np.ascontiguousarray(np.nan_to_num(X, nan=np.nan), dtype=np.float32)

@@ -1,0 +1,687 @@
+"""The ``Recommender`` facade: build from tables, recommend, add songs, save/load a bundle.
+
+Build (DESIGN.md, "Cold start: how the pieces fit"):
+
+1. APEX priors for every catalogue song (a given :class:`~apex_rank.predictor.ApexPredictor`, or
+   one trained on the way from the songs table's labels).
+2. Interactions are split by time: the earlier ``1 - rerank_share`` fits CF (ALS/BPR), the
+   content→CF map and the user states; the later slice gives the reranker's labels over
+   candidates generated from the earlier state (with cold-start simulation).
+3. Serving side: CF, map, states and indexes refitted on all interactions (``refit_on_all``).
+
+Per-user path (pure functions, reused by the online ranker): ``rec.user_state(u)`` →
+:func:`~apex_rank.ranking.candidates.generate_candidates` →
+:func:`~apex_rank.ranking.features.build_feature_frame` → ``rec.reranker.score`` → top-k.
+
+A bundle is a folder: ``manifest.json`` (kind ``apex-recommender``, schema, config, files,
+library versions, build report), ``songs.npz``, ``users.npz``, ``cf.npz``, ``content_map.npz``
+(all ``allow_pickle=False``), ``content.faiss`` / ``pseudo_cf.faiss`` (+ ``.ids.json``),
+``reranker.txt`` (LightGBM text) and ``apex/`` (the predictor folder). No pickle anywhere.
+
+Example
+-------
+>>> # from apex_rank.synthetic import make_world
+>>> # w = make_world()
+>>> # rec = Recommender.build(w.songs, w.embeddings, w.interactions)
+>>> # rec.recommend("u00001", k=10)       # song_id, score, source, rank, is_cold, 7 priors
+>>> # rec.save("bundle"); load_recommender("bundle").recommend("u00001", k=10)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from apex_rank.config import from_dict, to_dict
+from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdError
+from apex_rank.manifest import read_manifest, write_manifest
+from apex_rank.predictor import ApexPredictor
+from apex_rank.schemas import embedding_matrix, validate_interactions, validate_songs
+from apex_rank.tasks import APEX_TASKS
+
+from apex_rank.ranking.candidates import (
+    CandidateConfig, CandidateSource, FactorSource, IndexSource, RankedListSource, generate_candidates,
+)
+from apex_rank.ranking.cf import CFConfig, CFModel
+from apex_rank.ranking.content_map import ContentToCF
+from apex_rank.ranking.features import build_feature_frame
+from apex_rank.ranking.index import CandidateIndex, l2_normalize
+from apex_rank.ranking.reranker import Reranker, RerankerConfig, grade_labels
+from apex_rank.ranking.state import SongTable, UserState, quality_score
+
+log = logging.getLogger(__name__)
+
+KIND = "apex-recommender"
+SCHEMA = 1
+RESULT_SCHEMA: dict[str, Any] = {
+    "song_id": pl.String, "score": pl.Float64, "source": pl.String, "rank": pl.Int32, "is_cold": pl.Boolean,
+    **{t: pl.Float32 for t in APEX_TASKS},
+}
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """FAISS factory strings of the content index (all songs) and the pseudo-CF index (cold songs)."""
+
+    content_factory: str = "Flat"
+    pseudo_factory: str = "Flat"
+    nprobe: int = 16
+    ef_search: int = 128
+
+
+@dataclass(frozen=True)
+class ApexFitConfig:
+    """How an APEX predictor is trained on the way when ``build`` is given none."""
+
+    epochs: int = 60
+    lr: float = 2e-3
+    batch_size: int = 256
+    patience: int = 15
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    """Everything ``Recommender.build`` needs; loadable from TOML (unknown keys rejected).
+
+    Attributes
+    ----------
+    cf, index, candidates, reranker, apex: nested component configs.
+    content_map_regularization: ridge λ of the content→CF map.
+    rerank_share: the latest share of interactions (by ``ts``; random rows without ``ts``)
+        that labels the reranker's training groups.
+    half_life_days: recency half-life of the content profile.
+    refit_on_all: refit CF, the map and user states on all interactions for serving.
+    batch_users: users per chunk in batch scoring.
+    seed: seeds the row split without ``ts``.
+    """
+
+    cf: CFConfig = field(default_factory=CFConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    apex: ApexFitConfig = field(default_factory=ApexFitConfig)
+    content_map_regularization: float = 1.0
+    rerank_share: float = 0.25
+    half_life_days: float = 30.0
+    refit_on_all: bool = True
+    batch_users: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.rerank_share < 1.0:
+            raise ConfigError(f"rerank_share must be in (0, 1), got {self.rerank_share}")
+        if self.batch_users < 1:
+            raise ConfigError(f"batch_users must be >= 1, got {self.batch_users}")
+
+
+def _to_seconds(s: pl.Series) -> np.ndarray:
+    """Datetime/Date/int-seconds column → float64 epoch seconds (NaN for null)."""
+    if isinstance(s.dtype, pl.Datetime):
+        v = s.dt.epoch("us").cast(pl.Float64) / 1e6
+    elif s.dtype == pl.Date:
+        v = s.cast(pl.Datetime("us")).dt.epoch("us").cast(pl.Float64) / 1e6
+    else:
+        v = s.cast(pl.Float64)
+    return v.fill_null(np.nan).to_numpy().astype(np.float64)
+
+
+@dataclass
+class _Users:
+    """Per-user serving state as arrays (dense user order = ``user_ids``)."""
+
+    user_ids: list[str]
+    profiles: np.ndarray          # (n_users, d) float32, zero rows = no profile
+    has_profile: np.ndarray       # (n_users,) bool
+    hist_indptr: np.ndarray       # CSR over catalogue positions, ordered by first interaction
+    hist_indices: np.ndarray
+    activity: np.ndarray          # (n_users,) int64
+    pos: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pos = {u: i for i, u in enumerate(self.user_ids)}
+
+
+def _user_arrays(inter: pl.DataFrame, table: SongTable, half_life_days: float) -> _Users:
+    """Profiles, histories and activity for every user of ``inter`` (columns _u, _s, ts_s, weight)."""
+    users = sorted(inter["user_id"].unique().to_list())
+    umap = pl.DataFrame({"user_id": pl.Series(users, dtype=pl.String), "_u": np.arange(len(users), dtype=np.int64)})
+    j = inter.join(umap, on="user_id", how="left")
+    u = j["_u"].to_numpy()
+    s = j["_s"].to_numpy()
+    w = j["weight"].cast(pl.Float64).to_numpy()
+    ts = j["ts_s"].to_numpy()
+    if half_life_days > 0:
+        age = np.nan_to_num(np.maximum(0.0, table.now_s - ts) / 86400.0, nan=0.0)
+        w = w * np.power(0.5, age / half_life_days)
+    n_u, n_s = len(users), len(table)
+    W = sp.csr_matrix((w, (u, s)), shape=(n_u, n_s))
+    prof = np.asarray(W @ table.embeddings.astype(np.float64), dtype=np.float32)
+    prof = l2_normalize(prof)
+    has = np.linalg.norm(prof, axis=1) > 0
+    if not has.all():  # all-zero recency weights: fall back to plain means
+        W1 = sp.csr_matrix((np.ones(len(u)), (u, s)), shape=(n_u, n_s))
+        prof[~has] = l2_normalize(np.asarray(W1[~has] @ table.embeddings, dtype=np.float32))
+        has = np.linalg.norm(prof, axis=1) > 0
+    # histories: unique songs per user in order of first interaction
+    h = (j.select("_u", "_s", "ts_s").with_row_index("_r")
+         .sort(["_u", "ts_s", "_r"], nulls_last=True).unique(["_u", "_s"], keep="first", maintain_order=True))
+    counts = np.bincount(h["_u"].to_numpy(), minlength=n_u)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    act = np.bincount(u, minlength=n_u).astype(np.int64)
+    return _Users(users, np.ascontiguousarray(prof), has, indptr, h["_s"].to_numpy().astype(np.int64), act)
+
+
+class Recommender:
+    """Hybrid cold-start recommender (see module doc).
+
+    Attributes
+    ----------
+    config: the :class:`RecommenderConfig`.
+    songs: the :class:`SongTable` (catalogue, embeddings, factors, priors, popularity).
+    cf: the fitted serving :class:`CFModel` (evaluation baselines use ``cf.recommend``/``cf.score``).
+    reranker: the LightGBM :class:`Reranker`. apex: the :class:`ApexPredictor`.
+    sources: the candidate sources (``als``, ``content``, ``pseudo_cf``, ``fresh``).
+    report: build facts (row counts, unknown ids, timings, reranker validation NDCG).
+
+    Example
+    -------
+    >>> # rec = Recommender.build(songs, embeddings, interactions)
+    >>> # rec.recommend("u1", k=10).columns
+    >>> # ['song_id', 'score', 'source', 'rank', 'is_cold', 'score_streams', ...]
+    """
+
+    def __init__(
+        self, *, config: RecommenderConfig, songs: SongTable, users: _Users, cf: CFModel, content_map: ContentToCF,
+        content_index: CandidateIndex, pseudo_index: CandidateIndex, reranker: Reranker, apex: ApexPredictor,
+        report: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.songs = songs
+        self._users = users
+        self.cf = cf
+        self.content_map = content_map
+        self.content_index = content_index
+        self.pseudo_index = pseudo_index
+        self.reranker = reranker
+        self.apex = apex
+        self.report: dict[str, Any] = report or {}
+        self._make_sources()
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(
+        cls, songs: pl.DataFrame, embeddings: pl.DataFrame, interactions: pl.DataFrame,
+        config: RecommenderConfig | None = None, apex: ApexPredictor | None = None,
+    ) -> Recommender:
+        """Build every component from tables (see module doc).
+
+        Interactions naming songs outside the catalogue are dropped, counted in
+        ``report["unknown_song_rows"]`` and logged as a warning. Negative/NaN/inf weights are a
+        :class:`SchemaError`.
+        """
+        cfg = config or RecommenderConfig()
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        validate_songs(songs)
+        ids, E_raw = embedding_matrix(embeddings)
+        emb_pos = {s: i for i, s in enumerate(ids)}
+        no_emb = [s for s in songs["song_id"].to_list() if s not in emb_pos]
+        if no_emb:
+            raise SchemaError(f"{len(no_emb)} song(s) of the songs table have no embedding, e.g. song_id {no_emb[0]!r}")
+        inter = validate_interactions(interactions)
+        has_ts = "ts" in inter.columns
+        report: dict[str, Any] = {"n_interactions_in": inter.height, "n_songs": len(ids)}
+        smap = pl.DataFrame({"song_id": pl.Series(ids, dtype=pl.String), "_s": np.arange(len(ids), dtype=np.int64)})
+        inter = inter.select(
+            "user_id", "song_id", pl.col("weight").cast(pl.Float64),
+            *([pl.col("ts")] if has_ts else []),
+        ).join(smap, on="song_id", how="left", maintain_order="left")
+        unknown = inter.filter(pl.col("_s").is_null())
+        report["unknown_song_rows"] = unknown.height
+        report["unknown_song_examples"] = unknown["song_id"].unique(maintain_order=True).head(5).to_list()
+        if unknown.height:
+            log.warning("%d interaction rows name %d song ids outside the catalogue (e.g. %r); they are dropped "
+                        "(see report['unknown_song_rows'])", unknown.height, unknown["song_id"].n_unique(),
+                        report["unknown_song_examples"][0])
+            inter = inter.filter(pl.col("_s").is_not_null())
+        if inter.height == 0:
+            raise SchemaError("no interaction names a song of the catalogue")
+        ts_s = _to_seconds(inter["ts"]) if has_ts else np.full(inter.height, np.nan)
+        inter = inter.with_columns(pl.Series("ts_s", ts_s, dtype=pl.Float64))
+        created = np.full(len(ids), np.nan)
+        if "created_at" in songs.columns:
+            c = _to_seconds(songs["created_at"])
+            for sid, v in zip(songs["song_id"].to_list(), c):
+                created[emb_pos[sid]] = v
+        timings["validate"] = time.perf_counter() - t0
+
+        # 1. APEX priors
+        t0 = time.perf_counter()
+        if apex is None:
+            apex = cls._train_apex(songs, embeddings, inter, cfg)
+        if apex.input_dim != E_raw.shape[1]:
+            raise SchemaError(f"APEX predictor expects embeddings of width {apex.input_dim}, the table has {E_raw.shape[1]}")
+        priors = apex.predict(E_raw)
+        pmean = np.nanmean(np.where(np.isfinite(priors), priors, np.nan), axis=0) if np.isfinite(priors).any() else np.zeros(7)
+        with np.errstate(invalid="ignore"):
+            pstd = np.nan_to_num(np.nanstd(priors, axis=0), nan=1.0)
+        pmean = np.nan_to_num(pmean, nan=0.0).astype(np.float32)
+        pstd = np.where(pstd > 0, pstd, 1.0).astype(np.float32)
+        timings["apex"] = time.perf_counter() - t0
+        E = l2_normalize(E_raw)
+
+        # 2. time split
+        if has_ts and np.isfinite(ts_s).all():
+            t_cut = float(np.quantile(ts_s, 1.0 - cfg.rerank_share))
+            is_label = ts_s >= t_cut
+            now_fit, now_all = t_cut, float(np.nanmax(ts_s))
+        else:
+            is_label = np.random.default_rng(cfg.seed).random(inter.height) < cfg.rerank_share
+            now_fit = now_all = float(np.nanmax(ts_s)) if np.isfinite(ts_s).any() else float(np.nanmax(created, initial=0.0))
+        fit_part = inter.filter(pl.Series(~is_label))
+        label_part = inter.filter(pl.Series(is_label))
+        report.update(n_fit_rows=fit_part.height, n_label_rows=label_part.height)
+        if fit_part.height == 0 or label_part.height == 0:
+            raise SchemaError(f"interactions cannot be split for reranker training ({fit_part.height} earlier rows, "
+                              f"{label_part.height} later rows); give more interactions or change rerank_share")
+
+        # 3. training side
+        t0 = time.perf_counter()
+        cf_a, table_a, map_a = cls._fit_side(fit_part, ids, E, priors, created, now_fit, pmean, pstd, cfg)
+        timings["cf_fit_train_side"] = cf_a.fit_seconds
+        users_a = _user_arrays(fit_part, table_a, cfg.half_life_days)
+        timings["train_side_total"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tmp = cls(config=cfg, songs=table_a, users=users_a, cf=cf_a, content_map=map_a,
+                  content_index=cls._content_index(table_a, cfg), pseudo_index=cls._pseudo_index(table_a, cfg),
+                  reranker=Reranker(cfg.reranker), apex=apex)
+        frame = tmp._training_frame(label_part, cfg)
+        timings["rerank_frame"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        reranker = Reranker(cfg.reranker).fit(frame, label_col="label")
+        timings["reranker_fit"] = time.perf_counter() - t0
+        report.update(n_rerank_rows=frame.height, reranker_best_iteration=reranker.best_iteration,
+                      reranker_val_ndcg=reranker.best_score,
+                      n_rerank_positives=int((frame["label"] > 0).sum()))
+
+        # 4. serving side
+        t0 = time.perf_counter()
+        if cfg.refit_on_all:
+            cf_b, table_b, map_b = cls._fit_side(inter, ids, E, priors, created, now_all, pmean, pstd, cfg)
+            users_b = _user_arrays(inter, table_b, cfg.half_life_days)
+            timings["cf_fit_serving_side"] = cf_b.fit_seconds
+        else:
+            cf_b, table_b, map_b, users_b = cf_a, table_a, map_a, users_a
+        content_index = cls._content_index(table_b, cfg)
+        pseudo_index = cls._pseudo_index(table_b, cfg)
+        timings["serving_side_total"] = time.perf_counter() - t0
+        report.update(n_users=len(users_b.user_ids), n_warm_songs=int(table_b.warm.sum()),
+                      n_cold_songs=int((~table_b.warm).sum()), timings=timings)
+        log.info("recommender built: %s", report)
+        return cls(config=cfg, songs=table_b, users=users_b, cf=cf_b, content_map=map_b, content_index=content_index,
+                   pseudo_index=pseudo_index, reranker=reranker, apex=apex, report=report)
+
+    @staticmethod
+    def _train_apex(songs: pl.DataFrame, embeddings: pl.DataFrame, inter: pl.DataFrame, cfg: RecommenderConfig) -> ApexPredictor:
+        from apex_rank.features.apex_tables import build_apex_dataset, train_apex
+        from apex_rank.training import TrainConfig
+
+        counts = None
+        if "streams" not in songs.columns or "likes" not in songs.columns:
+            c = inter.group_by("song_id").agg(pl.col("weight").sum().alias("n"))
+            n = songs.select("song_id").join(c, on="song_id", how="left", maintain_order="left")["n"].fill_null(0.0).to_numpy()
+            counts = {"streams": n, "likes": n}
+            log.info("songs table lacks streams/likes: APEX popularity labels from training interaction counts")
+        data = build_apex_dataset(songs, embeddings, seed=cfg.seed, popularity_counts=counts)
+        tc = TrainConfig(epochs=cfg.apex.epochs, lr=cfg.apex.lr, batch_size=cfg.apex.batch_size,
+                         patience=cfg.apex.patience, seed=cfg.seed, device="cpu", progress=False)
+        predictor, metrics, _ = train_apex(data, tc, encoder=embeddings["encoder"][0] if "encoder" in embeddings.columns else None)
+        log.info("APEX trained on the way: best epoch %s", metrics.get("best_epoch"))
+        return predictor
+
+    @staticmethod
+    def _fit_side(
+        inter: pl.DataFrame, ids: list[str], E: np.ndarray, priors: np.ndarray, created: np.ndarray, now_s: float,
+        pmean: np.ndarray, pstd: np.ndarray, cfg: RecommenderConfig,
+    ) -> tuple[CFModel, SongTable, ContentToCF]:
+        cf = CFModel(cfg.cf).fit(inter)
+        warm_idx = np.asarray([i for i in (pos for pos in _positions(ids, cf.song_ids))], dtype=np.int64)
+        n = len(ids)
+        f = cf.item_factors.shape[1]
+        V = np.zeros((n, f), dtype=np.float32)
+        V[warm_idx] = cf.item_factors
+        warm = np.zeros(n, dtype=bool)
+        warm[warm_idx] = True
+        cmap = ContentToCF(cfg.content_map_regularization).fit(E[warm_idx], cf.item_factors)
+        pseudo = cmap.predict(E)
+        pop = np.bincount(inter["_s"].to_numpy(), minlength=n).astype(np.float32)
+        table = SongTable(
+            song_ids=list(ids), embeddings=E, cf_factors=V, warm=warm, pseudo_factors=pseudo,
+            priors=np.ascontiguousarray(priors, dtype=np.float32), popularity=pop, created_s=created.copy(),
+            quality=quality_score(priors, pop, pmean, pstd), now_s=now_s, prior_mean=pmean, prior_std=pstd,
+        )
+        return cf, table, cmap
+
+    @staticmethod
+    def _content_index(table: SongTable, cfg: RecommenderConfig, device: str = "auto") -> CandidateIndex:
+        idx = CandidateIndex(table.embeddings.shape[1], cfg.index.content_factory, nprobe=cfg.index.nprobe,
+                             ef_search=cfg.index.ef_search, device=device)
+        idx.add(table.song_ids, table.embeddings)
+        return idx
+
+    @staticmethod
+    def _pseudo_index(table: SongTable, cfg: RecommenderConfig, device: str = "auto") -> CandidateIndex:
+        idx = CandidateIndex(table.pseudo_factors.shape[1], cfg.index.pseudo_factory, normalize=False,
+                             nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search, device=device)
+        cold = np.flatnonzero(~table.warm)
+        if len(cold):
+            idx.add([table.song_ids[i] for i in cold], table.pseudo_factors[cold])
+        return idx
+
+    def _make_sources(self) -> None:
+        t = self.songs
+        warm = np.flatnonzero(t.warm)
+        cold = np.flatnonzero(~t.warm)
+        mo = self.config.candidates.max_overfetch
+        self.sources: list[CandidateSource] = [
+            FactorSource([t.song_ids[i] for i in warm], t.cf_factors[warm]),
+            IndexSource("content", self.content_index, "profile", max_overfetch=mo),
+            IndexSource("pseudo_cf", self.pseudo_index, "cf_factor", max_overfetch=mo),
+            RankedListSource("fresh", [t.song_ids[i] for i in cold], t.quality[cold], max_overfetch=mo),
+        ]
+        self.fallback_source = RankedListSource("popular", t.song_ids, t.quality, max_overfetch=mo)
+
+    def _training_frame(self, label_part: pl.DataFrame, cfg: RecommenderConfig) -> pl.DataFrame:
+        """Candidates + features + graded labels for users with a state and later interactions."""
+        lab = label_part.group_by(["user_id", "song_id"]).agg(pl.col("weight").sum().alias("_w"))
+        users = sorted(set(lab["user_id"].unique().to_list()) & set(self._users.user_ids))
+        rng = np.random.default_rng(cfg.reranker.seed)
+        cap = cfg.reranker.max_train_users
+        if len(users) > cap:
+            users = sorted(rng.choice(np.asarray(users, dtype=object), cap, replace=False).tolist())
+        frames = []
+        for start in range(0, len(users), cfg.batch_users):
+            states = [self.user_state(u) for u in users[start : start + cfg.batch_users]]
+            cands = generate_candidates(states, self.sources, cfg.candidates)
+            frames.append(build_feature_frame(states, cands, self.songs))
+        if not frames:
+            raise SchemaError("no user has both earlier and later interactions: cannot train the reranker")
+        frame = pl.concat(frames)
+        frame = frame.join(lab, on=["user_id", "song_id"], how="left", maintain_order="left")
+        labels = grade_labels(frame["_w"].fill_null(0.0).to_numpy(), cfg.reranker.max_grade)
+        return frame.drop("_w").with_columns(pl.Series("label", labels, dtype=pl.Int32))
+
+    # ------------------------------------------------------------------ per-user state
+    @property
+    def user_ids(self) -> list[str]:
+        """Users with a stored state."""
+        return list(self._users.user_ids)
+
+    def has_user(self, user_id: str) -> bool:
+        return user_id in self._users.pos
+
+    def user_state(self, user_id: str) -> UserState:
+        """The stored state of a user; an unknown user gets an empty state (→ fallback)."""
+        i = self._users.pos.get(user_id)
+        if i is None:
+            return UserState(user_id, None, None, (), 0)
+        U = self._users
+        hist_idx = U.hist_indices[U.hist_indptr[i] : U.hist_indptr[i + 1]]
+        hist = tuple(self.songs.song_ids[j] for j in hist_idx)
+        factor = self.cf.user_factors[self.cf._upos[user_id]].copy() if self.cf.has_user(user_id) else None
+        prof = U.profiles[i].copy() if U.has_profile[i] else None
+        return UserState(user_id, factor, prof, hist, int(U.activity[i]))
+
+    def state_from_history(self, user_id: str, song_ids: Sequence[str], *, ts: Sequence[float] | None = None,
+                           weights: Sequence[float] | None = None) -> UserState:
+        """A state for a user unseen at build time, from their history (CF factor by the ALS user step).
+
+        History entries naming songs outside the catalogue are ignored and counted in a warning.
+        """
+        from apex_rank.ranking.state import user_state_from_history
+
+        unknown = [s for s in song_ids if s not in self.songs._pos]
+        if unknown:
+            log.warning("history of user %r names %d song ids outside the catalogue (e.g. %r); ignored",
+                        user_id, len(unknown), unknown[0])
+        return user_state_from_history(user_id, song_ids, ts=ts, weights=weights, song_table=self.songs,
+                                       cf_factor=self.cf.factor_from_history(song_ids, weights),
+                                       half_life_days=self.config.half_life_days)
+
+    # ------------------------------------------------------------------ recommending
+    def recommend(self, user_id: str, k: int = 20, exclude: Iterable[str] | None = None) -> pl.DataFrame:
+        """Top-k songs for one user (columns ``RESULT_SCHEMA``); unknown users get the fallback.
+
+        Fewer than k rows come back when fewer songs are rankable (k larger than the catalogue,
+        or a history covering it: an empty frame).
+        """
+        return self.recommend_states([self.user_state(user_id)], k, excludes=[set(exclude) if exclude else set()]).drop("user_id")
+
+    def recommend_batch(self, user_ids: Sequence[str], k: int = 20) -> pl.DataFrame:
+        """Long frame (``user_id`` + ``RESULT_SCHEMA``), users in input order; a user id repeated in
+        the batch is answered once (the repeat is logged). Equals per-user ``recommend``."""
+        seen: dict[str, None] = dict.fromkeys(user_ids)
+        if len(seen) < len(user_ids):
+            log.info("recommend_batch: %d duplicate user ids answered once", len(user_ids) - len(seen))
+        return self.recommend_states([self.user_state(u) for u in seen], k)
+
+    def recommend_states(self, states: Sequence[UserState], k: int = 20, *,
+                         excludes: Sequence[set[str]] | None = None, progress: bool = False) -> pl.DataFrame:
+        """Rank for explicit states (the path an online ranker shares): candidates → features → rerank."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        ex = list(excludes) if excludes is not None else [set() for _ in states]
+        out = []
+        order = {s.user_id: i for i, s in enumerate(states)}
+        known = [i for i, s in enumerate(states) if not s.is_unknown]
+        unknown = [i for i, s in enumerate(states) if s.is_unknown]
+        step = self.config.batch_users
+        chunks = range(0, len(known), step)
+        if progress:
+            from tqdm import tqdm
+
+            chunks = tqdm(chunks, desc="recommend", unit="chunk")
+        for start in chunks:
+            idx = known[start : start + step]
+            out.append(rank_states([states[i] for i in idx], k, self.sources, self.songs, self.reranker,
+                                   self.config.candidates, excludes=[ex[i] for i in idx]))
+        if unknown:
+            out.append(self._fallback([states[i] for i in unknown], k, [ex[i] for i in unknown]))
+        res = pl.concat(out) if out else pl.DataFrame(schema={"user_id": pl.String, **RESULT_SCHEMA})
+        return (res.with_columns(pl.col("user_id").replace_strict(order, return_dtype=pl.Int64).alias("_o"))
+                .sort(["_o", "rank"]).drop("_o"))
+
+    def _fallback(self, states: Sequence[UserState], k: int, excludes: Sequence[set[str]]) -> pl.DataFrame:
+        """Popularity-and-quality ranking for users without a state (source ``fallback``)."""
+        I, D = self.fallback_source.retrieve_batch(states, k, [e | set(s.history) for s, e in zip(states, excludes)])
+        r, c = np.nonzero(I != "")
+        frame = pl.DataFrame({
+            "user_id": pl.Series([states[i].user_id for i in r], dtype=pl.String),
+            "song_id": pl.Series(I[r, c].tolist(), dtype=pl.String),
+            "score": D[r, c].astype(np.float64), "source": pl.Series(["fallback"] * len(r), dtype=pl.String),
+            "rank": (c + 1).astype(np.int32),
+        })
+        return _attach_song_columns(frame, self.songs)
+
+    def similar_songs(self, song_id: str, k: int = 20) -> pl.DataFrame:
+        """Content neighbours of a catalogue song (itself excluded): song_id, score, rank, is_cold, priors."""
+        if not isinstance(k, int) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        i = self.songs._pos.get(song_id)
+        if i is None:
+            raise UnknownIdError(f"song_id {song_id!r} is not in the catalogue")
+        D, I = self.content_index.search(self.songs.embeddings[i], k + 1)
+        keep = [(s, float(d)) for s, d in zip(I[0], D[0]) if s and s != song_id][:k]
+        frame = pl.DataFrame({"song_id": pl.Series([s for s, _ in keep], dtype=pl.String),
+                              "score": np.asarray([d for _, d in keep], dtype=np.float64),
+                              "rank": np.arange(1, len(keep) + 1, dtype=np.int32)})
+        return _attach_song_columns(frame, self.songs)
+
+    # ------------------------------------------------------------------ catalogue changes
+    def add_songs(self, embeddings: pl.DataFrame, songs: pl.DataFrame | None = None) -> int:
+        """Add new (cold) songs: APEX priors, pseudo factors and index entries are computed now, so
+        they are rankable at once. Ids already in the catalogue are a :class:`SchemaError`.
+        Returns the number of songs added."""
+        ids, E_raw = embedding_matrix(embeddings, expected_width=self.songs.embeddings.shape[1])
+        dup = [s for s in ids if s in self.songs._pos]
+        if dup:
+            raise SchemaError(f"song_id {dup[0]!r} is already in the catalogue ({len(dup)} duplicates)")
+        created = np.full(len(ids), np.nan)
+        if songs is not None:
+            validate_songs(songs)
+            if "created_at" in songs.columns:
+                m = dict(zip(songs["song_id"].to_list(), _to_seconds(songs["created_at"])))
+                created = np.asarray([m.get(s, np.nan) for s in ids], dtype=np.float64)
+        priors = self.apex.predict(E_raw)
+        E = l2_normalize(E_raw)
+        f = self.songs.cf_factors.shape[1]
+        pop = np.zeros(len(ids), dtype=np.float32)
+        new = SongTable(
+            song_ids=ids, embeddings=E, cf_factors=np.zeros((len(ids), f), np.float32), warm=np.zeros(len(ids), bool),
+            pseudo_factors=self.content_map.predict(E), priors=priors, popularity=pop, created_s=created,
+            quality=quality_score(priors, pop, self.songs.prior_mean, self.songs.prior_std), now_s=self.songs.now_s,
+            prior_mean=self.songs.prior_mean, prior_std=self.songs.prior_std,
+        )
+        self.songs.append(new)
+        self.content_index.add(ids, E)
+        self.pseudo_index.add(ids, new.pseudo_factors)
+        self._make_sources()
+        log.info("added %d songs (catalogue now %d)", len(ids), len(self.songs))
+        return len(ids)
+
+    # ------------------------------------------------------------------ evaluation helpers
+    @property
+    def popularity(self) -> pl.DataFrame:
+        """``song_id``, ``count``: interactions per song in the serving CF data."""
+        return pl.DataFrame({"song_id": pl.Series(self.songs.song_ids, dtype=pl.String), "count": self.songs.popularity})
+
+    @property
+    def priors(self) -> pl.DataFrame:
+        """``song_id`` + the seven APEX priors."""
+        return self.songs.priors_frame()
+
+    @property
+    def content_embeddings(self) -> tuple[list[str], np.ndarray]:
+        """``(song_ids, E)`` with E the (n, d) L2-normalised content embeddings."""
+        return list(self.songs.song_ids), self.songs.embeddings
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, folder: str | Path) -> Path:
+        """Write the bundle folder (see module doc); returns it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "songs.npz", **self.songs.to_arrays())
+        U = self._users
+        np.savez(folder / "users.npz", user_ids=np.asarray(U.user_ids, dtype=str), profiles=U.profiles,
+                 has_profile=U.has_profile, hist_indptr=U.hist_indptr, hist_indices=U.hist_indices, activity=U.activity)
+        self.cf.save(folder / "cf.npz")
+        assert self.content_map.W is not None  # fitted in build
+        np.savez(folder / "content_map.npz", W=self.content_map.W,
+                 regularization=np.asarray(self.content_map.regularization))
+        files = ["songs.npz", "users.npz", "cf.npz", "content_map.npz", "reranker.txt"]
+        files += [p.name for p in self.content_index.save(folder / "content.faiss")]
+        files += [p.name for p in self.pseudo_index.save(folder / "pseudo_cf.faiss")]
+        self.reranker.save(folder / "reranker.txt")
+        self.apex.save(folder / "apex")
+        files += ["apex/manifest.json", "apex/head.safetensors"]
+        write_manifest(folder, kind=KIND, schema=SCHEMA, files=files,
+                       payload={"config": to_dict(self.config), "report": _jsonable(self.report)})
+        return folder
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _positions(ids: list[str], subset: list[str]) -> list[int]:
+    pos = {s: i for i, s in enumerate(ids)}
+    return [pos[s] for s in subset]
+
+
+def _attach_song_columns(frame: pl.DataFrame, table: SongTable) -> pl.DataFrame:
+    """Add ``is_cold`` and the seven priors by song_id; order and dtypes as ``RESULT_SCHEMA``."""
+    j = frame.join(table.index_frame(), on="song_id", how="left", maintain_order="left")
+    s = j["_idx"].to_numpy() if j.height else np.zeros(0, dtype=np.int64)
+    cols = {"is_cold": pl.Series(~table.warm[s], dtype=pl.Boolean)}
+    for k, t in enumerate(APEX_TASKS):
+        cols[t] = pl.Series(table.priors[s, k], dtype=pl.Float32).fill_nan(None)
+    out = pl.concat([j.drop("_idx"), pl.DataFrame(cols)], how="horizontal")
+    keep = (["user_id"] if "user_id" in out.columns else []) + [c for c in RESULT_SCHEMA if c in out.columns]
+    return out.select(keep).cast({c: d for c, d in RESULT_SCHEMA.items() if c in out.columns})
+
+
+def rank_states(
+    states: Sequence[UserState], k: int, sources: Sequence[CandidateSource], song_table: SongTable,
+    reranker: Reranker, candidate_config: CandidateConfig, *, excludes: Sequence[set[str]] | None = None,
+) -> pl.DataFrame:
+    """The pure per-user path: candidates → feature frame → reranker scores → top-k per user.
+
+    Returns ``user_id`` + ``RESULT_SCHEMA`` columns, best first per user (ties by song_id).
+    """
+    cands = generate_candidates(states, sources, candidate_config, excludes=excludes, min_per_source=k)
+    if cands.height == 0:
+        return pl.DataFrame(schema={"user_id": pl.String, **RESULT_SCHEMA})
+    feats = build_feature_frame(states, cands, song_table)
+    scores = reranker.score(feats)
+    top = (
+        feats.select("user_id", "song_id", "source").with_columns(pl.Series("score", scores, dtype=pl.Float64))
+        .sort(["user_id", "score", "song_id"], descending=[False, True, False])
+        .with_columns((pl.int_range(pl.len()).over("user_id") + 1).cast(pl.Int32).alias("rank"))
+        .filter(pl.col("rank") <= k)
+    )
+    return _attach_song_columns(top, song_table)
+
+
+def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
+    """Load a bundle written by :meth:`Recommender.save`.
+
+    Raises :class:`~apex_rank.errors.ArtifactError` for a newer schema, a missing file or an
+    unreadable component, naming the file.
+    """
+    folder = Path(folder)
+    man = read_manifest(folder, kind=KIND, max_schema=SCHEMA)
+    try:
+        cfg = from_dict(RecommenderConfig, man["config"])
+    except (KeyError, ConfigError) as err:
+        raise ArtifactError(f"{folder}/manifest.json: invalid config: {err}") from err
+
+    def npz(name: str) -> dict[str, np.ndarray]:
+        try:
+            with np.load(folder / name, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError) as err:
+            raise ArtifactError(f"bundle file {folder / name} cannot be read: {err}") from err
+
+    try:
+        songs = SongTable.from_arrays(npz("songs.npz"))
+        u = npz("users.npz")
+        users = _Users(u["user_ids"].tolist(), u["profiles"], u["has_profile"].astype(bool), u["hist_indptr"],
+                       u["hist_indices"], u["activity"])
+        cm = npz("content_map.npz")
+    except KeyError as err:
+        raise ArtifactError(f"bundle {folder}: an array is missing: {err}") from err
+    cmap = ContentToCF(float(cm["regularization"]))
+    cmap.W = cm["W"]
+    cf = CFModel.load(folder / "cf.npz")
+    content_index = CandidateIndex.load(folder / "content.faiss", device=device)
+    pseudo_index = CandidateIndex.load(folder / "pseudo_cf.faiss", device=device)
+    reranker = Reranker.load(folder / "reranker.txt", cfg.reranker)
+    apex = ApexPredictor.load(folder / "apex", device=device)
+    return Recommender(config=cfg, songs=songs, users=users, cf=cf, content_map=cmap, content_index=content_index,
+                       pseudo_index=pseudo_index, reranker=reranker, apex=apex, report=man.get("report") or {})

@@ -1,0 +1,228 @@
+"""``Reranker``: a LightGBM lambdarank model over the feature frame.
+
+Training groups are users (rows must be contiguous per user), labels are graded integers
+(0 = not consumed in the label slice, 1.. from the summed weight), ``label_gain`` is set to
+2^g − 1 for the label range. Validation is a seeded share of users; training stops early on
+validation NDCG@``eval_at``. Queries longer than ``max_query_rows`` (LightGBM's lambdarank
+limit is 10000 rows) are split into consecutive groups of at most that many rows, and the
+split is logged. Cold-start simulation (the DropoutNet idea): before training, a seeded share
+of warm songs is made to look cold in every group (``COLD_MASKED`` features nulled,
+``is_cold`` = 1), so that the model learns to rank songs without CF evidence.
+
+The model is saved as LightGBM text; feature importance is exported as a polars frame.
+
+Example
+-------
+>>> # rr = Reranker(RerankerConfig()).fit(frame, label_col="label")
+>>> # scores = rr.score(frame)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from apex_rank.errors import ArtifactError, ConfigError, NotFittedError, SchemaError
+from apex_rank.threads import thread_count
+
+from apex_rank.ranking.features import COLD_MASKED, FEATURES, feature_matrix
+
+log = logging.getLogger(__name__)
+
+LGB_QUERY_LIMIT = 10000
+
+
+@dataclass(frozen=True)
+class RerankerConfig:
+    """Settings of :class:`Reranker`.
+
+    Attributes
+    ----------
+    num_leaves, learning_rate, min_data_in_leaf, feature_fraction: LightGBM tree settings.
+    n_estimators: maximum boosting rounds. early_stopping_rounds: patience on validation NDCG.
+    eval_at: NDCG cut-off for early stopping. max_grade: highest label grade.
+    val_share: share of users held out for early stopping.
+    cold_sim_share: share of warm songs made to look cold in training groups (0 disables).
+    max_query_rows: longer queries are split into groups of at most this many rows.
+    max_train_users: at most this many users (seeded sample) build training groups.
+    seed: seeds the user split, the cold simulation and LightGBM.
+    """
+
+    num_leaves: int = 31
+    learning_rate: float = 0.05
+    n_estimators: int = 300
+    early_stopping_rounds: int = 30
+    min_data_in_leaf: int = 20
+    feature_fraction: float = 0.9
+    eval_at: int = 10
+    max_grade: int = 4
+    val_share: float = 0.2
+    cold_sim_share: float = 0.3
+    max_query_rows: int = 10000
+    max_train_users: int = 5000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cold_sim_share < 1.0:
+            raise ConfigError(f"reranker.cold_sim_share must be in [0, 1), got {self.cold_sim_share}")
+        if not 0.0 < self.val_share < 1.0:
+            raise ConfigError(f"reranker.val_share must be in (0, 1), got {self.val_share}")
+        if not 1 <= self.max_query_rows <= LGB_QUERY_LIMIT:
+            raise ConfigError(f"reranker.max_query_rows must be in [1, {LGB_QUERY_LIMIT}], got {self.max_query_rows}")
+        if self.max_grade < 1 or self.max_grade > 30:
+            raise ConfigError(f"reranker.max_grade must be in [1, 30], got {self.max_grade}")
+        for name in ("num_leaves", "n_estimators", "early_stopping_rounds", "eval_at", "max_train_users"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"reranker.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def grade_labels(weight: np.ndarray, max_grade: int) -> np.ndarray:
+    """Graded relevance from summed interaction weight: 0 for none, else ceil(log2(1 + w)) capped."""
+    w = np.nan_to_num(np.asarray(weight, dtype=np.float64), nan=0.0)
+    g = np.where(w > 0, np.ceil(np.log2(1.0 + np.maximum(w, 0.0))), 0.0)
+    return np.clip(g, 0, max_grade).astype(np.int32)
+
+
+def simulate_cold(frame: pl.DataFrame, share: float, seed: int) -> pl.DataFrame:
+    """Make a seeded share of warm songs look cold in every row that names them (DropoutNet)."""
+    if share <= 0 or frame.height == 0:
+        return frame
+    songs = frame.filter(pl.col("is_cold") == 0)["song_id"].unique().sort()
+    rng = np.random.default_rng(seed)
+    chosen = songs.filter(pl.Series(rng.random(len(songs)) < share))
+    hit = pl.col("song_id").is_in(chosen.implode())
+    return frame.with_columns(
+        *[pl.when(hit).then(None).otherwise(pl.col(c)).alias(c) for c in COLD_MASKED],
+        pl.when(hit).then(1.0).otherwise(pl.col("is_cold")).cast(pl.Float32).alias("is_cold"),
+    )
+
+
+def query_groups(user_ids: pl.Series, max_rows: int) -> np.ndarray:
+    """Group sizes for contiguous runs of equal user ids, runs longer than ``max_rows`` split."""
+    if user_ids.len() == 0:
+        return np.zeros(0, dtype=np.int64)
+    runs = user_ids.rle()
+    sizes = runs.struct.field("len").to_numpy().astype(np.int64)
+    if len(user_ids.unique()) != len(sizes):
+        raise SchemaError("feature frame rows are not contiguous per user_id (sort by user first)")
+    out: list[int] = []
+    n_split = 0
+    for sz in sizes:
+        if sz > max_rows:
+            n_split += 1
+            full, rest = divmod(int(sz), max_rows)
+            out.extend([max_rows] * full + ([rest] if rest else []))
+        else:
+            out.append(int(sz))
+    if n_split:
+        log.warning("%d queries longer than %d rows were split into consecutive groups", n_split, max_rows)
+    return np.asarray(out, dtype=np.int64)
+
+
+class Reranker:
+    """LightGBM lambdarank over ``FEATURES`` (see module doc)."""
+
+    def __init__(self, config: RerankerConfig | None = None) -> None:
+        self.config = config or RerankerConfig()
+        self.booster: object | None = None
+        self.best_iteration = 0
+        self.best_score: float = float("nan")
+
+    def fit(self, frame: pl.DataFrame, *, label_col: str = "label") -> Reranker:
+        """Train on a feature frame holding ``user_id``, ``FEATURES`` and an integer ``label_col``."""
+        import lightgbm as lgb
+
+        cfg = self.config
+        if label_col not in frame.columns:
+            raise SchemaError(f"feature frame lacks the label column {label_col!r}")
+        frame = simulate_cold(frame, cfg.cold_sim_share, cfg.seed)
+        # keep users that have at least one positive and one negative
+        stats = frame.group_by("user_id").agg((pl.col(label_col) > 0).sum().alias("p"), pl.len().alias("n"))
+        users = stats.filter((pl.col("p") > 0) & (pl.col("p") < pl.col("n")))["user_id"].sort()
+        if users.len() < 2:
+            raise SchemaError(f"reranker training needs at least 2 users with positives among candidates, found {users.len()}")
+        rng = np.random.default_rng(cfg.seed)
+        if users.len() > cfg.max_train_users:
+            users = users.gather(np.sort(rng.choice(users.len(), cfg.max_train_users, replace=False)))
+        is_val = rng.random(users.len()) < cfg.val_share
+        if is_val.all() or not is_val.any():
+            is_val[: max(1, users.len() // 5)] = True
+            is_val[-1] = False
+        split = pl.DataFrame({"user_id": users, "_val": is_val})
+        f = frame.join(split, on="user_id", how="inner").sort(["user_id"], maintain_order=True)
+        params = {
+            "objective": "lambdarank", "metric": "ndcg", "eval_at": [cfg.eval_at],
+            "label_gain": [float(2**g - 1) for g in range(cfg.max_grade + 1)],
+            "num_leaves": cfg.num_leaves, "learning_rate": cfg.learning_rate,
+            "min_data_in_leaf": cfg.min_data_in_leaf, "feature_fraction": cfg.feature_fraction,
+            "num_threads": thread_count(), "seed": cfg.seed, "deterministic": True, "force_row_wise": True,
+            "verbosity": -1,
+        }
+        sets = []
+        for flag in (False, True):
+            part = f.filter(pl.col("_val") == flag)
+            y = np.clip(part[label_col].to_numpy(), 0, cfg.max_grade).astype(np.int32)
+            sets.append((feature_matrix(part), y, query_groups(part["user_id"], cfg.max_query_rows)))
+        dtrain = lgb.Dataset(sets[0][0], sets[0][1], group=sets[0][2], feature_name=list(FEATURES), free_raw_data=True)
+        dval = lgb.Dataset(sets[1][0], sets[1][1], group=sets[1][2], reference=dtrain)
+        evals: dict[str, dict[str, list[float]]] = {}
+        self.booster = lgb.train(
+            params, dtrain, num_boost_round=cfg.n_estimators, valid_sets=[dval], valid_names=["val"],
+            callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)],
+        )
+        self.best_iteration = int(self.booster.best_iteration or cfg.n_estimators)  # type: ignore[attr-defined]
+        hist = evals.get("val", {}).get(f"ndcg@{cfg.eval_at}", [])
+        self.best_score = float(hist[self.best_iteration - 1]) if hist else float("nan")
+        log.info("reranker: %d train / %d val users, %d rows, best iteration %d, val NDCG@%d %.4f",
+                 int((~is_val).sum()), int(is_val.sum()), f.height, self.best_iteration, cfg.eval_at, self.best_score)
+        return self
+
+    def score(self, frame: pl.DataFrame) -> np.ndarray:
+        """Scores (n,) float64 for each row of a feature frame (row-wise; batch-independent)."""
+        if self.booster is None:
+            raise NotFittedError("Reranker is not fitted; call fit() or load()")
+        if frame.height == 0:
+            return np.zeros(0, dtype=np.float64)
+        return np.asarray(self.booster.predict(feature_matrix(frame), num_iteration=self.best_iteration,  # type: ignore[attr-defined]
+                                               num_threads=thread_count()), dtype=np.float64)
+
+    def feature_importance(self) -> pl.DataFrame:
+        """``feature``, ``gain``, ``split`` per feature, by descending gain."""
+        if self.booster is None:
+            raise NotFittedError("Reranker is not fitted")
+        b = self.booster
+        return pl.DataFrame({
+            "feature": list(FEATURES),
+            "gain": b.feature_importance("gain", iteration=self.best_iteration).astype(np.float64),  # type: ignore[attr-defined]
+            "split": b.feature_importance("split", iteration=self.best_iteration).astype(np.int64),  # type: ignore[attr-defined]
+        }).sort("gain", descending=True)
+
+    def save(self, path: str | Path) -> Path:
+        """LightGBM text model."""
+        if self.booster is None:
+            raise NotFittedError("Reranker is not fitted")
+        path = Path(path)
+        self.booster.save_model(str(path), num_iteration=self.best_iteration)  # type: ignore[attr-defined]
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, config: RerankerConfig | None = None) -> Reranker:
+        import lightgbm as lgb
+
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"reranker model file {path} is missing")
+        try:
+            booster = lgb.Booster(model_file=str(path))
+        except lgb.basic.LightGBMError as err:
+            raise ArtifactError(f"reranker model file {path} is not a LightGBM text model: {err}") from err
+        if list(booster.feature_name()) != list(FEATURES):
+            raise ArtifactError(f"reranker model {path} was trained on different features: {booster.feature_name()[:5]}...")
+        obj = cls(config)
+        obj.booster = booster
+        obj.best_iteration = booster.current_iteration()
+        return obj
