@@ -1,0 +1,242 @@
+"""Audio front end: the segment rule, streamed resampling, and every kind of bad input.
+
+All audio is real files written with soundfile into tmp_path and decoded by libsndfile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from apex_rank.errors import AudioError, ConfigError
+from apex_rank.features.audio import (
+    AudioConfig,
+    SegmentStream,
+    StreamingResampler,
+    audio_info,
+    find_audio_files,
+    read_audio,
+    resample,
+    segment,
+    supported_formats,
+    to_mono,
+)
+
+
+def _tone(sr: int, seconds: float, freq: float = 440.0, channels: int = 2) -> np.ndarray:
+    t = np.arange(round(sr * seconds)) / sr
+    x = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.repeat(x[:, None], channels, axis=1) if channels > 1 else x
+
+
+def _stream_all(path: Path, sr: int, cfg: AudioConfig) -> tuple[torch.Tensor, SegmentStream]:
+    st = SegmentStream(path, sample_rate=sr, config=cfg)
+    return torch.cat(list(st.batches(3))), st
+
+
+# ---------------------------------------------------------------------------- segment rule
+
+
+def test_official_rule_pads_last_segment() -> None:
+    sr = 100
+    wave = torch.arange(1, 6501, dtype=torch.float32)  # 65 s
+    segs = segment(wave, sr, AudioConfig.official())
+    assert segs.shape == (3, 3000)
+    assert torch.equal(segs[0], wave[:3000]) and torch.equal(segs[1], wave[3000:6000])
+    assert torch.equal(segs[2, :500], wave[6000:]) and (segs[2, 500:] == 0).all()
+
+
+def test_short_last_segment_policy_and_hop() -> None:
+    sr = 100
+    wave = torch.ones(6200)  # 62 s: a 2 s tail
+    assert segment(wave, sr, AudioConfig(min_last_s=5.0)).shape == (2, 3000)
+    assert segment(wave, sr, AudioConfig(min_last_s=0.0)).shape == (3, 3000)
+    # a short file keeps its only segment, padded, whatever min_last_s says
+    assert segment(torch.ones(200), sr, AudioConfig(min_last_s=5.0)).shape == (1, 3000)
+    # overlapping windows stop at the first window that reaches the end
+    segs = segment(torch.ones(2500), sr, AudioConfig(segment_s=10, hop_s=5, min_last_s=0))
+    assert segs.shape == (4, 1000)  # starts 0, 5, 10, 15 s; the 15 s window covers the end
+    assert segment(torch.zeros(0), sr, AudioConfig()).shape == (0, 3000)
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ConfigError, match="segment_s must be > 0"):
+        AudioConfig(segment_s=0)
+    with pytest.raises(ConfigError, match="on_silence must be"):
+        AudioConfig(on_silence="ignore")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------- resampling
+
+
+@pytest.mark.parametrize(("orig", "new"), [(48_000, 16_000), (44_100, 24_000), (8_000, 16_000), (96_000, 24_000)])
+def test_streaming_resampler_equals_whole_signal(orig: int, new: int) -> None:
+    x = np.random.default_rng(0).standard_normal(orig * 3 + 77).astype(np.float32) * 0.1
+    r = StreamingResampler(orig, new, block_frames=orig // 2)
+    pieces = []
+    for i in range(0, len(x), 7001):
+        pieces += r.push(x[i : i + 7001])
+    pieces += r.flush()
+    ref = resample(torch.from_numpy(x), orig, new)
+    y = torch.cat(pieces)
+    assert y.shape == ref.shape
+    assert torch.allclose(y, ref, atol=1e-6)
+
+
+def test_stream_equals_whole_file_segmentation(tmp_path: Path) -> None:
+    x = np.random.default_rng(1).standard_normal((44_100 * 9 + 11, 2)).astype(np.float32) * 0.1
+    path = tmp_path / "a.flac"
+    sf.write(path, x, 44_100, subtype="PCM_24")
+    cfg = AudioConfig(segment_s=2.0, hop_s=1.5, min_last_s=0.5, block_s=2.7)
+    got, st = _stream_all(path, 16_000, cfg)
+    wave, _ = read_audio(path)
+    ref = segment(resample(torch.from_numpy(wave), 44_100, 16_000), 16_000, cfg)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert st.n_segments == ref.shape[0] and st.duration_s == pytest.approx(9 + 11 / 44_100)
+
+
+# ------------------------------------------------------------------- channels and rates
+
+
+@pytest.mark.parametrize("channels", [1, 2, 6])
+def test_mono_stereo_and_5_1_mix_by_channel_mean(tmp_path: Path, channels: int) -> None:
+    x = np.random.default_rng(channels).uniform(-0.5, 0.5, (8_000, channels)).astype(np.float32)
+    path = tmp_path / f"c{channels}.wav"
+    sf.write(path, x, 16_000, subtype="FLOAT")
+    assert audio_info(path).channels == channels
+    wave, sr = read_audio(path)
+    assert sr == 16_000
+    np.testing.assert_allclose(wave, x.mean(axis=1), atol=1e-6)
+    np.testing.assert_allclose(to_mono(x), x.mean(axis=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [8_000, 96_000])
+def test_low_and_high_rates_resample_to_the_encoder_rate(tmp_path: Path, rate: int) -> None:
+    path = tmp_path / f"r{rate}.wav"
+    sf.write(path, _tone(rate, 3.0, freq=1000.0), rate)
+    segs, st = _stream_all(path, 16_000, AudioConfig(segment_s=3.0, min_last_s=0))
+    assert segs.shape == (1, 48_000) and st.duration_s == pytest.approx(3.0)
+    spectrum = torch.fft.rfft(segs[0]).abs()
+    assert int(spectrum.argmax()) * 16_000 / 48_000 == pytest.approx(1000.0, abs=1.0)  # the tone survives
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.wav"
+    path.write_bytes(b"")
+    with pytest.raises(AudioError, match=r"empty\.wav: file is empty \(0 bytes\)"):
+        SegmentStream(path, sample_rate=16_000)
+
+
+def test_text_file_named_mp3(tmp_path: Path) -> None:
+    path = tmp_path / "notes.mp3"
+    path.write_text("this is not audio, just a text file\n" * 20)
+    with pytest.raises(AudioError, match=r"notes\.mp3: cannot be decoded as audio"):
+        SegmentStream(path, sample_rate=16_000)
+
+
+def test_headerless_raw_pcm(tmp_path: Path) -> None:
+    pcm = (_tone(16_000, 1.0, channels=1) * 32767).astype("<i2").tobytes()
+    raw = tmp_path / "take.raw"
+    raw.write_bytes(pcm)
+    with pytest.raises(AudioError, match=r"take\.raw: headerless raw PCM .* convert it to WAV or FLAC"):
+        SegmentStream(raw, sample_rate=16_000)
+    disguised = tmp_path / "take.wav"  # the same bytes with an audio extension
+    disguised.write_bytes(pcm)
+    with pytest.raises(AudioError, match=r"take\.wav: cannot be decoded as audio"):
+        SegmentStream(disguised, sample_rate=16_000)
+
+
+def test_zero_duration(tmp_path: Path) -> None:
+    path = tmp_path / "zero.wav"
+    sf.write(path, np.zeros((0, 2), np.float32), 44_100)
+    with pytest.raises(AudioError, match=r"zero\.wav: has no audio samples \(zero duration\)"):
+        list(SegmentStream(path, sample_rate=16_000).batches(4))
+
+
+def test_silence_is_skipped_unless_kept(tmp_path: Path) -> None:
+    path = tmp_path / "silent.flac"
+    sf.write(path, np.zeros((16_000 * 3, 2), np.float32), 16_000)
+    with pytest.raises(AudioError, match=r"silent\.flac: is silent \(peak -inf dBFS"):
+        list(SegmentStream(path, sample_rate=16_000).batches(4))
+    segs, _ = _stream_all(path, 16_000, AudioConfig(on_silence="keep"))
+    assert segs.shape == (1, 480_000) and not segs.any()
+
+
+def test_nan_samples(tmp_path: Path) -> None:
+    x = _tone(16_000, 2.0)
+    x[24_000, 1] = np.nan
+    path = tmp_path / "nan.wav"
+    sf.write(path, x, 16_000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"nan\.wav: holds 1 NaN/inf sample\(s\).* 1\.500 s"):
+        list(SegmentStream(path, sample_rate=16_000).batches(4))
+
+
+def _damaged(tmp_path: Path, fmt: str, subtype: str, ext: str) -> tuple[Path, Path, Path]:
+    good = tmp_path / f"good.{ext}"
+    sf.write(good, _tone(48_000, 6.0), 48_000, format=fmt, subtype=subtype)
+    data = good.read_bytes()
+    truncated = tmp_path / f"truncated.{ext}"
+    truncated.write_bytes(data[: len(data) // 2])
+    noise = np.random.default_rng(0).integers(0, 256, len(data) // 3, dtype=np.uint8).tobytes()
+    corrupt = tmp_path / f"corrupt.{ext}"
+    corrupt.write_bytes(data[: len(data) // 3] + noise + data[2 * len(data) // 3 :])
+    return good, truncated, corrupt
+
+
+def test_truncated_and_corrupt_opus(tmp_path: Path) -> None:
+    good, truncated, corrupt = _damaged(tmp_path, "OGG", "OPUS", "opus")
+    assert _stream_all(good, 16_000, AudioConfig(segment_s=6.0))[1].duration_s == pytest.approx(6.0)
+    with pytest.raises(AudioError, match=r"truncated\.opus: truncated Ogg stream"):
+        SegmentStream(truncated, sample_rate=16_000)
+    with pytest.raises(AudioError, match=r"corrupt\.opus: truncated or corrupt: the header promises 6\.00 s"):
+        list(SegmentStream(corrupt, sample_rate=16_000).batches(4))
+
+
+@pytest.mark.skipif("MP3" not in supported_formats(), reason="the installed libsndfile cannot read MP3")
+def test_truncated_and_corrupt_mp3(tmp_path: Path) -> None:
+    good, truncated, corrupt = _damaged(tmp_path, "MP3", "MPEG_LAYER_III", "mp3")
+    assert _stream_all(good, 16_000, AudioConfig(segment_s=6.0))[1].duration_s == pytest.approx(6.0)
+    with pytest.raises(AudioError, match=r"truncated\.mp3: truncated or corrupt: the header promises 6\.00 s"):
+        list(SegmentStream(truncated, sample_rate=16_000).batches(4))
+    with pytest.raises(AudioError, match=r"corrupt\.mp3: decoding failed"):
+        list(SegmentStream(corrupt, sample_rate=16_000).batches(4))
+
+
+def test_long_file_is_read_in_bounded_chunks(tmp_path: Path) -> None:
+    """A 20-minute file: memory held at once stays at a few segments and does not grow with length."""
+    rate = 4_000
+    peaks = {}
+    for minutes in (5, 20):
+        path = tmp_path / f"long{minutes}.wav"
+        x = (np.random.default_rng(minutes).standard_normal(rate * 60 * minutes) * 3000).astype(np.int16)
+        sf.write(path, x, rate, subtype="PCM_16")
+        cfg = AudioConfig(segment_s=30.0, block_s=20.0)
+        st = SegmentStream(path, sample_rate=rate, config=cfg)
+        n_batches = 0
+        for batch in st.batches(2):
+            assert batch.shape[0] <= 2  # at most one batch of segments is handed out at a time
+            n_batches += 1
+        assert st.n_segments == 2 * minutes and st.duration_s == pytest.approx(60 * minutes)
+        assert st.n_reads == 3 * minutes  # 20 s blocks
+        peaks[minutes] = st.peak_buffer_frames
+    # two source blocks (one is look-ahead) + output not yet cut: a few segments, whatever the length
+    assert peaks[20] == peaks[5]
+    assert peaks[20] < 4 * 30 * rate
+
+
+def test_find_audio_files_skips_hidden_and_other_extensions(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for p in ("a/x.wav", "a/y.FLAC", "b.mp3", ".hidden/z.wav", "notes.txt"):
+        (tmp_path / p).write_bytes(b"0")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_audio_files(tmp_path)] == ["a/x.wav", "a/y.FLAC", "b.mp3"]
+    with pytest.raises(AudioError, match="not a folder"):
+        find_audio_files(tmp_path / "nope")
