@@ -8,6 +8,11 @@ may pass ``popularity_counts`` (e.g. training-interaction counts) instead.
 
 Split: the songs table's ``split`` column (``train``/``val``/``test``) when present, otherwise a
 seeded 80/10/10 split by song.
+
+Modes: *song* mode takes one embedding per song (the mean of its segments, the paper's best
+setting). *Segment* mode takes a segments table (``song_id``, ``segment`` int, ``embedding``;
+one row per 30 s segment); every segment carries its song's labels and split (so no song is on
+both sides of a split), and metrics average segment predictions per song first.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import numpy as np
 import polars as pl
 
 from apex_rank.errors import SchemaError
-from apex_rank.metrics import regression_metrics
+from apex_rank.metrics import aggregate_by_song, regression_metrics
 from apex_rank.predictor import ApexPredictor
-from apex_rank.schemas import embedding_matrix, validate_songs
+from apex_rank.schemas import embedding_matrix, embeddings_frame, validate_songs
 from apex_rank.tasks import AESTHETIC_TASKS, APEX_TASKS
 from apex_rank.training import ApexTrainer, TrainConfig, TrainResult
 from apex_rank.features.targets import PopularityTransform
@@ -41,6 +46,7 @@ class ApexDataset:
     Y: np.ndarray
     split: np.ndarray
     transforms: dict[str, PopularityTransform] = field(default_factory=dict)
+    mode: str = "song"
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         m = self.split == name
@@ -70,6 +76,8 @@ def build_apex_dataset(
     aligned with ``songs`` rows, used where the table lacks that column.
     """
     validate_songs(songs)
+    if "segment" in embeddings.columns:
+        return _segment_dataset(songs, embeddings, gamma=gamma, seed=seed, popularity_counts=popularity_counts)
     ids, X = embedding_matrix(embeddings)
     pos = {s: i for i, s in enumerate(ids)}
     missing = [s for s in songs["song_id"].to_list() if s not in pos]
@@ -112,6 +120,26 @@ def build_apex_dataset(
     return ApexDataset(song_ids, X, Y, split, transforms)
 
 
+def _segment_dataset(
+    songs: pl.DataFrame, segments: pl.DataFrame, *, gamma: float, seed: int,
+    popularity_counts: dict[str, np.ndarray] | None,
+) -> ApexDataset:
+    """Segment mode: build the song-level dataset on segment means, then broadcast to segments."""
+    keyed = segments.with_columns((pl.col("song_id") + "#" + pl.col("segment").cast(pl.String)).alias("_key"))
+    _, X_seg = embedding_matrix(keyed.select(pl.col("_key").alias("song_id"), "embedding"), table="segments")
+    seg_song = keyed["song_id"].to_list()
+    uniq, mean_X = aggregate_by_song(X_seg, np.asarray(seg_song, dtype=object))
+    means = embeddings_frame([str(u) for u in uniq], mean_X.astype(np.float32), encoder="segment-mean")
+    song_level = build_apex_dataset(songs, means, gamma=gamma, seed=seed, popularity_counts=popularity_counts)
+    row = {s: i for i, s in enumerate(song_level.song_ids)}
+    keep = np.array([s in row for s in seg_song])
+    idx = np.array([row[s] for s, k in zip(seg_song, keep) if k], dtype=np.int64)
+    return ApexDataset(
+        [s for s, k in zip(seg_song, keep) if k], X_seg[keep], song_level.Y[idx], song_level.split[idx],
+        song_level.transforms, mode="segment",
+    )
+
+
 def train_apex(
     data: ApexDataset, config: TrainConfig | None = None, *, encoder: str | None = None,
     callbacks: tuple[Any, ...] = (),
@@ -138,9 +166,15 @@ def train_apex(
         target_transform={t: tf.to_dict() for t, tf in data.transforms.items()},
     )
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "log_sigma": result.log_sigma, "tasks": list(tasks)}
+    metrics["mode"] = data.mode
+    ids = np.asarray(data.song_ids, dtype=object)
     for part in ("val", "test"):
         X, Y = data.part(part)
         if X.shape[0]:
             P = predictor.predict(X)
+            if data.mode == "segment":  # average segment rows per song before scoring
+                songs_in_part = ids[data.split == part]
+                _, P = aggregate_by_song(P, songs_in_part)
+                _, Y = aggregate_by_song(Y, songs_in_part)
             metrics[part] = regression_metrics(Y[:, cols], P[:, cols], tasks)
     return predictor, metrics, result

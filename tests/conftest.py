@@ -18,6 +18,14 @@ from apex_rank.synthetic import World, WorldConfig, make_world
 REDIS_URL = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _thread_pools() -> None:
+    """Set torch/BLAS/OpenMP pools once, as the CLI does ($APEX_RANK_THREADS or all cores)."""
+    from apex_rank.threads import configure_threads
+
+    configure_threads()
+
+
 @pytest.fixture(scope="session")
 def small_world() -> World:
     """800 songs, 200 users, 32-d embeddings, 20% cold songs (seeded)."""
