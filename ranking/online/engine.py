@@ -53,8 +53,6 @@ class RankingEngine(Protocol):
 
     def has_song(self, song_id: str) -> bool: ...
 
-    def song_embedding(self, song_id: str) -> np.ndarray | None: ...
-
     def add_song(self, song_id: str, embedding: np.ndarray, priors: np.ndarray) -> None:
         """Make an ingested song rankable in this process."""
         ...
@@ -70,29 +68,15 @@ class RankingEngine(Protocol):
     def n_users(self) -> int: ...
 
 
-def popularity_quality_order(popularity: np.ndarray, priors: np.ndarray) -> np.ndarray:
-    """Scores of the degraded-mode list: mean of the rank-normalised popularity, the two APEX
-    popularity priors and the mean aesthetic prior (columns 2..6). Pure; (n,) float32."""
-    n = popularity.shape[0]
-    if n == 0:
-        return np.zeros(0, dtype=np.float32)
-
-    def pct(x: np.ndarray) -> np.ndarray:
-        r = np.empty(n, dtype=np.float64)
-        r[np.argsort(x, kind="stable")] = np.arange(n)
-        return r / max(1, n - 1)
-
-    cols = [pct(np.log1p(np.maximum(popularity, 0))), pct(priors[:, 0]), pct(priors[:, 1]),
-            pct(priors[:, 2:].mean(axis=1))]
-    return np.mean(cols, axis=0).astype(np.float32)
-
-
 class FallbackList:
-    """A precomputed popularity-and-quality list; ``top(k, exclude)`` is pure Python."""
+    """A precomputed best-first list of (song_id, score, "fallback"); ``top`` is pure Python.
 
-    def __init__(self, ids: list[str], popularity: np.ndarray, priors: np.ndarray, size: int) -> None:
-        scores = popularity_quality_order(popularity, priors)
-        order = np.argsort(-scores, kind="stable")[:size]
+    Built once per loaded version from the bundle's popularity-and-quality scores, so the
+    degraded path needs neither the store nor the model.
+    """
+
+    def __init__(self, ids: list[str], scores: np.ndarray, size: int) -> None:
+        order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:size]
         self.items: list[Item] = [(ids[i], float(scores[i]), "fallback") for i in order]
 
     def top(self, k: int, exclude: Collection[str]) -> list[Item]:

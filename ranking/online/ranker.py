@@ -36,7 +36,7 @@ import numpy as np
 from apex_rank.errors import StoreError
 
 from .config import OnlineConfig
-from .engine import FallbackList, RankingEngine
+from .engine import RankingEngine
 from .keys import RequestError, check_id, decode_song_record, decode_vector
 from .store import OnlineStore, RedisStore
 
@@ -84,7 +84,6 @@ class Ranking:
 class _Active:
     version: int | None
     engine: RankingEngine
-    fallback: FallbackList
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,6 +101,20 @@ def default_loader(bundle_dir: str) -> RankingEngine:
     from .recommender_engine import RecommenderEngine
 
     return RecommenderEngine.load(bundle_dir)
+
+
+def engine_loader(fallback_size: int) -> EngineLoader:
+    """A loader building :class:`RecommenderEngine` with the given fallback length."""
+
+    def load(bundle_dir: str) -> RankingEngine:
+        from apex_rank.ranking.recommender import load_recommender
+
+        from .recommender_engine import RecommenderEngine
+
+        return RecommenderEngine(load_recommender(bundle_dir, device="cpu"), bundle_dir,
+                                 fallback_size=fallback_size)
+
+    return load
 
 
 class OnlineRanker:
@@ -130,7 +143,7 @@ class OnlineRanker:
                  follow_store: OnlineStore | None = None) -> None:
         self.config = config or OnlineConfig()
         self.store = store
-        self._loader = loader or default_loader
+        self._loader = loader or engine_loader(self.config.fallback_size)
         self._down_until = 0.0
         self._switch_lock = threading.Lock()
         self._switching: int | None = None
@@ -165,9 +178,7 @@ class OnlineRanker:
 
     def _make_active(self, version: int | None, engine: RankingEngine,
                      meta: dict[str, Any]) -> _Active:
-        block = engine.song_block()
-        fb = FallbackList(block.ids, block.popularity, block.priors, self.config.fallback_size)
-        return _Active(version, engine, fb, meta)
+        return _Active(version, engine, meta)
 
     def _load_version(self, version: int, store: OnlineStore,
                       engine: RankingEngine | None = None) -> _Active:
@@ -219,14 +230,15 @@ class OnlineRanker:
             log.info("switched from version %s to %d", old, version)
 
     def _request_switch(self, version: int) -> None:
-        if self._switching is not None or self._thread is None:
-            if self._thread is None and self._switching is None:
-                try:
-                    self._switch(version, self.store)
-                except StoreError as err:
-                    log.error("cannot switch to version %d: %s", version, err)
+        """A request saw a moved pointer. With a follower thread, it switches (in the
+        background, within ``follow_interval_s``) and this request stays on the old version;
+        without one, switch now."""
+        if self._thread is not None or self._switching is not None:
             return
-        # The follower thread notices the same pointer within follow_interval_s.
+        try:
+            self._switch(version, self.store)
+        except StoreError as err:
+            log.error("cannot switch to version %d: %s", version, err)
 
     @property
     def version(self) -> int | None:
@@ -280,7 +292,7 @@ class OnlineRanker:
     def _fallback(self, active: _Active, user_id: str, k: int, exclude: Collection[str],
                   reason: str) -> Ranking:
         self.stats["degraded"] += 1
-        items = [RankedItem(s, sc, src) for s, sc, src in active.fallback.top(k, exclude)]
+        items = [RankedItem(s, sc, src) for s, sc, src in active.engine.fallback(k, exclude)]
         ver = "fallback" if active.version is None else str(active.version)
         return Ranking(user_id, ver, True, items, reason=reason)
 

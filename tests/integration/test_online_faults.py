@@ -1,0 +1,195 @@
+"""Faults with real Redis: atomic swap under concurrent readers, a publish killed halfway, two
+publishers racing, Redis down (degraded answers, never an exception) and restarted (events
+recorded before the restart survive, via the test's own append-only redis-server)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from apex_rank.errors import StoreError
+from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish, record
+from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+
+from .online_support import OwnRedis, bundle_dir
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def engines() -> tuple[RecommenderEngine, RecommenderEngine]:
+    return RecommenderEngine.load(bundle_dir(7)), RecommenderEngine.load(bundle_dir(8))
+
+
+def _ids(engine: RecommenderEngine, store: RedisStore, version: int, user: str) -> list[str]:
+    _, rec = store.read_user(version, user)
+    return [s for s, _, _ in engine.rank_user(user, rec, 10, ())]
+
+
+def test_atomic_swap_with_concurrent_readers(engines: tuple[RecommenderEngine, RecommenderEngine],
+                                             redis_url: str, redis_prefix: str) -> None:
+    e1, e2 = engines
+    cfg = OnlineConfig(namespace=redis_prefix, batch_size=100, follow_interval_s=0.05)
+    store = RedisStore(redis_url, redis_prefix)
+    v1 = publish(e1, store, config=cfg).version
+    users = e1.recommender.user_ids[:20]
+    assert users == e2.recommender.user_ids[:20]  # same synthetic user ids, different bundles
+    expected = {str(v1): {u: _ids(e1, store, v1, u) for u in users}}
+    ranker = OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=e1)
+    seen: list[tuple[str, str, list[str]]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader(offset: int) -> None:
+        i = offset
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            u = users[i % len(users)]
+            i += 1
+            try:
+                r = ranker.rank(u, k=10)
+                seen.append((r.model_version, u, [it.song_id for it in r.items]))
+            except BaseException as err:  # noqa: BLE001 - recorded and asserted below
+                errors.append(err)
+
+    threads = [threading.Thread(target=reader, args=(j,)) for j in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        v2 = publish(e2, store, config=cfg).version  # while the readers run
+        expected[str(v2)] = {u: _ids(e2, store, v2, u) for u in users}
+        deadline = time.monotonic() + 15
+        while ranker.version != v2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        ranker.close()
+    assert not errors, errors[:3]
+    versions = {v for v, _, _ in seen}
+    assert versions == {str(v1), str(v2)}, versions  # both served, nothing else
+    assert any(expected[str(v1)][u] != expected[str(v2)][u] for u in users)
+    for v, u, ids in seen:  # every answer is exactly its version's answer: no mixing
+        assert ids == expected[v][u], (v, u)
+
+
+def test_publish_killed_halfway_keeps_old_version_and_rerun_completes(
+        engines: tuple[RecommenderEngine, RecommenderEngine], redis_url: str, redis_prefix: str) -> None:
+    e1, _ = engines
+    store = RedisStore(redis_url, redis_prefix)
+    cfg = OnlineConfig(namespace=redis_prefix)
+    v1 = publish(e1, store, config=cfg).version
+    cmd = [sys.executable, "-m", "apex_rank.cli.main", "publish", "--bundle", bundle_dir(8),
+           "--redis", redis_url, "--namespace", redis_prefix, "--batch-size", "5", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        staged = v1 + 1
+        # wait until the child has written part of its version, then kill it hard
+        while time.monotonic() < deadline and proc.poll() is None:
+            n_users = sum(1 for _ in store.client.scan_iter(match=store.keys.version_prefix(staged) + "u:*",
+                                                             count=1000))
+            if n_users >= 10:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "publish finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert store.current_version() == v1  # readers keep the old version
+    assert store.read_meta(staged) is None  # the half-written one never got a manifest
+    ttl = store.client.ttl(store.keys.songs(staged))
+    assert 0 < ttl <= cfg.staging_ttl_s  # and expires on its own
+    with OnlineRanker(store, config=cfg, engine=e1) as ranker:
+        assert ranker.rank(e1.recommender.user_ids[0], k=5).model_version == str(v1)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert store.current_version() == staged + 1
+
+
+def test_two_racing_publishers_one_wins_cleanly(engines: tuple[RecommenderEngine, RecommenderEngine],
+                                                redis_url: str, redis_prefix: str) -> None:
+    e1, e2 = engines
+    store = RedisStore(redis_url, redis_prefix)
+    cfg = OnlineConfig(namespace=redis_prefix, batch_size=200)
+    v0 = publish(e1, store, config=cfg).version
+    barrier = threading.Barrier(2, timeout=30)
+    results: dict[str, object] = {}
+
+    def run(name: str, engine: RecommenderEngine) -> None:
+        first = [True]
+
+        def on_batch(done: int, total: int) -> None:
+            if first[0]:  # both have read the same pointer before either commits
+                first[0] = False
+                barrier.wait()
+
+        try:
+            results[name] = publish(engine, RedisStore(redis_url, redis_prefix), config=cfg,
+                                    on_batch=on_batch)
+        except StoreError as err:
+            results[name] = err
+
+    threads = [threading.Thread(target=run, args=(n, e)) for n, e in (("a", e1), ("b", e2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    wins = [r for r in results.values() if not isinstance(r, StoreError)]
+    losses = [r for r in results.values() if isinstance(r, StoreError)]
+    assert len(wins) == 1 and len(losses) == 1, results
+    assert "lost a race" in str(losses[0])
+    winner = wins[0]
+    assert store.current_version() == winner.version and winner.previous == v0  # type: ignore[attr-defined]
+    meta = store.read_meta(winner.version)  # type: ignore[attr-defined]
+    assert meta is not None and meta["n_songs"] == winner.n_songs  # type: ignore[attr-defined]
+
+
+def test_redis_down_then_restarted_degrades_recovers_and_keeps_events(
+        engines: tuple[RecommenderEngine, RecommenderEngine], tmp_path: Path) -> None:
+    e1, _ = engines
+    own = OwnRedis(tmp_path / "redis").start()
+    try:
+        cfg = OnlineConfig(namespace="faults", budget_ms=50, retry_s=0.2)
+        store = RedisStore(own.url, "faults")
+        v = publish(e1, store, config=cfg).version
+        ranker = OnlineRanker.connect(own.url, config=cfg, engine=e1, follow=False)
+        u = e1.recommender.user_ids[1]
+        songs = e1.recommender.songs.song_ids
+        ids = [record(store, u, songs[i], "play", 1_700_000_000 + i, config=cfg).event_id
+               for i in range(5)]
+        record(store, "created-by-event", songs[9], "like", config=cfg)
+        normal = ranker.rank(u, k=10)
+        assert not normal.degraded
+
+        own.stop()  # Redis gone: answers keep coming, degraded, within budget
+        t0 = time.perf_counter()
+        down = [ranker.rank(u, k=10) for _ in range(20)]
+        assert all(r.degraded for r in down) and len(down[0].items) == 10
+        assert time.perf_counter() - t0 < 2.0
+        assert ranker.rank("unknown-user", k=3).degraded
+
+        own.start()  # same folder: the append-only file brings everything back
+        time.sleep(cfg.retry_s + 0.05)
+        back = ranker.rank(u, k=10)
+        assert not back.degraded and back.model_version == str(v)
+        assert [i.song_id for i in back.items] == [i.song_id for i in normal.items]
+        got = [e.event_id for batch in RedisStore(own.url, "faults").read_events(0) for e in batch]
+        assert got[:5] == ids and len(got) == 6
+        assert RedisStore(own.url, "faults").read_user(v, "created-by-event")[1] is not None
+        ranker.close()
+    finally:
+        own.stop()

@@ -1,0 +1,102 @@
+"""Parity: OnlineRanker.rank and GET /recommend equal Recommender.recommend (ids and order);
+events and ingested songs change the next ranking, across ranker processes' followers."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, ingest, publish, record
+from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+from apex_rank.ranking.recommender import load_recommender
+
+from .online_support import bundle_dir
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def bundle() -> str:
+    return bundle_dir(7)
+
+
+@pytest.fixture()
+def published(bundle: str, redis_url: str, redis_prefix: str) -> RecommenderEngine:
+    engine = RecommenderEngine.load(bundle)
+    publish(engine, RedisStore(redis_url, redis_prefix), config=OnlineConfig(namespace=redis_prefix))
+    return engine
+
+
+def test_rank_equals_recommend_for_every_user(bundle: str, published: RecommenderEngine,
+                                              redis_url: str, redis_prefix: str) -> None:
+    rec = load_recommender(bundle)
+    with OnlineRanker.connect(redis_url, namespace=redis_prefix, engine=published,
+                              follow=False) as ranker:
+        users = rec.user_ids + ["never-seen-user"]
+        for u in users:
+            got = ranker.rank(u, k=20)
+            want = rec.recommend(u, k=20)
+            assert not got.degraded and got.model_version == str(ranker.version)
+            assert [i.song_id for i in got.items] == want["song_id"].to_list(), u
+            assert [i.source for i in got.items] == want["source"].to_list(), u
+            assert np.allclose([i.score for i in got.items], want["score"].to_numpy(), atol=1e-9)
+        assert ranker.rank("never-seen-user", k=5).cold_user
+        # with an exclude list and a large k
+        u = rec.user_ids[3]
+        excl = rec.recommend(u, k=5)["song_id"].to_list()
+        got = ranker.rank(u, k=120, exclude=excl)
+        assert [i.song_id for i in got.items] == rec.recommend(u, k=120, exclude=excl)["song_id"].to_list()
+        assert not set(excl) & {i.song_id for i in got.items}
+
+
+def test_http_recommend_equals_recommend(bundle: str, published: RecommenderEngine,
+                                         redis_url: str, redis_prefix: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from apex_rank.ranking.online.service import create_app
+
+    rec = load_recommender(bundle)
+    with OnlineRanker.connect(redis_url, namespace=redis_prefix, engine=published,
+                              follow=False) as ranker:
+        client = TestClient(create_app(ranker))
+        for u in rec.user_ids[:40] + ["never-seen-user"]:
+            r = client.get("/recommend", params={"user_id": u, "k": 20})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["user_id"] == u and body["degraded"] is False
+            assert [i["song_id"] for i in body["items"]] == rec.recommend(u, k=20)["song_id"].to_list()
+
+
+def test_played_song_and_ingested_song_change_next_ranking_in_other_process(
+        bundle: str, published: RecommenderEngine, redis_url: str, redis_prefix: str) -> None:
+    rec = load_recommender(bundle)
+    cfg = OnlineConfig(namespace=redis_prefix, follow_interval_s=0.2)
+    a = OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=published)
+    b = OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, bundle_dir=bundle)
+    try:
+        u = rec.user_ids[0]
+        before = [i.song_id for i in a.rank(u, k=20).items]
+        played = before[0]
+        r = record(a.store, u, played, "play", time.time(), config=cfg)
+        assert not r.created
+        after = [i.song_id for i in a.rank(u, k=20).items]
+        assert played not in after and after != before  # the play is history now
+        # a new song: copy of a song the new user played, ingested through process a
+        seed_song = rec.songs.song_ids[5]
+        raw = np.asarray(rec.songs.embeddings[5], np.float32) * 3.0
+        res = ingest(a, "brand-new-song", embedding=raw)
+        assert res.priors.shape == (7,)
+        deadline = time.monotonic() + 1.0  # other processes follow the catalogue within a second
+        while not b.engine.has_song("brand-new-song") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b.engine.has_song("brand-new-song")
+        made = record(b.store, "fresh-listener", seed_song, "like", config=cfg)
+        assert made.created  # events for unknown users create them
+        got_a = [i.song_id for i in a.rank("fresh-listener", k=50).items]
+        got_b = [i.song_id for i in b.rank("fresh-listener", k=50).items]
+        assert got_a == got_b and "brand-new-song" in got_a and seed_song not in got_a
+    finally:
+        a.close()
+        b.close()
