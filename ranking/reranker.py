@@ -61,7 +61,7 @@ class RerankerConfig:
     eval_at: int = 10
     max_grade: int = 4
     val_share: float = 0.2
-    cold_sim_share: float = 0.3
+    cold_sim_share: float = 0.5
     max_query_rows: int = 10000
     max_train_users: int = 5000
     seed: int = 0

@@ -1,0 +1,212 @@
+"""The Recommender end to end on the planted world: columns, batch = single, parity after
+save/load, add_songs, similar_songs, fallback, state-path parity, and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdError
+from apex_rank.ranking.candidates import generate_candidates
+from apex_rank.ranking.features import FEATURES, build_feature_frame
+from apex_rank.ranking.recommender import RESULT_SCHEMA, load_recommender, rank_states
+from apex_rank.schemas import embeddings_frame
+from apex_rank.tasks import APEX_TASKS
+from tests.integration.test_recommender_fixtures import build, recommender, train_interactions, world
+
+
+def _users(n: int = 12) -> list[str]:
+    return recommender().user_ids[:n]
+
+
+def test_recommend_columns_and_order() -> None:
+    rec = recommender()
+    out = rec.recommend(_users(1)[0], k=15)
+    assert out.columns == list(RESULT_SCHEMA)
+    assert dict(out.schema) == RESULT_SCHEMA
+    assert out.height == 15
+    assert out["rank"].to_list() == list(range(1, 16))
+    assert out["score"].is_sorted(descending=True)
+    assert set(out["source"].unique()) <= {"als", "content", "pseudo_cf", "fresh"}
+    assert not set(out["song_id"]) & set(rec.user_state(_users(1)[0]).history)
+
+
+def test_batch_equals_single() -> None:
+    rec = recommender()
+    users = _users(12) + ["nobody-1"]
+    batch = rec.recommend_batch(users, k=10)
+    assert batch["user_id"].unique(maintain_order=True).to_list() == users
+    for u in users:
+        single = rec.recommend(u, k=10)
+        part = batch.filter(pl.col("user_id") == u).drop("user_id")
+        assert part.equals(single), u
+
+
+def test_duplicate_ids_in_batch_are_answered_once() -> None:
+    rec = recommender()
+    u = _users(2)
+    out = rec.recommend_batch([u[0], u[1], u[0]], k=5)
+    assert out["user_id"].to_list() == [u[0]] * 5 + [u[1]] * 5
+
+
+def test_state_path_matches_recommend() -> None:
+    """What an online ranker does with a UserState equals Recommender.recommend."""
+    rec = recommender()
+    u = _users(1)[0]
+    state = rec.user_state(u)
+    out = rank_states([state], 10, rec.sources, rec.songs, rec.reranker, rec.config.candidates)
+    assert out.drop("user_id").equals(rec.recommend(u, k=10))
+    cands = generate_candidates([state], rec.sources, rec.config.candidates)
+    feats = build_feature_frame([state], cands, rec.songs)
+    assert all(c in feats.columns for c in FEATURES)
+
+
+def test_unknown_user_gets_fallback() -> None:
+    rec = recommender()
+    out = rec.recommend("never-seen", k=7)
+    assert out.height == 7 and set(out["source"]) == {"fallback"}
+    assert out["score"].is_sorted(descending=True)
+    assert rec.recommend("never-seen", k=7, exclude=out["song_id"][:3].to_list())["song_id"][0] == out["song_id"][3]
+
+
+def test_new_user_state_from_history() -> None:
+    rec = recommender()
+    u = _users(1)[0]
+    st = rec.user_state(u)
+    fresh = rec.state_from_history("new-user", list(st.history))
+    assert fresh.cf_factor is not None and fresh.profile is not None
+    # the ALS user step from the same history lands close to the fitted factor
+    cos = float(fresh.cf_factor @ st.cf_factor / np.linalg.norm(fresh.cf_factor) / np.linalg.norm(st.cf_factor))
+    assert cos > 0.9
+
+
+def test_exclude_and_k_larger_than_catalogue() -> None:
+    rec = recommender()
+    u = _users(1)[0]
+    first = rec.recommend(u, k=5)
+    again = rec.recommend(u, k=5, exclude=first["song_id"].to_list())
+    assert not set(again["song_id"]) & set(first["song_id"])
+    n_hist = len(rec.user_state(u).history)
+    everything = rec.recommend(u, k=10 * len(rec.songs))
+    assert everything.height == len(rec.songs) - n_hist  # every rankable song, no more
+    assert everything["song_id"].n_unique() == everything.height
+    with pytest.raises(ConfigError, match="k must be a positive integer"):
+        rec.recommend(u, k=0)
+
+
+def test_similar_songs() -> None:
+    rec = recommender()
+    s = rec.songs.song_ids[3]
+    out = rec.similar_songs(s, k=5)
+    assert out.height == 5 and s not in out["song_id"].to_list()
+    assert {"song_id", "score", "rank", "is_cold", *APEX_TASKS} <= set(out.columns)
+    with pytest.raises(UnknownIdError, match="'nope' is not in the catalogue"):
+        rec.similar_songs("nope")
+
+
+def test_save_load_parity(tmp_path: Path) -> None:
+    rec = recommender()
+    rec.save(tmp_path / "b")
+    assert not list((tmp_path / "b").rglob("*.pkl"))
+    back = load_recommender(tmp_path / "b", device="cpu")
+    users = _users(20) + ["nobody"]
+    assert back.recommend_batch(users, k=10).equals(rec.recommend_batch(users, k=10))
+    assert back.similar_songs(rec.songs.song_ids[0], 5).equals(rec.similar_songs(rec.songs.song_ids[0], 5))
+    man = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert man["kind"] == "apex-recommender" and man["schema"] == 1 and "lightgbm" in man["versions"]
+    assert "config" in man and "reranker.txt" in man["files"]
+
+
+def test_bundle_from_newer_schema_or_missing_file(tmp_path: Path) -> None:
+    rec = recommender()
+    b = rec.save(tmp_path / "b")
+    newer = tmp_path / "newer"
+    shutil.copytree(b, newer)
+    man = json.loads((newer / "manifest.json").read_text())
+    man["schema"] = 99
+    (newer / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="schema version 99 is newer"):
+        load_recommender(newer)
+    (b / "reranker.txt").unlink()
+    with pytest.raises(ArtifactError, match="reranker.txt"):
+        load_recommender(b)
+
+
+def test_add_songs_rankable_immediately(tmp_path: Path) -> None:
+    rec = load_recommender(recommender().save(tmp_path / "b"), device="cpu")  # a private copy
+    u = _users(1)[0]
+    st = rec.user_state(u)
+    # new songs whose embeddings sit right at the user's taste (copies of history songs + noise)
+    idx = rec.songs.index_of(st.history[:3])
+    w = world()
+    E_all = np.asarray(w.embeddings["embedding"].to_list(), dtype=np.float32)
+    E = E_all[idx] + 0.01
+    ids = ["new-a", "new-b", "new-c"]
+    assert rec.add_songs(embeddings_frame(ids, E, encoder="synthetic")) == 3
+    assert rec.priors.filter(pl.col("song_id").is_in(ids)).drop_nulls().height == 3
+    out = rec.recommend(u, k=len(rec.songs))
+    got = out.filter(pl.col("song_id").is_in(ids))
+    assert got.height == 3 and got["is_cold"].all()
+    assert rec.similar_songs("new-a", 3)["song_id"].to_list()  # searchable
+    with pytest.raises(SchemaError, match="'new-a' is already in the catalogue"):
+        rec.add_songs(embeddings_frame(["new-a"], E[:1], encoder="synthetic"))
+    # the addition survives a save/load round trip
+    back = load_recommender(rec.save(tmp_path / "b2"), device="cpu")
+    assert back.recommend(u, k=len(rec.songs)).equals(out)
+
+
+def test_user_with_every_song_consumed() -> None:
+    w = world()
+    songs = w.songs.head(60)
+    emb = w.embeddings.head(60)
+    inter = train_interactions().filter(pl.col("song_id").is_in(songs["song_id"].to_list()))
+    glutton = pl.DataFrame({"user_id": ["glutton"] * 60, "song_id": songs["song_id"],
+                            "ts": [w.cutoff] * 60, "weight": [1.0] * 60}).cast(inter.schema)
+    rec = build(songs, emb, pl.concat([inter, glutton]))
+    out = rec.recommend("glutton", k=10)
+    assert out.height == 0 and out.columns == list(RESULT_SCHEMA)
+
+
+def test_unknown_songs_in_interactions_are_counted(caplog: pytest.LogCaptureFixture) -> None:
+    w = world()
+    inter = train_interactions()
+    bad = inter.head(5).with_columns(pl.lit("ghost-song").alias("song_id"))
+    with caplog.at_level(logging.WARNING, logger="apex_rank.ranking.recommender"):
+        rec = build(w.songs, w.embeddings, pl.concat([inter, bad]))
+    assert rec.report["unknown_song_rows"] == 5
+    assert rec.report["unknown_song_examples"] == ["ghost-song"]
+    assert "5 interaction rows name 1 song ids outside the catalogue" in caplog.text
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_bad_weights_are_rejected(value: float) -> None:
+    w = world()
+    inter = train_interactions()
+    bad = inter.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(value).otherwise(pl.col("weight")).alias("weight"))
+    with pytest.raises(SchemaError, match="weight .* is negative, NaN, inf or null"):
+        build(w.songs, w.embeddings, bad)
+
+
+def test_empty_history_and_empty_table() -> None:
+    rec = recommender()
+    st = rec.state_from_history("empty", [])
+    assert st.is_unknown
+    out = rec.recommend_states([st], 5)
+    assert set(out["source"]) == {"fallback"}
+    w = world()
+    with pytest.raises(SchemaError, match="interactions table is empty"):
+        build(w.songs, w.embeddings, train_interactions().head(0))
+
+
+def test_history_with_unknown_songs_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    rec = recommender()
+    with caplog.at_level(logging.WARNING, logger="apex_rank.ranking.recommender"):
+        st = rec.state_from_history("x", ["ghost-1", rec.songs.song_ids[0]])
+    assert "names 1 song ids outside the catalogue" in caplog.text
+    assert st.history == ("ghost-1", rec.songs.song_ids[0]) and st.profile is not None
