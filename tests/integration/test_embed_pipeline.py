@@ -1,0 +1,165 @@
+"""The embedding pipeline end to end on real files: folder/manifest in, table out, bad files
+skipped, the content-hash cache, resuming an interrupted run, worker processes and the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import soundfile as sf
+
+from apex_rank.cli.main import main
+from apex_rank.errors import SchemaError
+from apex_rank.features.audio import AudioConfig
+from apex_rank.features.embed import (
+    EmbedConfig,
+    EmbedProgress,
+    SongSource,
+    collect_sources,
+    embed_audio,
+    embed_files,
+)
+from apex_rank.features.encoders import EncoderSpec
+from apex_rank.schemas import embedding_matrix
+
+AUDIO = AudioConfig(segment_s=2.0, min_last_s=0.5)
+GOOD = ["calm/soft_a", "calm/soft_b", "energetic/loud_a", "energetic/loud_b", "opus_clip"]
+
+
+def _clip(seed: int, seconds: float, sr: int, channels: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * sr)) / sr
+    x = 0.2 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.05 * rng.standard_normal(t.size)
+    return np.repeat(x[:, None], channels, axis=1).astype(np.float32)
+
+
+@pytest.fixture()
+def music(tmp_path: Path) -> Path:
+    root = tmp_path / "music"
+    (root / "calm").mkdir(parents=True)
+    (root / "energetic").mkdir()
+    sf.write(root / "calm/soft_a.wav", _clip(1, 4.5, 16_000, 1), 16_000)
+    sf.write(root / "calm/soft_b.flac", _clip(2, 3.0, 22_050, 2), 22_050)
+    sf.write(root / "energetic/loud_a.wav", _clip(3, 5.0, 16_000, 6), 16_000)
+    sf.write(root / "energetic/loud_b.ogg", _clip(4, 2.5, 16_000, 2), 16_000, format="OGG", subtype="VORBIS")
+    sf.write(root / "opus_clip.opus", _clip(5, 3.0, 48_000, 2), 48_000, format="OGG", subtype="OPUS")
+    (root / "broken.wav").write_bytes(b"")
+    (root / "energetic/readme.mp3").write_text("not audio\n" * 30)
+    return root
+
+
+def _cfg(tmp_path: Path, **kw: object) -> EmbedConfig:
+    return EmbedConfig(audio=AUDIO, cache_dir=str(tmp_path / "cache"), **kw)  # type: ignore[arg-type]
+
+
+def test_folder_to_table_with_bad_files_skipped(music: Path, tmp_path: Path) -> None:
+    result = embed_audio(music, _cfg(tmp_path, keep_segments=True))
+    t = result.table
+    assert sorted(t["song_id"].to_list()) == sorted(GOOD)
+    assert t.columns == ["song_id", "embedding", "encoder", "n_segments", "duration_s", "audio_path", "segment_embeddings"]
+    ids, X = embedding_matrix(t, expected_width=238)
+    assert X.shape == (5, 238)
+    row = t.filter(pl.col("song_id") == "calm/soft_a").row(0, named=True)
+    assert row["n_segments"] == 3 and row["duration_s"] == pytest.approx(4.5)  # 2 s + 2 s + 0.5 s tail (kept)
+    assert row["encoder"].startswith("spectral:")
+    segs = np.asarray(row["segment_embeddings"], dtype=np.float32)
+    assert segs.shape == (3, 238)
+    np.testing.assert_allclose(segs.mean(0), np.asarray(row["embedding"]), rtol=1e-5, atol=1e-5)
+    reasons = {Path(f.path).name: f.reason for f in result.skipped}
+    assert set(reasons) == {"broken.wav", "readme.mp3"}
+    assert "broken.wav: file is empty" in reasons["broken.wav"] and "cannot be decoded" in reasons["readme.mp3"]
+
+
+def test_cache_second_run_embeds_nothing_and_changed_files_are_redone(music: Path, tmp_path: Path) -> None:
+    first = embed_audio(music, _cfg(tmp_path))
+    assert first.n_embedded == 5 and first.n_cached == 0
+    second = embed_audio(music, _cfg(tmp_path))
+    assert second.n_embedded == 0 and second.n_cached == 5
+    assert second.table["embedding"].to_list() == first.table["embedding"].to_list()
+    # pickle-free cache: JSON manifest + npz files only, readable with allow_pickle=False
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} == {".json", ".npz"}
+    for p in files:
+        if p.suffix == ".npz":
+            np.load(p, allow_pickle=False)["segments"]
+    sf.write(music / "calm/soft_a.wav", _clip(9, 4.0, 16_000, 1), 16_000)  # changed content
+    sf.write(music / "calm/new.wav", _clip(10, 2.0, 16_000, 1), 16_000)  # a new file
+    third = embed_audio(music, _cfg(tmp_path))
+    assert third.n_embedded == 2 and third.n_cached == 4
+    # another segment length is another cache key
+    other = embed_audio(music, EmbedConfig(audio=AudioConfig(segment_s=1.0), cache_dir=str(tmp_path / "cache")))
+    assert other.n_embedded == 6
+
+
+def test_interrupted_run_resumes(music: Path, tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def stop_after_two(p: EmbedProgress) -> None:
+        seen.append(p.last.song_id)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_audio(music, _cfg(tmp_path), progress=stop_after_two)
+    resumed = embed_audio(music, _cfg(tmp_path))
+    good_seen = [s for s in seen if s in GOOD]
+    assert resumed.n_cached == len(good_seen) and resumed.n_embedded == 5 - len(good_seen)
+    assert resumed.table.height == 5
+
+
+def test_manifest_tables_give_ids(music: Path, tmp_path: Path) -> None:
+    manifest = music / "songs.parquet"
+    pl.DataFrame({"song_id": ["s1", "s2"], "audio_path": ["calm/soft_a.wav", str(music / "opus_clip.opus")]}).write_parquet(manifest)
+    result = embed_audio(manifest, _cfg(tmp_path))
+    assert result.table["song_id"].to_list() == ["s1", "s2"]
+    csv = music / "list.csv"
+    pl.DataFrame({"audio_path": ["energetic/loud_a.wav"]}).write_csv(csv)
+    assert [s.song_id for s in collect_sources(csv)] == ["energetic/loud_a"]
+    pl.DataFrame({"path": ["x.wav"]}).write_parquet(music / "bad.parquet")
+    with pytest.raises(SchemaError, match="required column 'audio_path' is missing"):
+        collect_sources(music / "bad.parquet")
+    sf.write(music / "calm/soft_a.flac", _clip(1, 1.0, 16_000, 1), 16_000)
+    with pytest.raises(SchemaError, match="song_id 'calm/soft_a' is given to two files"):
+        collect_sources(music)
+
+
+def test_pure_batch_function_and_worker_processes_agree(music: Path, tmp_path: Path) -> None:
+    sources = [SongSource("a", str(music / "calm/soft_a.wav")), SongSource("bad", str(music / "broken.wav"))]
+    out = embed_files(sources, EncoderSpec.of("spectral"), AUDIO)
+    assert out[0].vector.shape == (238,) and out[1].reason.endswith("file is empty (0 bytes)")  # type: ignore[union-attr]
+    inproc = embed_audio(music, EmbedConfig(audio=AUDIO))
+    pooled = embed_audio(music, EmbedConfig(audio=AUDIO, workers=2))
+    assert pooled.table["song_id"].to_list() == inproc.table["song_id"].to_list()
+    np.testing.assert_allclose(embedding_matrix(pooled.table)[1], embedding_matrix(inproc.table)[1], rtol=1e-5, atol=1e-6)
+    assert len(pooled.skipped) == 2
+
+
+def test_cli_exit_codes(music: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "emb.parquet"
+    args = ["embed", str(music), "--out", str(out), "--segment-s", "2", "--cache", str(tmp_path / "c"), "--no-progress"]
+    assert main(args) == 0
+    assert pl.read_parquet(out).height == 5
+    captured = capsys.readouterr()
+    assert "embedded 5 song(s)" in captured.out and "skipped 2 file(s)" in captured.err
+    assert "broken.wav: file is empty" in captured.err
+    assert main([*args, "--strict"]) == 1
+    bad = tmp_path / "only_bad"
+    bad.mkdir()
+    (bad / "x.wav").write_bytes(b"")
+    assert main(["embed", str(bad), "--out", str(tmp_path / "none.parquet"), "--no-progress"]) == 1
+    assert "nothing could be embedded" in capsys.readouterr().err
+    assert main(["embed", str(music), "--out", str(out), "--encoder", "nope"]) == 2
+    assert "unknown encoder 'nope'; valid names" in capsys.readouterr().err
+
+
+def test_precomputed_through_the_pipeline(tmp_path: Path) -> None:
+    from apex_rank.schemas import embeddings_frame
+
+    path = tmp_path / "pre.parquet"
+    embeddings_frame(["a", "b"], np.eye(2, dtype=np.float32), encoder="ext").write_parquet(path)
+    res = embed_audio([SongSource("b", "b.wav"), SongSource("zz", "zz.wav")],
+                      EmbedConfig(encoder="precomputed", encoder_options={"path": str(path)}))
+    assert res.table["song_id"].to_list() == ["b"] and res.table["encoder"][0].startswith("precomputed:")
+    assert len(res.skipped) == 1 and "song_id 'zz' is not in" in res.skipped[0].reason
