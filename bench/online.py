@@ -1,0 +1,301 @@
+"""Online ranking benchmark against the local Redis: ``python -m bench.online [--small]``.
+
+Builds a synthetic bundle (100k songs / 50k users by default, candidate limits summing to 300),
+publishes it under a private namespace, then measures ``rank`` p50/p99 in-process and over HTTP
+(``apex-rank serve``, 2 workers, loopback) at concurrency 1, 8 and 32, next to the floor: a bare
+pipelined Redis fetch of the same keys (pointer + user hash) at the same concurrency. Ends with
+a fixed-rate HTTP load (bounded in time and count) counting errors and sampling server memory.
+Every loop is bounded; all traffic goes to 127.0.0.1. The namespace is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import percentile, print_header
+
+LEVELS = (1, 8, 32)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_concurrent(fn: Any, users: list[str], concurrency: int, n_total: int,
+                    max_s: float) -> tuple[list[float], int]:
+    """Run ``fn(user)`` ``n_total`` times over ``concurrency`` threads; latencies and errors."""
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    per = max(1, n_total // concurrency)
+    deadline = time.monotonic() + max_s
+
+    def worker(j: int) -> None:
+        mine = []
+        for i in range(per):
+            if time.monotonic() > deadline:
+                break
+            u = users[(j * per + i) % len(users)]
+            t0 = time.perf_counter()
+            try:
+                fn(u)
+            except Exception:  # noqa: BLE001 - counted
+                with lock:
+                    errors[0] += 1
+                continue
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max_s + 30)
+    return lat, errors[0]
+
+
+def _summ(lat: list[float]) -> dict[str, float]:
+    if not lat:
+        return {"n": 0}
+    return {"n": len(lat), "p50_ms": round(percentile(lat, 50) * 1000, 3),
+            "p99_ms": round(percentile(lat, 99) * 1000, 3)}
+
+
+def _rss_kb(pid: int) -> int:
+    """Resident memory of a process and its children (kB)."""
+    total = 0
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            pids += [int(x) for x in fh.read().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def build_bundle(n_songs: int, n_users: int, out: Path) -> dict[str, float]:
+    from apex_rank.ranking.candidates import CandidateConfig
+    from apex_rank.ranking.cf import CFConfig
+    from apex_rank.ranking.recommender import ApexFitConfig, Recommender, RecommenderConfig
+    from apex_rank.ranking.reranker import RerankerConfig
+    from apex_rank.synthetic import WorldConfig, make_world
+
+    t0 = time.perf_counter()
+    world = make_world(WorldConfig(n_songs=n_songs, n_users=n_users, dim=64,
+                                   interactions_per_user=20, seed=0))
+    t1 = time.perf_counter()
+    cfg = RecommenderConfig(
+        candidates=CandidateConfig(als=120, content=80, pseudo_cf=60, fresh=40),  # 300 candidates
+        apex=ApexFitConfig(epochs=3, patience=2, batch_size=1024),
+        reranker=RerankerConfig(n_estimators=100, early_stopping_rounds=20, max_train_users=2000),
+        cf=CFConfig(factors=32, iterations=8))
+    rec = Recommender.build(world.songs, world.embeddings, world.interactions, config=cfg)
+    t2 = time.perf_counter()
+    rec.save(out)
+    return {"world_s": round(t1 - t0, 1), "build_s": round(t2 - t1, 1),
+            "save_s": round(time.perf_counter() - t2, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--small", action="store_true", help="5k songs / 2k users, short phases")
+    p.add_argument("--songs", type=int, default=None)
+    p.add_argument("--users", type=int, default=None)
+    p.add_argument("--redis", default=os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--requests", type=int, default=None, help="requests per concurrency level")
+    p.add_argument("--load-seconds", type=float, default=None)
+    p.add_argument("--rate", type=float, default=20.0, help="requests/s of the fixed-rate load")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--out", default="bench/results/online.json")
+    args = p.parse_args(argv)
+    n_songs = args.songs or (5000 if args.small else 100_000)
+    n_users = args.users or (2000 if args.small else 50_000)
+    n_req = args.requests or (100 if args.small else 400)
+    load_s = args.load_seconds or (10.0 if args.small else 60.0)
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from apex_rank.threads import configure_threads
+
+    configure_threads()
+    head = print_header(f"online ranking: {n_songs} songs, {n_users} users, k={args.k}")
+    import redis
+
+    from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish
+    from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+
+    result: dict[str, Any] = {"header": head, "n_songs": n_songs, "n_users": n_users, "k": args.k}
+    ns = f"bench{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix="apexrank-bench-online-"))
+    bundle = tmp / "bundle"
+    client = redis.Redis.from_url(args.redis)
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        result["build"] = build_bundle(n_songs, n_users, bundle)
+        print("build:", result["build"], flush=True)
+        engine = RecommenderEngine.load(bundle)
+        cfg = OnlineConfig(namespace=ns, budget_ms=200.0)
+        res = publish(engine, RedisStore(args.redis, ns, timeout_s=30), config=cfg)
+        result["publish_s"] = round(res.seconds, 2)
+        print(f"publish: version {res.version}, {res.n_songs} songs + {res.n_users} users in "
+              f"{res.seconds:.2f} s", flush=True)
+        ranker = OnlineRanker.connect(args.redis, namespace=ns, config=cfg, engine=engine)
+        users = engine.recommender.user_ids
+        cand = engine.recommender.recommend_states  # noqa: F841 - documents the shared path
+        from apex_rank.ranking.candidates import generate_candidates
+        st = engine.recommender.user_state(users[0])
+        n_c = generate_candidates([st], engine.recommender.sources, engine.recommender.config.candidates,
+                                  min_per_source=args.k).height
+        result["candidates_example_user"] = n_c
+        keys = ranker.store.keys
+        ver = ranker.version
+
+        def floor(u: str) -> None:
+            pipe = client.pipeline(transaction=False)
+            pipe.get(keys.current)
+            pipe.hgetall(keys.user(ver, u))  # type: ignore[arg-type]
+            pipe.execute()
+
+        def inproc(u: str) -> None:
+            r = ranker.rank(u, args.k)
+            if r.degraded or len(r.items) != args.k:
+                raise RuntimeError("degraded or short answer")
+
+        for u in users[:20]:  # warm-up
+            inproc(u)
+        table: list[dict[str, Any]] = []
+        for c in LEVELS:
+            fl, fe = _run_concurrent(floor, users, c, n_req, 60)
+            ip, ie = _run_concurrent(inproc, users, c, n_req, 90)
+            row = {"concurrency": c, "floor": _summ(fl), "in_process": _summ(ip),
+                   "errors": fe + ie}
+            if fl and ip:
+                row["ratio_p50"] = round(percentile(ip, 50) / percentile(fl, 50), 1)
+                row["ratio_p99"] = round(percentile(ip, 99) / percentile(fl, 99), 1)
+            table.append(row)
+            print(json.dumps(row), flush=True)
+        ranker.close()
+
+        port = _free_port()
+        env = dict(os.environ, APEX_RANK_THREADS="1")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "apex_rank.cli.main", "serve", "--bundle", str(bundle), "--redis",
+             args.redis, "--namespace", ns, "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "2", "--budget-ms", "200"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        import httpx
+
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("the service did not start within 300 s")
+        local = threading.local()
+
+        def http(u: str) -> None:
+            cl = getattr(local, "c", None)
+            if cl is None:
+                cl = local.c = httpx.Client(base_url=base, timeout=10)
+            r = cl.get("/recommend", params={"user_id": u, "k": args.k})
+            if r.status_code != 200 or r.json()["degraded"]:
+                raise RuntimeError(f"HTTP {r.status_code}")
+
+        for u in users[:20]:
+            http(u)
+        for row in table:
+            hl, he = _run_concurrent(http, users, row["concurrency"], n_req, 120)
+            row["http"] = _summ(hl)
+            row["errors"] += he
+            if hl and row["floor"].get("n"):
+                row["http_ratio_p50"] = round(row["http"]["p50_ms"] / row["floor"]["p50_ms"], 1)
+            print(json.dumps({"concurrency": row["concurrency"], "http": row["http"],
+                              "errors": he}), flush=True)
+        result["levels"] = table
+
+        # fixed-rate load: one request every 1/rate s, bounded by load_s and count
+        n_load = int(args.rate * load_s)
+        interval = 1.0 / args.rate
+        lat: list[float] = []
+        errs = [0]
+        mem: list[int] = [_rss_kb(server.pid)]
+        lock = threading.Lock()
+
+        def fire(u: str) -> None:
+            t0 = time.perf_counter()
+            try:
+                http(u)
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - counted
+                with lock:
+                    errs[0] += 1
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for i in range(n_load):
+                target = start + i * interval
+                now = time.monotonic()
+                if target > now:
+                    time.sleep(target - now)
+                if now - start > load_s + 5:
+                    break
+                pool.submit(fire, users[(i * 7919) % len(users)])
+                if i % max(1, int(args.rate * 5)) == 0:
+                    mem.append(_rss_kb(server.pid))
+        mem.append(_rss_kb(server.pid))
+        result["load"] = {"rate_per_s": args.rate, "seconds": round(time.monotonic() - start, 1),
+                          "sent": n_load, "ok": len(lat), "errors": errs[0], **_summ(lat),
+                          "rss_mb_start": round(mem[1] / 1024, 1) if len(mem) > 1 else None,
+                          "rss_mb_end": round(mem[-1] / 1024, 1),
+                          "rss_mb_max": round(max(mem) / 1024, 1)}
+        print("load:", json.dumps(result["load"]), flush=True)
+    finally:
+        if server is not None and server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+        batch = list(client.scan_iter(match=f"apexrank:{ns}:*", count=5000))
+        for i in range(0, len(batch), 5000):
+            client.delete(*batch[i : i + 5000])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
