@@ -111,7 +111,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: conv(x) for k, x in v.items()}
         return v
 
-    return conv(cfg)  # type: ignore[no-any-return]
+    result: dict[str, Any] = conv(cfg)
+    return result
 
 
 def load_config(path: str | Path, cls: type[T], *, section: str | None = None) -> T:

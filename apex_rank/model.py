@@ -35,7 +35,7 @@ class _Block(nn.Module):
         self.block = nn.Sequential(nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.GELU(), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)  # type: ignore[no-any-return]
+        return self.block(x)
 
 
 class _Branch(nn.Module):
@@ -47,7 +47,7 @@ class _Branch(nn.Module):
         self.branch = nn.Sequential(_Block(d_in, h1, dropout), _Block(h1, h2, dropout), nn.Linear(h2, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.branch(x)  # type: ignore[no-any-return]
+        return self.branch(x)
 
 
 class ApexHead(nn.Module):
@@ -72,6 +72,9 @@ class ApexHead(nn.Module):
     >>> head.eval()(torch.randn(4, 768)).shape
     torch.Size([4, 7])
     """
+
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def __init__(
         self,
@@ -110,9 +113,12 @@ class ApexHead(nn.Module):
         return torch.sigmoid(z) * self.scale + self.shift
 
 
-def _fold_bn(linear: nn.Linear, bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+def _fold_bn(linear: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight (out, in) and bias (out,) of ``bn(linear(x))`` in eval mode as one affine map."""
-    assert bn.running_var is not None and bn.running_mean is not None  # set by BatchNorm1d itself
+    if not isinstance(linear, nn.Linear) or not isinstance(bn, nn.BatchNorm1d):
+        raise TypeError(f"expected Linear and BatchNorm1d, got {type(linear).__name__} and {type(bn).__name__}")
+    if bn.running_var is None or bn.running_mean is None:
+        raise TypeError("BatchNorm1d without running statistics cannot be folded")
     gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
     beta = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
     s = gamma / torch.sqrt(bn.running_var + bn.eps)
@@ -127,13 +133,16 @@ class FusedApexHead(nn.Module):
     Built from a trained head with :meth:`from_head`; equal to it within float32 rounding.
     """
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, head: ApexHead) -> None:
         super().__init__()
         self.tasks = head.tasks
         trunk = []
         for block in head.shared:
-            lin, bn = block.block[0], block.block[1]
-            trunk.append(_fold_bn(lin, bn))
+            seq = block.get_submodule("block")
+            trunk.append(_fold_bn(seq[0], seq[1]))
         self.trunk_w = nn.ParameterList(nn.Parameter(w.t().contiguous(), requires_grad=False) for w, _ in trunk)
         self.trunk_b = nn.ParameterList(nn.Parameter(b, requires_grad=False) for _, b in trunk)
         l1, l2, l3 = [], [], []

@@ -169,7 +169,9 @@ class ApexPredictor:
             raise CheckpointError(f"{path}: 'model_state' lacks the tensor 'shared.0.block.0.weight'")
         head = ApexHead(int(w0.shape[1]), task, n_shared=n_shared)
         _load_state_checked(head, state, str(path))
-        extra = {k: ckpt[k] for k in ("mode", "epoch", "val_loss") if k in ckpt and isinstance(ckpt[k], (int, float, str))}
+        extra = {
+            k: ckpt[k] for k in ("mode", "epoch", "val_loss") if k in ckpt and isinstance(ckpt[k], (int, float, str))
+        }
         extra["source"] = "official-checkpoint"
         return cls(head, encoder="mert-v1-95m" if head.input_dim == 768 else None, extra=extra, device=device)
 
@@ -185,6 +187,8 @@ def _load_state_checked(head: ApexHead, state: dict[str, torch.Tensor], where: s
         )
     for key, ref in expected.items():
         if tuple(state[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")
+            raise CheckpointError(
+                f"{where}: tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}"
+            )
     head.load_state_dict(state, strict=True)
     head.eval()

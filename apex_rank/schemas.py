@@ -119,7 +119,7 @@ def validate_interactions(df: pl.DataFrame) -> pl.DataFrame:
     check_column(df, "ts", "time", "interactions", required=False)
     if check_column(df, "weight", "num", "interactions", required=False):
         w = df["weight"].cast(pl.Float64)
-        bad = df.filter((w.is_nan() | w.is_null() | (w < 0) | w.is_infinite()))
+        bad = df.filter(w.is_nan() | w.is_null() | (w < 0) | w.is_infinite())
         if bad.height:
             raise SchemaError(
                 f"interactions table: weight {bad['weight'][0]} for user_id {bad['user_id'][0]!r}, "
@@ -158,7 +158,8 @@ def embedding_matrix(
             )
         X = np.asarray(col.explode().cast(pl.Float32).to_numpy(), dtype=np.float32).reshape(df.height, width)
     else:
-        X = np.asarray(col.cast(pl.Array(pl.Float32, col.dtype.size)).to_numpy(), dtype=np.float32)
+        width = col.dtype.size if isinstance(col.dtype, pl.Array) else 0
+        X = np.asarray(col.cast(pl.Array(pl.Float32, width)).to_numpy(), dtype=np.float32)
     if expected_width is not None and X.shape[1] != expected_width:
         raise SchemaError(
             f"{table} table: embedding width is {X.shape[1]} but the model expects {expected_width}"

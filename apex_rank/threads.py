@@ -71,9 +71,8 @@ def blas_single_threaded() -> Iterator[None]:
 
 def thread_report() -> dict[str, object]:
     """What the pools are set to now, for benchmark and report headers."""
-    from threadpoolctl import threadpool_info
-
     import torch
+    from threadpoolctl import threadpool_info
 
     info: dict[str, object] = {"apex_rank_threads": thread_count(), "torch": torch.get_num_threads()}
     for pool in threadpool_info():

@@ -93,6 +93,7 @@ class MultiTaskLoss(nn.Module):
         self.tasks = tuple(tasks)
         weights = [5.0 if task_spec(t).kind == "popularity" else 1.0 for t in self.tasks]
         self.register_buffer("fixed_weights", torch.tensor(weights))
+        self.fixed_weights: torch.Tensor
         self.log_sigma = nn.Parameter(torch.zeros(len(self.tasks)), requires_grad=(kind == "uncertainty"))
 
     def task_losses(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +171,9 @@ class ApexTrainer:
             col = Y_train[:, j]
             lab = col[np.isfinite(col)]
             if lab.size and (lab.min() < spec.low or lab.max() > spec.high):
-                raise SchemaError(f"training labels of {t!r} leave [{spec.low}, {spec.high}]: min {lab.min()}, max {lab.max()}")
+                raise SchemaError(
+                    f"training labels of {t!r} leave [{spec.low}, {spec.high}]: min {lab.min()}, max {lab.max()}"
+                )
             if lab.size == 0:
                 log.warning("task %s has no labelled training rows; its branch will not learn", t)
 

@@ -25,12 +25,12 @@ import numpy as np
 import polars as pl
 
 from apex_rank.errors import SchemaError
+from apex_rank.features.targets import PopularityTransform
 from apex_rank.metrics import aggregate_by_song, regression_metrics
 from apex_rank.predictor import ApexPredictor
 from apex_rank.schemas import embedding_matrix, embeddings_frame, validate_songs
 from apex_rank.tasks import AESTHETIC_TASKS, APEX_TASKS
 from apex_rank.training import ApexTrainer, TrainConfig, TrainResult
-from apex_rank.features.targets import PopularityTransform
 
 log = logging.getLogger(__name__)
 

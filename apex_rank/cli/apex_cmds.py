@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 from pathlib import Path
 
 from apex_rank.config import load_config
@@ -14,7 +15,7 @@ from apex_rank.schemas import embedding_matrix, read_table
 from apex_rank.training import TrainConfig
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-apex", help="train the APEX head on songs + embeddings tables")
     p.add_argument("--songs", required=True, help="songs parquet (labels; optional 'split' column)")
     p.add_argument("--embeddings", required=True, help="embeddings parquet")
@@ -61,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_metrics(metrics: dict) -> str:  # type: ignore[type-arg]
+def format_metrics(metrics: dict[str, Any]) -> str:
     """A plain text table of per-task test (or val) metrics."""
     part = "test" if "test" in metrics else "val"
     rows = [f"{part} metrics (song level)", f"{'task':<15}{'n':>6}{'MSE':>10}{'MAE':>8}{'Pearson':>9}{'Spearman':>9}"]

@@ -30,8 +30,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print("== 1. world: SYNTHETIC songs, embeddings and interactions (no public music interaction data exists)")
     world = make_world(replace(WorldConfig(), seed=args.seed))
+    width = world.embeddings["embedding"].list.len()[0]
     print(f"   {world.songs.height} songs, {world.interactions.height} interactions, "
-          f"{world.interactions['user_id'].n_unique()} users, embedding width {world.embeddings['embedding'].list.len()[0]}")
+          f"{world.interactions['user_id'].n_unique()} users, embedding width {width}")
 
     print("== 2. APEX multi-task head trained on the synthetic songs' labels")
     data = build_apex_dataset(world.songs, world.embeddings, seed=args.seed)

@@ -21,15 +21,34 @@ def test_train_then_predict(small_world: World, tmp_path: Path, capsys: pytest.C
     small_world.embeddings.write_parquet(emb)
     cfg = tmp_path / "cfg.toml"
     cfg.write_text("[train]\nbatch_size = 128\npatience = 5\nprogress = false\n")
-    rc = main(["train-apex", "--songs", str(songs), "--embeddings", str(emb), "--out", str(tmp_path / "m"),
-               "--config", str(cfg), "--epochs", "8", "--lr", "0.003", "--device", "cpu"])
+    rc = main(
+        [
+            "train-apex",
+            "--songs",
+            str(songs),
+            "--embeddings",
+            str(emb),
+            "--out",
+            str(tmp_path / "m"),
+            "--config",
+            str(cfg),
+            "--epochs",
+            "8",
+            "--lr",
+            "0.003",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert set(metrics["test"]) == set(APEX_TASKS)
     assert metrics["test"]["score_likes"]["spearman"] > 0.5  # the synthetic labels are learnable
     assert "test metrics" in capsys.readouterr().out
 
-    rc = main(["predict", "--model", str(tmp_path / "m"), "--embeddings", str(emb), "--out", str(tmp_path / "p.parquet")])
+    rc = main(
+        ["predict", "--model", str(tmp_path / "m"), "--embeddings", str(emb), "--out", str(tmp_path / "p.parquet")]
+    )
     assert rc == 0
     preds = pl.read_parquet(tmp_path / "p.parquet")
     assert preds.columns == ["song_id", *APEX_TASKS] and preds.height == small_world.songs.height
@@ -40,19 +59,43 @@ def test_split_column_is_respected(small_world: World, tmp_path: Path) -> None:
     split = ["train"] * (n - 100) + ["val"] * 50 + ["test"] * 50
     small_world.songs.with_columns(pl.Series("split", split)).write_parquet(tmp_path / "s.parquet")
     small_world.embeddings.write_parquet(tmp_path / "e.parquet")
-    rc = main(["train-apex", "--songs", str(tmp_path / "s.parquet"), "--embeddings", str(tmp_path / "e.parquet"),
-               "--out", str(tmp_path / "m"), "--epochs", "1", "--device", "cpu"])
+    rc = main(
+        [
+            "train-apex",
+            "--songs",
+            str(tmp_path / "s.parquet"),
+            "--embeddings",
+            str(tmp_path / "e.parquet"),
+            "--out",
+            str(tmp_path / "m"),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert metrics["test"]["score_streams"]["n"] == 50
 
 
-def test_bad_input_exits_2_with_one_line(small_world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exits_2_with_one_line(
+    small_world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     small_world.songs.write_parquet(tmp_path / "s.parquet")
     bad = small_world.embeddings.head(10)  # most songs lack an embedding
     bad.write_parquet(tmp_path / "e.parquet")
-    rc = main(["train-apex", "--songs", str(tmp_path / "s.parquet"), "--embeddings", str(tmp_path / "e.parquet"),
-               "--out", str(tmp_path / "m")])
+    rc = main(
+        [
+            "train-apex",
+            "--songs",
+            str(tmp_path / "s.parquet"),
+            "--embeddings",
+            str(tmp_path / "e.parquet"),
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "have no embedding" in err and "\n" not in err
     rc = main(["predict", "--model", str(tmp_path / "nope"), "--embeddings", str(tmp_path / "e.parquet"), "--out", "x"])
@@ -61,8 +104,10 @@ def test_bad_input_exits_2_with_one_line(small_world: World, tmp_path: Path, cap
 
 def test_import_official(tmp_path: Path) -> None:
     head = ApexHead(768).eval()
-    torch.save({"model_state": head.state_dict(), "task": "full", "shared": 2, "mode": "song", "epoch": 3,
-                "val_loss": 0.5}, tmp_path / "best_model.pt")
+    torch.save(
+        {"model_state": head.state_dict(), "task": "full", "shared": 2, "mode": "song", "epoch": 3, "val_loss": 0.5},
+        tmp_path / "best_model.pt",
+    )
     rc = main(["import-official", "--checkpoint", str(tmp_path / "best_model.pt"), "--out", str(tmp_path / "m")])
     assert rc == 0
     man = json.loads((tmp_path / "m" / "manifest.json").read_text())

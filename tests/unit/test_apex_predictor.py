@@ -22,7 +22,9 @@ def predictor() -> ApexPredictor:
     with torch.no_grad():  # a few forward passes in train mode give BN non-trivial running stats
         for _ in range(5):
             head(torch.randn(64, 24) * 3 + 1)
-    return ApexPredictor(head, encoder="spectral-test", target_transform={"score_streams": {"gamma": 1.0}}, device="cpu")
+    return ApexPredictor(
+        head, encoder="spectral-test", target_transform={"score_streams": {"gamma": 1.0}}, device="cpu"
+    )
 
 
 def test_predict_returns_n_by_7_float32(predictor: ApexPredictor) -> None:
