@@ -15,6 +15,7 @@ branch layer, two ``bmm``) instead of 21 small ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -141,7 +142,7 @@ class FusedApexHead(nn.Module):
         self.tasks = head.tasks
         trunk = []
         for block in head.shared:
-            seq = block.get_submodule("block")
+            seq = cast(nn.Sequential, block.get_submodule("block"))
             trunk.append(_fold_bn(seq[0], seq[1]))
         self.trunk_w = nn.ParameterList(nn.Parameter(w.t().contiguous(), requires_grad=False) for w, _ in trunk)
         self.trunk_b = nn.ParameterList(nn.Parameter(b, requires_grad=False) for _, b in trunk)
