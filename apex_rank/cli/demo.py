@@ -41,4 +41,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     predictor.save(out / "apex")
     print(format_metrics(metrics))
     print(f"   predictor saved to {out / 'apex'}")
+
+    print("== online: publish to Redis (in-process store if none), then a play and a new song change the ranking")
+    import os
+
+    from apex_rank.ranking.online.demo import online_demo
+
+    redis_url = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
+    for line in online_demo(world, predictor, out / "bundle", redis_url=redis_url, seed=args.seed):
+        print(line, flush=True)
     return 0
