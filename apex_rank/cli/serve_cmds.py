@@ -32,7 +32,7 @@ def _parse_time(value: str) -> datetime:
         raise ConfigError(f"time {value!r} is neither ISO 8601 nor unix seconds") from err
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the parser."""
     p = sub.add_parser("publish", help="publish a bundle to Redis; moves the current pointer atomically")
     p.add_argument("--bundle", required=True, help="bundle folder written by `apex-rank build`")

@@ -262,7 +262,8 @@ class OnlineRanker:
             if rec is None or emb is None:
                 continue
             where = f"{store.keys.songs(version)}[{sid}]"
-            engine.add_song(sid, decode_vector(emb, where), decode_song_record(rec, where)["priors"])
+            engine.add_song(sid, decode_vector(emb, where),
+                            np.asarray(decode_song_record(rec, where)["priors"], np.float32))
             n += 1
         return n
 

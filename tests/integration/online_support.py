@@ -80,7 +80,6 @@ def bundle_dir(seed: int = 7) -> str:
     from apex_rank.ranking.recommender import ApexFitConfig, Recommender, RecommenderConfig
     from apex_rank.ranking.reranker import RerankerConfig
     from apex_rank.synthetic import WorldConfig, make_world
-
     from apex_rank.threads import configure_threads, thread_count
 
     world = make_world(WorldConfig(n_songs=800, n_users=200, dim=32, interactions_per_user=30, seed=seed))
