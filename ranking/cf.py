@@ -158,6 +158,9 @@ class CFModel:
             raise SchemaError("interactions table has no rows to fit CF on")
         cfg = self.config
         t0 = time.perf_counter()
+        import implicit.cpu.als  # noqa: F401  load implicit's BLAS before limiting the pools
+        import implicit.cpu.bpr  # noqa: F401
+
         with blas_single_threaded():  # implicit checks the BLAS pool when the model is constructed
             model = make_implicit_model(cfg)
             model.fit(M, show_progress=show_progress)

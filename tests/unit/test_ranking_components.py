@@ -1,0 +1,88 @@
+"""Content map, feature frame, reranker pieces and the recommender config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from apex_rank.config import from_dict, load_config, to_dict
+from apex_rank.errors import ConfigError, SchemaError
+from apex_rank.ranking.content_map import ContentToCF
+from apex_rank.ranking.reranker import (
+    LGB_QUERY_LIMIT, Reranker, RerankerConfig, grade_labels, query_groups, simulate_cold,
+)
+from apex_rank.ranking.recommender import RecommenderConfig
+
+
+def test_content_map_recovers_linear_map() -> None:
+    rng = np.random.default_rng(0)
+    E = rng.normal(size=(300, 10)).astype(np.float32)
+    W = rng.normal(size=(10, 4))
+    V = E @ W + 0.5
+    m = ContentToCF(1e-3).fit(E, V)
+    np.testing.assert_allclose(m.predict(E), V, atol=1e-2)
+    with pytest.raises(SchemaError, match=r"embeddings must be \(n, 10\)"):
+        m.predict(E[:, :3])
+
+
+def test_grade_labels() -> None:
+    assert grade_labels(np.array([0.0, 1.0, 3.0, 100.0, np.nan]), 4).tolist() == [0, 1, 2, 4, 0]
+
+
+def test_query_groups_split_long_queries() -> None:
+    users = pl.Series(["a"] * 25 + ["b"] * 3)
+    assert query_groups(users, 10).tolist() == [10, 10, 5, 3]
+    with pytest.raises(SchemaError, match="not contiguous"):
+        query_groups(pl.Series(["a", "b", "a"]), 10)
+    with pytest.raises(ConfigError, match="max_query_rows"):
+        RerankerConfig(max_query_rows=LGB_QUERY_LIMIT + 1)
+
+
+def _frame(n_users: int = 60, per: int = 30) -> pl.DataFrame:
+    from apex_rank.ranking.features import FEATURES
+
+    rng = np.random.default_rng(1)
+    n = n_users * per
+    cols = {c: rng.normal(size=n).astype(np.float32) for c in FEATURES}
+    cols["is_cold"] = np.zeros(n, np.float32)
+    signal = cols["content_sim"] + 0.5 * cols["als_score"]
+    label = (signal > np.quantile(signal, 0.9)).astype(np.int32)
+    return pl.DataFrame({"user_id": np.repeat([f"u{i:03d}" for i in range(n_users)], per),
+                         "song_id": np.tile([f"s{j:03d}" for j in range(per)], n_users), **cols, "label": label})
+
+
+def test_simulate_cold_masks_whole_songs() -> None:
+    f = simulate_cold(_frame(), 0.5, seed=0)
+    cold = f.filter(pl.col("is_cold") == 1)
+    assert cold["als_score"].null_count() == cold.height and cold["log_popularity"].null_count() == cold.height
+    per_song = f.group_by("song_id").agg(pl.col("is_cold").n_unique())
+    assert (per_song["is_cold"] == 1).all()  # a song is cold in every group or none
+    assert 0.2 < cold["song_id"].n_unique() / 30 < 0.8
+
+
+def test_reranker_learns_and_roundtrips(tmp_path: Path) -> None:
+    f = _frame()
+    rr = Reranker(RerankerConfig(n_estimators=40, early_stopping_rounds=10, min_data_in_leaf=5, cold_sim_share=0.2)).fit(f)
+    assert rr.best_score > 0.5
+    imp = rr.feature_importance()
+    assert imp["feature"][0] in ("content_sim", "als_score", "rank_content")
+    back = Reranker.load(rr.save(tmp_path / "m.txt"))
+    np.testing.assert_array_equal(back.score(f), rr.score(f))
+    # row-wise: scoring a slice equals slicing the scores
+    np.testing.assert_array_equal(rr.score(f[100:130]), rr.score(f)[100:130])
+
+
+def test_recommender_config_toml(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('rerank_share = 0.3\n[cf]\nmodel = "bpr"\nfactors = 8\n[index]\ncontent_factory = "HNSW32"\n')
+    cfg = load_config(p, RecommenderConfig)
+    assert cfg.cf.model == "bpr" and cfg.index.content_factory == "HNSW32" and cfg.rerank_share == 0.3
+    assert from_dict(RecommenderConfig, to_dict(cfg)) == cfg
+    p.write_text("[candidates]\nals = 10\nbogus = 1\n")
+    with pytest.raises(ConfigError, match="candidates.bogus"):
+        load_config(p, RecommenderConfig)
+    with pytest.raises(ConfigError, match="'svd' is not one of"):
+        from_dict(RecommenderConfig, {"cf": {"model": "svd"}})
