@@ -42,6 +42,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_metrics(metrics))
     print(f"   predictor saved to {out / 'apex'}")
 
+    print("== 3. recommender: ALS + FAISS content/pseudo-CF + fresh-song priors, LightGBM reranker (cold songs included)")
+    from apex_rank.ranking.demo import recommender_demo
+
+    for line in recommender_demo(world, predictor, out / "bundle"):
+        print(line, flush=True)
+
     print("== online: publish to Redis (in-process store if none), then a play and a new song change the ranking")
     import os
 
