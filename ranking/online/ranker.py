@@ -150,14 +150,17 @@ class OnlineRanker:
         self._stop = threading.Event()
         self._catalogue_id = "0-0"
         self.stats: dict[str, int] = {"requests": 0, "degraded": 0, "cold_users": 0, "switches": 0}
-        self._active = self._initial(bundle_dir, engine)
         self._thread: threading.Thread | None = None
         if follow_store is not None:
-            self._follow_store = follow_store
+            # Read the catalogue position before loading the version: a song ingested in between
+            # is then seen twice (harmless), never missed.
             try:
                 self._catalogue_id = follow_store.last_catalogue_id()
             except StoreError as err:
                 log.warning("catalogue not readable yet: %s", err)
+        self._active = self._initial(bundle_dir, engine)
+        if follow_store is not None:
+            self._follow_store = follow_store
             self._thread = threading.Thread(target=self._follow, name="apexrank-follow", daemon=True)
             self._thread.start()
 

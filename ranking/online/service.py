@@ -246,7 +246,13 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None) -> F
 
 def app_from_env() -> Any:
     """App factory for ``uvicorn --factory`` and worker processes: reads ``APEX_RANK_REDIS_URL``,
-    ``APEX_RANK_NAMESPACE``, ``APEX_RANK_BUNDLE`` (optional) and ``APEX_RANK_BUDGET_MS``."""
+    ``APEX_RANK_NAMESPACE``, ``APEX_RANK_BUNDLE`` (optional), ``APEX_RANK_BUDGET_MS`` and
+    ``APEX_RANK_THREADS`` (default 1: a serving process gets its parallelism from concurrent
+    requests and worker processes; multi-threaded LightGBM/faiss calls on 300 rows only
+    oversubscribe the cores)."""
+    from apex_rank.threads import configure_threads
+
+    configure_threads(int(os.environ.get("APEX_RANK_THREADS", "1")))
     url = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
     ns = os.environ.get("APEX_RANK_NAMESPACE", "default")
     bundle = os.environ.get("APEX_RANK_BUNDLE") or None

@@ -40,7 +40,7 @@ class OwnRedis:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-             "--protected-mode", "yes", "--logfile", str(self.folder / "redis.log")],
+             "--protected-mode", "yes", "--enable-debug-command", "local", "--logfile", str(self.folder / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 

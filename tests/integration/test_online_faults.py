@@ -175,6 +175,20 @@ def test_redis_down_then_restarted_degrades_recovers_and_keeps_events(
         normal = ranker.rank(u, k=10)
         assert not normal.degraded
 
+        # Redis slow beyond the budget: a degraded answer within about the budget, no exception
+        import redis
+
+        sleeper = threading.Thread(
+            target=lambda: redis.Redis.from_url(own.url).execute_command("DEBUG", "SLEEP", "0.6"))
+        sleeper.start()
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        slow = ranker.rank(u, k=10)
+        assert slow.degraded and time.perf_counter() - t0 < 0.5
+        sleeper.join(timeout=5)
+        time.sleep(cfg.retry_s + 0.05)
+        assert not ranker.rank(u, k=10).degraded  # recovered
+
         own.stop()  # Redis gone: answers keep coming, degraded, within budget
         t0 = time.perf_counter()
         down = [ranker.rank(u, k=10) for _ in range(20)]
