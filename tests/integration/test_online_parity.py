@@ -100,3 +100,18 @@ def test_played_song_and_ingested_song_change_next_ranking_in_other_process(
     finally:
         a.close()
         b.close()
+
+
+def test_rank_equals_cli_recommend(bundle: str, published: RecommenderEngine, redis_url: str,
+                                   redis_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    from apex_rank.cli.main import main
+
+    with OnlineRanker.connect(redis_url, namespace=redis_prefix, engine=published,
+                              follow=False) as ranker:
+        for u in published.recommender.user_ids[:2] + ["never-seen-user"]:
+            capsys.readouterr()
+            assert main(["recommend", "--bundle", bundle, "--user", u, "-k", "15", "--device", "cpu"]) == 0
+            printed = re.findall(r"\bs\d{6}\b", capsys.readouterr().out)
+            assert printed == [i.song_id for i in ranker.rank(u, k=15).items], u
