@@ -34,6 +34,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   {world.songs.height} songs, {world.interactions.height} interactions, "
           f"{world.interactions['user_id'].n_unique()} users, embedding width {width}")
 
+    print("== 1b. audio -> content embeddings (spectral encoder: decode, mono, resample, segment, features)")
+    from apex_rank.features.embed import audio_demo
+
+    for line in audio_demo(out, seed=args.seed):
+        print(line, flush=True)
+
     print("== 2. APEX multi-task head trained on the synthetic songs' labels")
     data = build_apex_dataset(world.songs, world.embeddings, seed=args.seed)
     cfg = TrainConfig(epochs=60, lr=2e-3, batch_size=256, patience=15, seed=args.seed, device="cpu")
