@@ -332,6 +332,7 @@ class SegmentStream:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         cfg, sr_in = self.config, self.info.sample_rate
         L, H = cfg.segment_frames(self.sample_rate), cfg.hop_frames(self.sample_rate)
+        min_last = cfg.min_last_frames(self.sample_rate)
         res = StreamingResampler(sr_in, self.sample_rate, block_frames=round(cfg.block_s * sr_in))
         buf = torch.zeros(0)  # output samples from index buf_start
         buf_start = 0
@@ -354,12 +355,12 @@ class SegmentStream:
                 last = final_n is not None and next_start + L >= final_n
                 if last and seg.shape[0] < L:
                     seg = torch.nn.functional.pad(seg, (0, L - seg.shape[0]))
-                if last and self.n_segments > 0 and final_n - next_start < cfg.min_last_frames(self.sample_rate):
+                if last and final_n is not None and self.n_segments > 0 and final_n - next_start < min_last:
                     return
                 self.n_segments += 1
                 yield seg
                 next_start += H
-                if last:
+                if last and final_n is not None:
                     next_start = final_n
                 drop = min(next_start, buf_start + buf.shape[0]) - buf_start
                 if drop > 0:
@@ -449,6 +450,9 @@ def find_audio_files(folder: str | Path, *, extensions: tuple[str, ...] = AUDIO_
         raise AudioError(f"{root}: not a folder")
     exts = {e.lower() for e in extensions}
     return sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in exts and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in exts
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )

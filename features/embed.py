@@ -292,7 +292,10 @@ class EmbeddingCache:
                 )
         else:
             write_manifest(
-                self.folder, kind=CACHE_KIND, schema=CACHE_SCHEMA, files=[],
+                self.folder,
+                kind=CACHE_KIND,
+                schema=CACHE_SCHEMA,
+                files=[],
                 payload={"encoder_id": encoder_id, "audio": audio_cfg},
             )
 
@@ -375,7 +378,7 @@ def embed_audio(
 
     results: dict[str, FileResult] = {}
     skipped: list[FileFailure] = []
-    state = {"done": 0, "audio": 0.0, "cached": 0}
+    state: dict[str, Any] = {"done": 0, "audio": 0.0, "cached": 0}
 
     def record(item: FileResult | FileFailure, digest: str | None) -> None:
         state["done"] += 1
@@ -390,8 +393,17 @@ def embed_audio(
             skipped.append(item)
             log.warning("skipped %s", item.reason)
         if progress is not None:
-            progress(EmbedProgress(state["done"], len(sources), state["audio"], time.perf_counter() - t0,
-                                   state["cached"], len(skipped), item))
+            progress(
+                EmbedProgress(
+                    state["done"],
+                    len(sources),
+                    state["audio"],
+                    time.perf_counter() - t0,
+                    state["cached"],
+                    len(skipped),
+                    item,
+                )
+            )
 
     todo: list[tuple[SongSource, str | None]] = []
     for s in sources:
@@ -423,8 +435,13 @@ def embed_audio(
     if skipped:
         log.warning("%d of %d file(s) skipped", len(skipped), len(sources))
     return EmbedResult(
-        table=table, skipped=skipped, encoder_id=encoder_id, n_embedded=n_new, n_cached=state["cached"],
-        audio_s=state["audio"], embed_audio_s=state["audio"] - embedded_audio_before,
+        table=table,
+        skipped=skipped,
+        encoder_id=encoder_id,
+        n_embedded=n_new,
+        n_cached=state["cached"],
+        audio_s=state["audio"],
+        embed_audio_s=state["audio"] - embedded_audio_before,
         wall_s=embed_wall if todo else time.perf_counter() - t0,
     )
 
@@ -435,7 +452,9 @@ def _probe_id(spec: EncoderSpec) -> str:
 
 
 def _run_workers(
-    todo: list[tuple[SongSource, str | None]], spec: EncoderSpec, cfg: EmbedConfig,
+    todo: list[tuple[SongSource, str | None]],
+    spec: EncoderSpec,
+    cfg: EmbedConfig,
     record: Callable[[FileResult | FileFailure, str | None], None],
 ) -> None:
     import multiprocessing as mp
@@ -462,8 +481,14 @@ def _run_workers(
 def _table(rows: list[FileResult], encoder_id: str, *, keep_segments: bool) -> pl.DataFrame:
     if not rows:
         return pl.DataFrame(
-            schema={"song_id": pl.String, "embedding": pl.List(pl.Float32), "encoder": pl.String,
-                    "n_segments": pl.Int64, "duration_s": pl.Float64, "audio_path": pl.String}
+            schema={
+                "song_id": pl.String,
+                "embedding": pl.List(pl.Float32),
+                "encoder": pl.String,
+                "n_segments": pl.Int64,
+                "duration_s": pl.Float64,
+                "audio_path": pl.String,
+            }
         )
     X = np.stack([r.vector for r in rows])
     df = embeddings_frame([r.song_id for r in rows], X, encoder=encoder_id, n_segments=[r.n_segments for r in rows])
@@ -486,8 +511,11 @@ def _from_precomputed(sources: list[SongSource], cfg: EmbedConfig, t0: float) ->
     if sources:
         wanted = [s.song_id for s in sources]
         found, _, missing = enc.lookup(wanted)
-        skipped = [FileFailure(s.song_id, s.path, f"song_id {s.song_id!r} is not in {enc.config.path}")
-                   for s in sources if s.song_id in set(missing)]
+        skipped = [
+            FileFailure(s.song_id, s.path, f"song_id {s.song_id!r} is not in {enc.config.path}")
+            for s in sources
+            if s.song_id in set(missing)
+        ]
         table = table.filter(pl.col("song_id").is_in(found))
     else:
         skipped = []
@@ -516,9 +544,21 @@ def iter_failures_summary(skipped: Iterable[FileFailure]) -> list[str]:
 
 
 __all__ = [
-    "EmbedConfig", "EmbedProgress", "EmbedResult", "EmbeddingCache", "FileFailure", "FileResult", "SongSource",
-    "collect_sources", "content_hash", "embed_audio", "embed_files", "embed_one", "write_embeddings",
-    "iter_failures_summary", "audio_demo",
+    "EmbedConfig",
+    "EmbedProgress",
+    "EmbedResult",
+    "EmbeddingCache",
+    "FileFailure",
+    "FileResult",
+    "SongSource",
+    "collect_sources",
+    "content_hash",
+    "embed_audio",
+    "embed_files",
+    "embed_one",
+    "write_embeddings",
+    "iter_failures_summary",
+    "audio_demo",
 ]
 
 
@@ -567,14 +607,17 @@ def audio_demo(out: str | Path, *, seed: int = 0, max_duration_s: float = 15.0) 
     except ImportError:
         folder = _synthetic_clips(out / "synthetic_audio", seed)
         yield "   SYNTHETIC audio clips (immich-memories-music is not installed: pip install immich-memories-music)"
-    cfg = EmbedConfig(encoder="spectral", audio=AudioConfig(max_duration_s=max_duration_s),
-                      cache_dir=str(out / "embed-cache"))
+    cfg = EmbedConfig(
+        encoder="spectral", audio=AudioConfig(max_duration_s=max_duration_s), cache_dir=str(out / "embed-cache")
+    )
     result = embed_audio(folder, cfg)
     write_embeddings(result.table, out / "audio_embeddings.parquet")
     t = result.table
-    yield (f"   {t.height} files, {result.audio_s:.0f} s of audio embedded with {result.encoder_id} "
-           f"({result.n_embedded} new at {result.speed_x:.0f}x real-time, {result.n_cached} from cache, "
-           f"{len(result.skipped)} skipped) -> {out / 'audio_embeddings.parquet'}")
+    yield (
+        f"   {t.height} files, {result.audio_s:.0f} s of audio embedded with {result.encoder_id} "
+        f"({result.n_embedded} new at {result.speed_x:.0f}x real-time, {result.n_cached} from cache, "
+        f"{len(result.skipped)} skipped) -> {out / 'audio_embeddings.parquet'}"
+    )
     from apex_rank.schemas import embedding_matrix
 
     ids, X = embedding_matrix(t)
@@ -583,7 +626,9 @@ def audio_demo(out: str | Path, *, seed: int = 0, max_duration_s: float = 15.0) 
     np.fill_diagonal(sim, -np.inf)
     nn = sim.argmax(axis=1)
     style = np.array(["electronic" in s for s in ids])
-    yield (f"   nearest neighbour (cosine) shares the acoustic/electronic style for "
-           f"{int((style[nn] == style).sum())}/{len(ids)} songs; examples:")
+    yield (
+        f"   nearest neighbour (cosine) shares the acoustic/electronic style for "
+        f"{int((style[nn] == style).sum())}/{len(ids)} songs; examples:"
+    )
     for i in np.linspace(0, len(ids) - 1, 3).astype(int):
         yield f"     {ids[i]:32s} -> {ids[nn[i]]:32s} (cos {sim[i, nn[i]]:.3f})"

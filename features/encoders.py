@@ -174,7 +174,9 @@ class SpectralEncoder:
         n_freqs = c.n_fft // 2 + 1
         self._window = torch.hann_window(c.n_fft, device=self.device)
         freqs = torch.linspace(0, c.sample_rate / 2, n_freqs)
-        mel = AF.melscale_fbanks(n_freqs, 20.0, c.sample_rate / 2, c.n_mels, c.sample_rate, norm="slaney", mel_scale="slaney")
+        mel = AF.melscale_fbanks(
+            n_freqs, 20.0, c.sample_rate / 2, c.n_mels, c.sample_rate, norm="slaney", mel_scale="slaney"
+        )
         # every linear read-out of the power spectrum in one (F, M + 12 + 3) matrix: one pass
         self._proj = torch.cat(
             [mel, self._chroma_bank(freqs), torch.stack([torch.ones_like(freqs), freqs, freqs.square()], 1)], dim=1
@@ -264,7 +266,11 @@ class SpectralEncoder:
 
         s_mean, s_std = stats(scalars)
         parts = [
-            *stats(logmel), *stats(mfcc), dstd, *stats(chroma), *stats(contrast),
+            *stats(logmel),
+            *stats(mfcc),
+            dstd,
+            *stats(chroma),
+            *stats(contrast),
             torch.stack([s_mean, s_std], dim=2).reshape(x.shape[0], -1),
         ]
         return torch.cat(parts, dim=1).to("cpu", torch.float32).contiguous()
@@ -327,9 +333,7 @@ def _import_transformers() -> Any:
     try:
         import transformers
     except ImportError as err:
-        raise MissingDependencyError(
-            "the MERT encoder needs transformers: pip install 'apex-rank[mert]'"
-        ) from err
+        raise MissingDependencyError("the MERT encoder needs transformers: pip install 'apex-rank[mert]'") from err
     return transformers
 
 
@@ -375,6 +379,7 @@ class MertEncoder:
             )
         self._normalize = do_norm if c.normalize == "auto" else c.normalize == "on"
         self.dim = int(self.model.config.hidden_size)
+        w: tuple[float, ...]
         if c.fusion == "official":
             w, b = OFFICIAL_FUSION_WEIGHTS, OFFICIAL_FUSION_BIAS
         elif c.fusion == "mean":
@@ -401,11 +406,15 @@ class MertEncoder:
                 trust_remote_code=c.trust_remote_code,
                 output_loading_info=True,
             )
-        except (OSError, EnvironmentError) as err:
+        except OSError as err:
             reason = " ".join(str(err).split())
             raise CheckpointError(f"cannot load model {c.model!r}: {reason} {_how_to_get(c.model)}") from err
         except ValueError as err:
-            hint = " (MERT checkpoints ship their own code: set trust_remote_code=True)" if "trust_remote_code" in str(err) else ""
+            hint = (
+                " (MERT checkpoints ship their own code: set trust_remote_code=True)"
+                if "trust_remote_code" in str(err)
+                else ""
+            )
             raise CheckpointError(f"cannot load model {c.model!r}: {err}{hint}") from err
         missing = sorted(info.get("missing_keys") or [])
         mismatched = list(info.get("mismatched_keys") or [])
@@ -447,7 +456,11 @@ class MertEncoder:
 
     @property
     def config_hash(self) -> str:
-        cfg = {k: v for k, v in to_dict(self.config).items() if k not in ("device", "batch_size", "allow_download", "model")}
+        cfg = {
+            k: v
+            for k, v in to_dict(self.config).items()
+            if k not in ("device", "batch_size", "allow_download", "model")
+        }
         return _hash({"encoder": self.name, "config": cfg, "weights": self._source_hash, "code": ENCODER_CODE_VERSION})
 
     @property
@@ -553,7 +566,9 @@ class EncoderEntry:
 
 
 ENCODERS: dict[str, EncoderEntry] = {
-    "spectral": EncoderEntry(SpectralEncoder, SpectralConfig, {}, "log-mel/MFCC/chroma/contrast statistics, no weights"),
+    "spectral": EncoderEntry(
+        SpectralEncoder, SpectralConfig, {}, "log-mel/MFCC/chroma/contrast statistics, no weights"
+    ),
     "mert-v1-95m": EncoderEntry(
         MertEncoder, MertConfig, {"model": "m-a-p/MERT-v1-95M", "trust_remote_code": True}, "MERT-v1-95M (12 × 768)"
     ),
@@ -596,7 +611,8 @@ class EncoderSpec:
 
     def build(self) -> Encoder:
         """Construct (and, for MERT, load) the encoder."""
-        return _entry(self.name).factory(self.config())  # type: ignore[no-any-return]
+        encoder: Encoder = _entry(self.name).factory(self.config())
+        return encoder
 
 
 def _entry(name: str) -> EncoderEntry:

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the parser."""
     p = sub.add_parser(
         "embed",
@@ -15,8 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Decode, resample and segment every song, embed the segments and write one vector per song. "
         "Bad files are skipped and listed; the command fails only if nothing could be embedded (or with --strict).",
     )
-    p.add_argument("source", metavar="PATH_OR_MANIFEST", help="folder of audio files, or parquet/CSV with audio_path[, song_id]")
-    p.add_argument("--encoder", default="spectral", help="spectral (default), mert-v1-95m, mert-v1-330m, mert, precomputed, or a model folder")
+    p.add_argument(
+        "source", metavar="PATH_OR_MANIFEST", help="folder of audio files, or parquet/CSV with audio_path[, song_id]"
+    )
+    p.add_argument(
+        "--encoder",
+        default="spectral",
+        help="spectral (default), mert-v1-95m, mert-v1-330m, mert, precomputed, or a model folder",
+    )
     p.add_argument("--encoder-model", help="model folder or hub name for the mert encoders")
     p.add_argument("--precomputed", help="embeddings parquet for --encoder precomputed")
     p.add_argument("--layers", help="comma-separated hidden-state indices for mert (default 2,5,8,-1)")
@@ -29,8 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--cache", metavar="DIR", help="content-hash cache folder: re-runs embed only new or changed files")
     p.add_argument("--segment-s", type=float, default=30.0, help="segment length in seconds (default 30)")
     p.add_argument("--hop-s", type=float, default=None, help="hop between segments (default: the segment length)")
-    p.add_argument("--min-last-s", type=float, default=5.0,
-                   help="drop a last segment shorter than this when others exist (0 = official: always pad)")
+    p.add_argument(
+        "--min-last-s",
+        type=float,
+        default=5.0,
+        help="drop a last segment shorter than this when others exist (0 = official: always pad)",
+    )
     p.add_argument("--keep-segments", action="store_true", help="also store every segment's vector")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any file was skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +76,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from apex_rank.features.audio import AudioConfig
-    from apex_rank.features.embed import EmbedConfig, EmbedProgress, embed_audio, iter_failures_summary, write_embeddings
+    from apex_rank.features.embed import (
+        EmbedConfig,
+        EmbedProgress,
+        embed_audio,
+        iter_failures_summary,
+        write_embeddings,
+    )
 
     cfg = EmbedConfig(
         encoder=args.encoder,
@@ -84,8 +100,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
             return
         if bar is None:
             bar = tqdm(total=p.total, unit="file", file=sys.stderr, dynamic_ncols=True)
-        bar.set_postfix_str(f"{p.audio_s / 3600:.2f} h audio, {p.speed_x:.0f}x real-time, "
-                            f"{p.cached} cached, {p.skipped} skipped", refresh=False)
+        bar.set_postfix_str(
+            f"{p.audio_s / 3600:.2f} h audio, {p.speed_x:.0f}x real-time, {p.cached} cached, {p.skipped} skipped",
+            refresh=False,
+        )
         bar.update(1)
 
     try:
@@ -96,9 +114,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     n_ok = result.table.height
     if n_ok:
         write_embeddings(result.table, args.out)
-    print(f"embedded {n_ok} song(s) with {result.encoder_id} ({result.n_embedded} new, {result.n_cached} from cache), "
-          f"{result.audio_s / 3600:.3f} h of audio, {result.speed_x:.0f}x real-time"
-          + (f" -> {args.out}" if n_ok else ""))
+    print(
+        f"embedded {n_ok} song(s) with {result.encoder_id} ({result.n_embedded} new, {result.n_cached} from cache), "
+        f"{result.audio_s / 3600:.3f} h of audio, {result.speed_x:.0f}x real-time" + (f" -> {args.out}" if n_ok else "")
+    )
     if result.skipped:
         print(f"skipped {len(result.skipped)} file(s):", file=sys.stderr)
         for line in iter_failures_summary(result.skipped):

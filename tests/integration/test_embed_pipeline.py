@@ -58,7 +58,15 @@ def test_folder_to_table_with_bad_files_skipped(music: Path, tmp_path: Path) -> 
     result = embed_audio(music, _cfg(tmp_path, keep_segments=True))
     t = result.table
     assert sorted(t["song_id"].to_list()) == sorted(GOOD)
-    assert t.columns == ["song_id", "embedding", "encoder", "n_segments", "duration_s", "audio_path", "segment_embeddings"]
+    assert t.columns == [
+        "song_id",
+        "embedding",
+        "encoder",
+        "n_segments",
+        "duration_s",
+        "audio_path",
+        "segment_embeddings",
+    ]
     ids, X = embedding_matrix(t, expected_width=238)
     assert X.shape == (5, 238)
     row = t.filter(pl.col("song_id") == "calm/soft_a").row(0, named=True)
@@ -111,7 +119,9 @@ def test_interrupted_run_resumes(music: Path, tmp_path: Path) -> None:
 
 def test_manifest_tables_give_ids(music: Path, tmp_path: Path) -> None:
     manifest = music / "songs.parquet"
-    pl.DataFrame({"song_id": ["s1", "s2"], "audio_path": ["calm/soft_a.wav", str(music / "opus_clip.opus")]}).write_parquet(manifest)
+    pl.DataFrame(
+        {"song_id": ["s1", "s2"], "audio_path": ["calm/soft_a.wav", str(music / "opus_clip.opus")]}
+    ).write_parquet(manifest)
     result = embed_audio(manifest, _cfg(tmp_path))
     assert result.table["song_id"].to_list() == ["s1", "s2"]
     csv = music / "list.csv"
@@ -132,7 +142,9 @@ def test_pure_batch_function_and_worker_processes_agree(music: Path, tmp_path: P
     inproc = embed_audio(music, EmbedConfig(audio=AUDIO))
     pooled = embed_audio(music, EmbedConfig(audio=AUDIO, workers=2))
     assert pooled.table["song_id"].to_list() == inproc.table["song_id"].to_list()
-    np.testing.assert_allclose(embedding_matrix(pooled.table)[1], embedding_matrix(inproc.table)[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        embedding_matrix(pooled.table)[1], embedding_matrix(inproc.table)[1], rtol=1e-5, atol=1e-6
+    )
     assert len(pooled.skipped) == 2
 
 
@@ -159,7 +171,9 @@ def test_precomputed_through_the_pipeline(tmp_path: Path) -> None:
 
     path = tmp_path / "pre.parquet"
     embeddings_frame(["a", "b"], np.eye(2, dtype=np.float32), encoder="ext").write_parquet(path)
-    res = embed_audio([SongSource("b", "b.wav"), SongSource("zz", "zz.wav")],
-                      EmbedConfig(encoder="precomputed", encoder_options={"path": str(path)}))
+    res = embed_audio(
+        [SongSource("b", "b.wav"), SongSource("zz", "zz.wav")],
+        EmbedConfig(encoder="precomputed", encoder_options={"path": str(path)}),
+    )
     assert res.table["song_id"].to_list() == ["b"] and res.table["encoder"][0].startswith("precomputed:")
     assert len(res.skipped) == 1 and "song_id 'zz' is not in" in res.skipped[0].reason

@@ -101,8 +101,13 @@ def tiny_hubert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import HubertConfig, HubertModel
 
     cfg = HubertConfig(
-        hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        hidden_size=32,
+        num_hidden_layers=12,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
     )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-hubert")
@@ -142,8 +147,17 @@ def test_mert_mean_fusion_and_custom_layers(tiny_hubert: Path, reference) -> Non
     x, hs = reference
     enc = get_encoder(str(tiny_hubert), {"fusion": "mean", "layers": [0, 6, -1], "device": "cpu"})  # a folder name
     assert torch.allclose(enc.embed(x), (hs[0].mean(1) + hs[6].mean(1) + hs[12].mean(1)) / 3, atol=1e-5)
-    enc = get_encoder("mert", {"model": str(tiny_hubert), "fusion": "weights", "layers": [4],
-                               "fusion_weights": [2.0], "fusion_bias": 1.0, "device": "cpu"})
+    enc = get_encoder(
+        "mert",
+        {
+            "model": str(tiny_hubert),
+            "fusion": "weights",
+            "layers": [4],
+            "fusion_weights": [2.0],
+            "fusion_bias": 1.0,
+            "device": "cpu",
+        },
+    )
     assert torch.allclose(enc.embed(x), 2 * hs[4].mean(1) + 1, atol=1e-5)
     official = get_encoder("mert", {"model": str(tiny_hubert), "device": "cpu"})
     assert enc.config_hash != official.config_hash
