@@ -613,10 +613,10 @@ def audio_demo(out: str | Path, *, seed: int = 0, max_duration_s: float = 15.0) 
     result = embed_audio(folder, cfg)
     write_embeddings(result.table, out / "audio_embeddings.parquet")
     t = result.table
+    speed = f"{result.n_embedded} new at {result.speed_x:.0f}x real-time" if result.n_embedded else "none new"
     yield (
         f"   {t.height} files, {result.audio_s:.0f} s of audio embedded with {result.encoder_id} "
-        f"({result.n_embedded} new at {result.speed_x:.0f}x real-time, {result.n_cached} from cache, "
-        f"{len(result.skipped)} skipped) -> {out / 'audio_embeddings.parquet'}"
+        f"({speed}, {result.n_cached} from cache, {len(result.skipped)} skipped) -> {out / 'audio_embeddings.parquet'}"
     )
     from apex_rank.schemas import embedding_matrix
 

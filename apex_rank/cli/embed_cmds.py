@@ -114,9 +114,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     n_ok = result.table.height
     if n_ok:
         write_embeddings(result.table, args.out)
+    speed = f"new audio at {result.speed_x:.0f}x real-time" if result.n_embedded else "nothing new to embed"
     print(
         f"embedded {n_ok} song(s) with {result.encoder_id} ({result.n_embedded} new, {result.n_cached} from cache), "
-        f"{result.audio_s / 3600:.3f} h of audio, {result.speed_x:.0f}x real-time" + (f" -> {args.out}" if n_ok else "")
+        f"{result.audio_s / 3600:.3f} h of audio, {speed}" + (f" -> {args.out}" if n_ok else "")
     )
     if result.skipped:
         print(f"skipped {len(result.skipped)} file(s):", file=sys.stderr)
