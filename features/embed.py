@@ -281,7 +281,8 @@ class EmbeddingCache:
     """
 
     def __init__(self, root: str | Path, encoder_id: str, audio: AudioConfig) -> None:
-        audio_cfg = to_dict(audio)
+        # the read block size does not change any sample (the resampler is exact across blocks)
+        audio_cfg = {k: v for k, v in to_dict(audio).items() if k != "block_s"}
         self.key = f"{encoder_id.replace(':', '-')}-{_hash(audio_cfg)[:8]}"
         self.folder = Path(root) / self.key
         if (self.folder / "manifest.json").is_file():

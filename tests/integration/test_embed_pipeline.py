@@ -86,6 +86,9 @@ def test_cache_second_run_embeds_nothing_and_changed_files_are_redone(music: Pat
     second = embed_audio(music, _cfg(tmp_path))
     assert second.n_embedded == 0 and second.n_cached == 5
     assert second.table["embedding"].to_list() == first.table["embedding"].to_list()
+    # the read block size changes no sample, so it is not part of the key
+    reblocked = AudioConfig(segment_s=2.0, min_last_s=0.5, block_s=0.7)
+    assert embed_audio(music, EmbedConfig(audio=reblocked, cache_dir=str(tmp_path / "cache"))).n_embedded == 0
     # pickle-free cache: JSON manifest + npz files only, readable with allow_pickle=False
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert {p.suffix for p in files} == {".json", ".npz"}
