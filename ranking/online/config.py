@@ -41,6 +41,8 @@ class OnlineConfig:
         How often the catalogue follower wakes to check the stream and the ``current`` pointer.
     max_body_bytes:
         Request-size limit of the HTTP service.
+    max_batch:
+        Most concurrent requests one engine call ranks together (1 disables micro-batching).
     """
 
     namespace: str = "default"
@@ -57,13 +59,14 @@ class OnlineConfig:
     fallback_size: int = 1000
     follow_interval_s: float = 0.5
     max_body_bytes: int = 64 * 1024
+    max_batch: int = 32
 
     def __post_init__(self) -> None:
         for name in ("budget_ms", "retry_s", "follow_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"online.{name} must be > 0, got {getattr(self, name)}")
         for name in ("batch_size", "staging_ttl_s", "version_ttl_s", "grace_s", "history_len",
-                     "events_maxlen", "max_k", "fallback_size", "max_body_bytes"):
+                     "events_maxlen", "max_k", "fallback_size", "max_body_bytes", "max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"online.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.profile_alpha <= 1.0:

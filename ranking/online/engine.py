@@ -67,6 +67,10 @@ class RankingEngine(Protocol):
 
     def n_users(self) -> int: ...
 
+    def close(self) -> None:
+        """Release background resources (the engine stays usable, without them)."""
+        ...
+
 
 class FallbackList:
     """A precomputed best-first list of (song_id, score, "fallback"); ``top`` is pure Python.

@@ -16,7 +16,10 @@ key                                 type      holds
 ``apexrank:{NS}:v{V}:meta``         string    JSON manifest of version ``V``; written last, so its
                                               presence marks a complete publish
 ``apexrank:{NS}:v{V}:songs``        hash      song id -> song record (``SONG_RECORD`` below)
-``apexrank:{NS}:v{V}:emb``          hash      song id -> content embedding, raw little-endian f32
+``apexrank:{NS}:v{V}:emb``          hash      song id -> content embedding, little-endian f32
+                                              (published songs: the bundle's L2-normalised row;
+                                              ingested songs: as given, so followers recompute
+                                              the same APEX priors)
 ``apexrank:{NS}:v{V}:ingested``     set       song ids ingested into ``V`` after it was published
 ``apexrank:{NS}:v{V}:u:{USER}``     hash      user state: ``f`` CF factor (f32 bytes, absent for
                                               users without one), ``p`` content profile (f32

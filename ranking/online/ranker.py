@@ -103,8 +103,9 @@ def default_loader(bundle_dir: str) -> RankingEngine:
     return RecommenderEngine.load(bundle_dir)
 
 
-def engine_loader(fallback_size: int) -> EngineLoader:
-    """A loader building :class:`RecommenderEngine` with the given fallback length."""
+def engine_loader(fallback_size: int, max_batch: int = 32) -> EngineLoader:
+    """A loader building :class:`RecommenderEngine` with the given fallback length and
+    micro-batch bound."""
 
     def load(bundle_dir: str) -> RankingEngine:
         from apex_rank.ranking.recommender import load_recommender
@@ -112,7 +113,7 @@ def engine_loader(fallback_size: int) -> EngineLoader:
         from .recommender_engine import RecommenderEngine
 
         return RecommenderEngine(load_recommender(bundle_dir, device="cpu"), bundle_dir,
-                                 fallback_size=fallback_size)
+                                 fallback_size=fallback_size, max_batch=max_batch)
 
     return load
 
@@ -143,7 +144,7 @@ class OnlineRanker:
                  follow_store: OnlineStore | None = None) -> None:
         self.config = config or OnlineConfig()
         self.store = store
-        self._loader = loader or engine_loader(self.config.fallback_size)
+        self._loader = loader or engine_loader(self.config.fallback_size, self.config.max_batch)
         self._down_until = 0.0
         self._switch_lock = threading.Lock()
         self._switching: int | None = None
@@ -227,10 +228,12 @@ class OnlineRanker:
                 new = self._load_version(version, store)
             finally:
                 self._switching = None
-            old = self._active.version
+            old = self._active
             self._active = new  # one reference assignment: a request sees old or new, never both
             self.stats["switches"] += 1
-            log.info("switched from version %s to %d", old, version)
+            if old.engine is not new.engine:
+                old.engine.close()  # requests still on it rank directly, without the batcher
+            log.info("switched from version %s to %d", old.version, version)
 
     def _request_switch(self, version: int) -> None:
         """A request saw a moved pointer. With a follower thread, it switches (in the

@@ -276,9 +276,8 @@ class RedisStore(OnlineStore):
 
         try:
             pipe = self.client.pipeline(transaction=False)
-            for uid, rec in users:
+            for uid, rec in users:  # version numbers are never reused: the keys are new
                 key = self.keys.user(version, uid)
-                pipe.delete(key)
                 pipe.hset(key, mapping=_user_to_fields(rec))
                 pipe.expire(key, ttl_s)
             pipe.execute()
