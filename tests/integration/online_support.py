@@ -27,20 +27,23 @@ def free_port() -> int:
 class OwnRedis:
     """A redis-server child process on 127.0.0.1 with ``appendonly yes`` in ``folder``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, password: str | None = None) -> None:
         if shutil.which("redis-server") is None:
             pytest.skip("redis-server binary is not installed")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OwnRedis:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-             "--protected-mode", "yes", "--enable-debug-command", "local", "--logfile", str(self.folder / "redis.log")],
+             "--protected-mode", "yes", "--enable-debug-command", "local", "--logfile", str(self.folder / "redis.log"),
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 

@@ -207,3 +207,20 @@ def test_redis_down_then_restarted_degrades_recovers_and_keeps_events(
         ranker.close()
     finally:
         own.stop()
+
+
+def test_password_protected_redis(engines: tuple[RecommenderEngine, RecommenderEngine], tmp_path: Path) -> None:
+    e1, _ = engines
+    own = OwnRedis(tmp_path / "redis-auth", password="s3cret-pw").start()
+    try:
+        store = RedisStore(own.url, "auth")
+        v = publish(e1, store, config=OnlineConfig(namespace="auth")).version
+        with OnlineRanker.connect(own.url, namespace="auth", engine=e1, follow=False) as ranker:
+            r = ranker.rank(e1.recommender.user_ids[0], k=5)
+            assert not r.degraded and r.model_version == str(v)
+        wrong = RedisStore(own.url.replace("s3cret-pw", "wrong-pw"), "auth")
+        with pytest.raises(StoreError) as info:
+            wrong.current_version()
+        assert "s3cret" not in str(info.value) and "wrong-pw" not in str(info.value)
+    finally:
+        own.stop()
