@@ -54,7 +54,7 @@ class CandidateConfig:
         filtered history; users with longer histories may get fewer than the limit.
     """
 
-    als: int = 200
+    als: int = 100
     content: int = 100
     pseudo_cf: int = 100
     fresh: int = 50
@@ -70,17 +70,27 @@ class CandidateConfig:
 
 
 def _filter_rows(ids: np.ndarray, scores: np.ndarray, excludes: Sequence[set[str]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Drop excluded ids and padding from each row, keep the first n (order preserved)."""
-    b = ids.shape[0]
+    """Drop excluded ids and padding from each row, keep the first n (order preserved).
+
+    Vectorised as an anti-join of (row, id) pairs, so its cost does not grow with Python loops.
+    """
+    b, m = ids.shape
     out_ids = np.full((b, n), "", dtype=object)
     out_sc = np.full((b, n), -np.inf, dtype=np.float32)
-    for r in range(b):
-        ex = excludes[r]
-        row_ids, row_sc = ids[r], scores[r]
-        keep = [j for j in range(row_ids.shape[0]) if row_ids[j] != "" and row_ids[j] not in ex][:n]
-        if keep:
-            out_ids[r, : len(keep)] = row_ids[keep]
-            out_sc[r, : len(keep)] = row_sc[keep]
+    if b == 0 or n == 0 or m == 0:
+        return out_ids, out_sc
+    r, c = np.nonzero(ids != "")
+    long = pl.DataFrame({"_r": r.astype(np.int64), "_c": c.astype(np.int64),
+                         "song_id": pl.Series(ids[r, c].tolist(), dtype=pl.String)})
+    ex_rows = np.repeat(np.arange(b, dtype=np.int64), [len(e) for e in excludes])
+    ex_ids = [x for e in excludes for x in e]
+    if ex_ids:
+        ex = pl.DataFrame({"_r": ex_rows, "song_id": pl.Series(ex_ids, dtype=pl.String)})
+        long = long.join(ex, on=["_r", "song_id"], how="anti", maintain_order="left")
+    long = long.with_columns(pl.int_range(pl.len()).over("_r").alias("_k")).filter(pl.col("_k") < n)
+    rr, cc, kk = long["_r"].to_numpy(), long["_c"].to_numpy(), long["_k"].to_numpy()
+    out_ids[rr, kk] = ids[rr, cc]
+    out_sc[rr, kk] = scores[rr, cc]
     return out_ids, out_sc
 
 
@@ -229,9 +239,16 @@ def generate_candidates(
     if not parts:
         return pl.DataFrame(schema=schema)
     long = pl.concat(parts)
-    wide = long.group_by(["_row", "song_id"]).agg(
-        *[pl.col("_rank").filter(pl.col("_src") == j).min().alias(RANK_COLUMNS[j]) for j in range(len(SOURCE_ORDER))],
-        pl.col("_src").sort_by(["_rank", "_src"]).first().alias("_best"),
+    nsrc = len(SOURCE_ORDER)
+    # one min() per column: ranks per source, and (rank, source) packed so ties go to the earlier source
+    wide = (
+        long.with_columns(
+            *[pl.when(pl.col("_src") == j).then(pl.col("_rank")).alias(RANK_COLUMNS[j]) for j in range(nsrc)],
+            (pl.col("_rank").cast(pl.Int64) * nsrc + pl.col("_src").cast(pl.Int64)).alias("_key"),
+        )
+        .group_by(["_row", "song_id"])
+        .agg(*[pl.col(c).min() for c in RANK_COLUMNS], pl.col("_key").min())
+        .with_columns((pl.col("_key") % nsrc).alias("_best"), (pl.col("_key") // nsrc).alias("_minrank"))
     )
     users = pl.DataFrame({"_row": np.arange(len(states), dtype=np.int64),
                           "user_id": pl.Series([s.user_id for s in states], dtype=pl.String)})
@@ -239,7 +256,7 @@ def generate_candidates(
     out = (
         wide.join(users, on="_row", how="left")
         .with_columns(pl.col("_best").cast(pl.Int64).replace_strict(names, return_dtype=pl.String).alias("source"))
-        .sort(["_row", "_best", pl.min_horizontal(*RANK_COLUMNS), "song_id"])
+        .sort(["_row", "_best", "_minrank", "song_id"])
         .select(["user_id", "song_id", "source", *RANK_COLUMNS])
     )
     return out.cast({c: pl.Int32 for c in RANK_COLUMNS})

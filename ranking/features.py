@@ -7,7 +7,7 @@ Columns (``FEATURES``, in this order, float32 with null = missing):
 - ``content_sim``: cosine of the user's content profile and the song embedding
 - the seven APEX priors (``APEX_TASKS``)
 - ``log_popularity``: log1p of train interactions (null for cold songs)
-- ``age_days``: days between release and the table's reference time (null if unknown)
+- ``age_days``: days between release and the table's reference time (null if unknown or cold)
 - ``is_cold``: 1 for songs without a CF factor
 - ``rank_als``, ``rank_content``, ``rank_pseudo_cf``, ``rank_fresh``: source ranks
 - ``user_activity``: log1p of the user's interaction count
@@ -40,7 +40,7 @@ FEATURES: tuple[str, ...] = (
     "als_score", "pseudo_cf_score", "content_sim", *APEX_TASKS, "log_popularity", "age_days", "is_cold",
     *RANK_COLUMNS, "user_activity", *GAP_COLUMNS,
 )
-COLD_MASKED = ("als_score", "log_popularity", "rank_als")  # what a cold song lacks
+COLD_MASKED = ("als_score", "log_popularity", "age_days", "rank_als")  # what a cold song lacks
 
 
 def _rowdot(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -118,7 +118,9 @@ def build_feature_frame(states: Sequence[UserState], candidates: pl.DataFrame, s
         csim[mp] = _rowdot(P[u[mp]], st.embeddings[s[mp]])
     pri = st.priors[s]
     logpop = np.where(warm, np.log1p(st.popularity[s]), np.nan).astype(np.float32)
-    age = (np.maximum(0.0, st.now_s - st.created_s[s]) / 86400.0).astype(np.float32)
+    # age only for warm songs: for a never-played song it would just restate "cold" (and the
+    # natural cold songs of the training slice are all brand new, which would teach "new = bad")
+    age = np.where(warm, np.maximum(0.0, st.now_s - st.created_s[s]) / 86400.0, np.nan).astype(np.float32)
     gaps = (pri - hist_mean[u]).astype(np.float32)
 
     cols: dict[str, object] = {"als_score": als, "pseudo_cf_score": pcf, "content_sim": csim}

@@ -270,11 +270,7 @@ class Recommender:
         if apex.input_dim != E_raw.shape[1]:
             raise SchemaError(f"APEX predictor expects embeddings of width {apex.input_dim}, the table has {E_raw.shape[1]}")
         priors = apex.predict(E_raw)
-        pmean = np.nanmean(np.where(np.isfinite(priors), priors, np.nan), axis=0) if np.isfinite(priors).any() else np.zeros(7)
-        with np.errstate(invalid="ignore"):
-            pstd = np.nan_to_num(np.nanstd(priors, axis=0), nan=1.0)
-        pmean = np.nan_to_num(pmean, nan=0.0).astype(np.float32)
-        pstd = np.where(pstd > 0, pstd, 1.0).astype(np.float32)
+        pmean, pstd = _prior_stats(priors)
         timings["apex"] = time.perf_counter() - t0
         E = l2_normalize(E_raw)
 
@@ -595,6 +591,17 @@ class Recommender:
         write_manifest(folder, kind=KIND, schema=SCHEMA, files=files,
                        payload={"config": to_dict(self.config), "report": _jsonable(self.report)})
         return folder
+
+
+def _prior_stats(priors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and std over finite values (0 and 1 for untrained, all-NaN columns)."""
+    ok = np.isfinite(priors)
+    n = ok.sum(axis=0)
+    x = np.where(ok, priors, 0.0).astype(np.float64)
+    mean = x.sum(axis=0) / np.maximum(n, 1)
+    var = (np.where(ok, (priors - mean) ** 2, 0.0)).sum(axis=0) / np.maximum(n, 1)
+    std = np.sqrt(var)
+    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
 
 
 def _jsonable(x: Any) -> Any:

@@ -49,6 +49,8 @@ class RerankerConfig:
     cold_sim_share: share of warm songs made to look cold in training groups (0 disables).
     max_query_rows: longer queries are split into groups of at most this many rows.
     max_train_users: at most this many users (seeded sample) build training groups.
+    negatives_per_query: keep every positive and at most this many sampled negatives per training
+        group (0 keeps all); lambdarank's cost grows with pairs per query, so this bounds build time.
     seed: seeds the user split, the cold simulation and LightGBM.
     """
 
@@ -64,6 +66,7 @@ class RerankerConfig:
     cold_sim_share: float = 0.5
     max_query_rows: int = 10000
     max_train_users: int = 5000
+    negatives_per_query: int = 100
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +78,8 @@ class RerankerConfig:
             raise ConfigError(f"reranker.max_query_rows must be in [1, {LGB_QUERY_LIMIT}], got {self.max_query_rows}")
         if self.max_grade < 1 or self.max_grade > 30:
             raise ConfigError(f"reranker.max_grade must be in [1, 30], got {self.max_grade}")
+        if self.negatives_per_query < 0:
+            raise ConfigError(f"reranker.negatives_per_query must be >= 0, got {self.negatives_per_query}")
         for name in ("num_leaves", "n_estimators", "early_stopping_rounds", "eval_at", "max_train_users"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"reranker.{name} must be >= 1, got {getattr(self, name)}")
@@ -99,6 +104,14 @@ def simulate_cold(frame: pl.DataFrame, share: float, seed: int) -> pl.DataFrame:
         *[pl.when(hit).then(None).otherwise(pl.col(c)).alias(c) for c in COLD_MASKED],
         pl.when(hit).then(1.0).otherwise(pl.col("is_cold")).cast(pl.Float32).alias("is_cold"),
     )
+
+
+def sample_negatives(frame: pl.DataFrame, label_col: str, n_neg: int, seed: int) -> pl.DataFrame:
+    """Keep every positive row and a seeded sample of at most ``n_neg`` negatives per user."""
+    key = pl.Series("_key", np.random.default_rng(seed).random(frame.height))
+    f = frame.with_columns(key)
+    neg_rank = pl.col("_key").rank("ordinal").over(["user_id", pl.col(label_col) > 0])
+    return f.filter((pl.col(label_col) > 0) | (neg_rank <= n_neg)).drop("_key")
 
 
 def query_groups(user_ids: pl.Series, max_rows: int) -> np.ndarray:
@@ -153,7 +166,10 @@ class Reranker:
             is_val[: max(1, users.len() // 5)] = True
             is_val[-1] = False
         split = pl.DataFrame({"user_id": users, "_val": is_val})
-        f = frame.join(split, on="user_id", how="inner").sort(["user_id"], maintain_order=True)
+        f = frame.join(split, on="user_id", how="inner")
+        if cfg.negatives_per_query > 0:
+            f = sample_negatives(f, label_col, cfg.negatives_per_query, cfg.seed)
+        f = f.sort(["user_id"], maintain_order=True)
         params = {
             "objective": "lambdarank", "metric": "ndcg", "eval_at": [cfg.eval_at],
             "label_gain": [float(2**g - 1) for g in range(cfg.max_grade + 1)],

@@ -49,5 +49,5 @@ def test_hybrid_beats_als_and_popularity_on_cold_targets() -> None:
     print(f"cold-target NDCG@10 full list: hybrid {hybrid:.4f} als {als:.4f} popularity {pop:.4f}; "
           f"cold slice: hybrid {hybrid_cold:.4f} popularity {pop_cold:.4f} (als cannot rank cold songs: 0)")
     assert als == 0.0  # ALS has no factor for a cold song
-    assert hybrid >= 0.015 and hybrid >= max(als, pop) + 0.015
-    assert hybrid_cold >= 0.10 and hybrid_cold >= 2.0 * pop_cold + 0.05
+    assert hybrid >= 0.01 and hybrid >= max(als, pop) + 0.01
+    assert hybrid_cold >= 0.15 and hybrid_cold >= 3.0 * pop_cold + 0.1
