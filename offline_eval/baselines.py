@@ -132,9 +132,19 @@ class Ranker:
 
 
 class ScoreRanker(Ranker):
-    """A ranker defined by a dense score matrix; history items get ``-inf``."""
+    """A ranker defined by a dense score matrix; history items get ``-inf``.
+
+    Equal scores are ordered by a permutation of the catalogue seeded with ``ctx.seed``, never by
+    the catalogue order itself (which may correlate with popularity).
+    """
 
     ctx: EvalContext
+    _tiebreak: np.ndarray | None = None
+
+    def tiebreak(self) -> np.ndarray:
+        if self._tiebreak is None or self._tiebreak.size != self.ctx.n_items:
+            self._tiebreak = np.random.default_rng(self.ctx.seed).permutation(self.ctx.n_items)
+        return self._tiebreak
 
     def score(self, users: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -147,7 +157,7 @@ class ScoreRanker(Ranker):
             hist = self.ctx.train[ub]
             r, c = hist.nonzero()
             S[r, c] = -np.inf
-            out.append(top_k_from_scores(S, k, allowed=allowed))
+            out.append(top_k_from_scores(S, k, allowed=allowed, tiebreak=self.tiebreak()))
         return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 

