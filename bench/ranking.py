@@ -21,8 +21,16 @@ import numpy as np
 import polars as pl
 
 
-def make_bench_world(n_songs: int, n_users: int, n_interactions: int, *, dim: int = 64, n_clusters: int = 256,
-                     cold_share: float = 0.1, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def make_bench_world(
+    n_songs: int,
+    n_users: int,
+    n_interactions: int,
+    *,
+    dim: int = 64,
+    n_clusters: int = 256,
+    cold_share: float = 0.1,
+    seed: int = 0,
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Songs, embeddings and interactions tables, generated without per-row Python loops.
 
     Users pick a taste cluster by softmax(u . c / tau), then a song inside it with probability
@@ -38,7 +46,9 @@ def make_bench_world(n_songs: int, n_users: int, n_interactions: int, *, dim: in
     q = rng.normal(size=n_songs).astype(np.float32)
     W1 = rng.normal(size=(F + 1, 2 * dim)).astype(np.float32) / np.sqrt(F + 1)
     W2 = rng.normal(size=(2 * dim, dim)).astype(np.float32) / np.sqrt(2 * dim)
-    emb = np.tanh(np.concatenate([z, q[:, None]], axis=1) @ W1) @ W2 + 0.1 * rng.normal(size=(n_songs, dim)).astype(np.float32)
+    emb = np.tanh(np.concatenate([z, q[:, None]], axis=1) @ W1) @ W2 + 0.1 * rng.normal(size=(n_songs, dim)).astype(
+        np.float32
+    )
     cold = rng.random(n_songs) < cold_share
     # per-cluster sampling tables over warm songs, weight exp(q)
     order = np.lexsort((np.arange(n_songs), cluster))
@@ -77,21 +87,29 @@ def make_bench_world(n_songs: int, n_users: int, n_interactions: int, *, dim: in
     song_ids = [f"s{i:07d}" for i in range(n_songs)]
     release = np.where(cold, rng.uniform(days, days + 10, n_songs), rng.uniform(0, days * 0.8, n_songs))
     streams = rng.poisson(np.exp(1.2 * q) * 50).astype(np.int64)
-    songs = pl.DataFrame({
-        "song_id": song_ids,
-        "created_at": pl.Series(release * 86400.0 * 1e6, dtype=pl.Float64).cast(pl.Int64).cast(pl.Datetime("us"))
-        .dt.offset_by(f"{int(epoch.timestamp())}s"),
-        "streams": streams, "likes": rng.binomial(streams, 0.1).astype(np.int64),
-    })
+    songs = pl.DataFrame(
+        {
+            "song_id": song_ids,
+            "created_at": pl.Series(release * 86400.0 * 1e6, dtype=pl.Float64)
+            .cast(pl.Int64)
+            .cast(pl.Datetime("us"))
+            .dt.offset_by(f"{int(epoch.timestamp())}s"),
+            "streams": streams,
+            "likes": rng.binomial(streams, 0.1).astype(np.int64),
+        }
+    )
     embeddings = embeddings_frame(song_ids, emb.astype(np.float32), encoder="bench-synthetic")
     sid = pl.Series(song_ids, dtype=pl.String)
-    inter = pl.DataFrame({
-        "user_id": pl.Series([f"u{i:06d}" for i in range(n_users)], dtype=pl.String).gather(users),
-        "song_id": sid.gather(song),
-        "ts": pl.Series((ts * 86400.0 * 1e6).astype(np.int64), dtype=pl.Int64).cast(pl.Datetime("us"))
-        .dt.offset_by(f"{int(epoch.timestamp())}s"),
-        "weight": np.ones(n_interactions, dtype=np.float64),
-    })
+    inter = pl.DataFrame(
+        {
+            "user_id": pl.Series([f"u{i:06d}" for i in range(n_users)], dtype=pl.String).gather(users),
+            "song_id": sid.gather(song),
+            "ts": pl.Series((ts * 86400.0 * 1e6).astype(np.int64), dtype=pl.Int64)
+            .cast(pl.Datetime("us"))
+            .dt.offset_by(f"{int(epoch.timestamp())}s"),
+            "weight": np.ones(n_interactions, dtype=np.float64),
+        }
+    )
     return songs, embeddings, inter
 
 
@@ -125,20 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.small else 1)
 
     from apex_rank.manifest import library_versions
-    from apex_rank.threads import blas_single_threaded, configure_threads, thread_report
-    from apex_rank.ranking.cf import CFConfig, CFModel, interactions_to_csr, make_implicit_model
+    from apex_rank.ranking.cf import CFModel, interactions_to_csr, make_implicit_model
     from apex_rank.ranking.recommender import Recommender, RecommenderConfig
+    from apex_rank.threads import blas_single_threaded, configure_threads, thread_report
 
     configure_threads(args.threads)
     print(f"# bench.ranking — SYNTHETIC data: {S} songs x {U} users x {N} interactions")
     print(f"machine : {machine()}")
-    print(f"threads : {thread_report()}")
+    print(f"threads : {thread_report()} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     print(f"versions: {library_versions()}")
 
     t0 = time.perf_counter()
     songs, emb, inter = make_bench_world(S, U, N)
-    print(f"generate: {time.perf_counter() - t0:.1f} s ({inter['user_id'].n_unique()} active users, "
-          f"{inter['song_id'].n_unique()} played songs)")
+    print(
+        f"generate: {time.perf_counter() - t0:.1f} s ({inter['user_id'].n_unique()} active users, "
+        f"{inter['song_id'].n_unique()} played songs)"
+    )
 
     # APEX: a small head trained on a 5k-song sample outside the timed build (build then predicts all songs)
     from apex_rank.features.apex_tables import build_apex_dataset, train_apex
@@ -147,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     sample = songs.sample(min(5000, S), seed=0)
     data = build_apex_dataset(sample, emb.filter(pl.col("song_id").is_in(sample["song_id"].implode())), seed=0)
-    apex, _, _ = train_apex(data, TrainConfig(epochs=5, lr=2e-3, batch_size=512, patience=3, device="cpu", progress=False))
+    apex, _, _ = train_apex(
+        data, TrainConfig(epochs=5, lr=2e-3, batch_size=512, patience=3, device="cpu", progress=False)
+    )
     print(f"apex    : head trained on {sample.height} songs in {time.perf_counter() - t0:.1f} s (not part of build)")
 
     cfg = RecommenderConfig()
@@ -167,25 +189,31 @@ def main(argv: list[str] | None = None) -> int:
             model.fit(M, show_progress=False)
             bare.append(time.perf_counter() - t0)
     med = statistics.median
-    print(f"ALS fit : ours {med(ours):.2f} s (of which implicit fit {med(ours_fit):.2f} s) | bare implicit "
-          f"{med(bare):.2f} s | ratio ours/bare {med(ours) / med(bare):.2f} (fit-only {med(ours_fit) / med(bare):.2f}) "
-          f"[median of {repeats}; factors={cfg.cf.factors}, iterations={cfg.cf.iterations}]")
+    print(
+        f"ALS fit : ours {med(ours):.2f} s (of which implicit fit {med(ours_fit):.2f} s) | bare implicit "
+        f"{med(bare):.2f} s | ratio ours/bare {med(ours) / med(bare):.2f} (fit-only {med(ours_fit) / med(bare):.2f}) "
+        f"[median of {repeats}; factors={cfg.cf.factors}, iterations={cfg.cf.iterations}]"
+    )
 
     t0 = time.perf_counter()
     rec = Recommender.build(songs, emb, inter, cfg, apex=apex)
     total = time.perf_counter() - t0
     tm = rec.report["timings"]
     print(f"build   : {total:.1f} s total; " + ", ".join(f"{k} {v:.1f}s" for k, v in tm.items()))
-    print(f"          reranker: {rec.report['n_rerank_rows']} rows, best iteration {rec.report['reranker_best_iteration']}, "
-          f"val NDCG@10 {rec.report['reranker_val_ndcg']:.3f}; {rec.report['n_warm_songs']} warm / "
-          f"{rec.report['n_cold_songs']} cold songs")
+    print(
+        f"          reranker: {rec.report['n_rerank_rows']} rows, best iteration {rec.report['reranker_best_iteration']}, "
+        f"val NDCG@10 {rec.report['reranker_val_ndcg']:.3f}; {rec.report['n_warm_songs']} warm / "
+        f"{rec.report['n_cold_songs']} cold songs"
+    )
 
     users = rec.user_ids
     t0 = time.perf_counter()
     out = rec.recommend_states([rec.user_state(u) for u in users], 20, progress=True)
     dt = time.perf_counter() - t0
-    print(f"batch   : recommend_batch for {len(users)} users, k=20: {dt:.1f} s = {len(users) / dt:.0f} users/s "
-          f"({out.height} rows; chunks of {cfg.batch_users} users)")
+    print(
+        f"batch   : recommend_batch for {len(users)} users, k=20: {dt:.1f} s = {len(users) / dt:.0f} users/s "
+        f"({out.height} rows; chunks of {cfg.batch_users} users)"
+    )
 
     rng = np.random.default_rng(1)
     pick = rng.choice(len(users), size=min(args.latency_users, len(users)), replace=False)
@@ -194,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rec.recommend(users[i], k=20)
         lat.append((time.perf_counter() - t0) * 1e3)
-    print(f"single  : recommend(k=20) over {len(lat)} users: p50 {np.percentile(lat, 50):.1f} ms, "
-          f"p99 {np.percentile(lat, 99):.1f} ms, mean {np.mean(lat):.1f} ms")
+    print(
+        f"single  : recommend(k=20) over {len(lat)} users: p50 {np.percentile(lat, 50):.1f} ms, "
+        f"p99 {np.percentile(lat, 99):.1f} ms, mean {np.mean(lat):.1f} ms"
+    )
     return 0
 
 

@@ -34,7 +34,6 @@ import numpy as np
 import polars as pl
 
 from apex_rank.errors import ConfigError
-
 from apex_rank.ranking.cf import top_k_by_factors
 from apex_rank.ranking.index import CandidateIndex
 from apex_rank.ranking.state import UserState
@@ -69,7 +68,9 @@ class CandidateConfig:
         return int(getattr(self, source))
 
 
-def _filter_rows(ids: np.ndarray, scores: np.ndarray, excludes: Sequence[set[str]], n: int) -> tuple[np.ndarray, np.ndarray]:
+def _filter_rows(
+    ids: np.ndarray, scores: np.ndarray, excludes: Sequence[set[str]], n: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Drop excluded ids and padding from each row, keep the first n (order preserved).
 
     Vectorised as an anti-join of (row, id) pairs, so its cost does not grow with Python loops.
@@ -80,8 +81,9 @@ def _filter_rows(ids: np.ndarray, scores: np.ndarray, excludes: Sequence[set[str
     if b == 0 or n == 0 or m == 0:
         return out_ids, out_sc
     r, c = np.nonzero(ids != "")
-    long = pl.DataFrame({"_r": r.astype(np.int64), "_c": c.astype(np.int64),
-                         "song_id": pl.Series(ids[r, c].tolist(), dtype=pl.String)})
+    long = pl.DataFrame(
+        {"_r": r.astype(np.int64), "_c": c.astype(np.int64), "song_id": pl.Series(ids[r, c].tolist(), dtype=pl.String)}
+    )
     ex_rows = np.repeat(np.arange(b, dtype=np.int64), [len(e) for e in excludes])
     ex_ids = [x for e in excludes for x in e]
     if ex_ids:
@@ -100,7 +102,9 @@ class CandidateSource(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def retrieve_batch(self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve_batch(
+        self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-n per state: ``(ids (b, n) object, scores (b, n) float32)``, excluded ids removed."""
 
     def retrieve(self, state: UserState, n: int, exclude: set[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +127,9 @@ class FactorSource(CandidateSource):
         self.factors = np.ascontiguousarray(factors, dtype=np.float32)
         self._pos = {s: i for i, s in enumerate(self.song_ids)}
 
-    def retrieve_batch(self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve_batch(
+        self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         b = len(states)
         ids, sc = self._empty(b, n)
         rows = [i for i, s in enumerate(states) if s.cf_factor is not None]
@@ -131,7 +137,7 @@ class FactorSource(CandidateSource):
             return ids, sc
         import scipy.sparse as sp
 
-        U = np.stack([states[i].cf_factor for i in rows]).astype(np.float32)  # type: ignore[misc]
+        U = np.stack([states[i].cf_factor for i in rows]).astype(np.float32)
         if U.shape[1] != self.factors.shape[1]:
             raise ConfigError(f"user factor width {U.shape[1]} != item factor width {self.factors.shape[1]}")
         cols: list[int] = []
@@ -139,10 +145,12 @@ class FactorSource(CandidateSource):
         for i in rows:
             cols.extend(j for j in (self._pos.get(s, -1) for s in excludes[i]) if j >= 0)
             indptr.append(len(cols))
-        mask = sp.csr_matrix((np.ones(len(cols), np.float32), np.asarray(cols, np.int64), np.asarray(indptr)),
-                             shape=(len(rows), len(self.song_ids)))
-        I, D = top_k_by_factors(U, self.factors, self.song_ids, n, exclude=mask)
-        ids[rows], sc[rows] = I, D
+        mask = sp.csr_matrix(
+            (np.ones(len(cols), np.float32), np.asarray(cols, np.int64), np.asarray(indptr)),
+            shape=(len(rows), len(self.song_ids)),
+        )
+        hits, D = top_k_by_factors(U, self.factors, self.song_ids, n, exclude=mask)
+        ids[rows], sc[rows] = hits, D
         return ids, sc
 
 
@@ -157,7 +165,9 @@ class IndexSource(CandidateSource):
         self.query = query
         self.max_overfetch = max_overfetch
 
-    def retrieve_batch(self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve_batch(
+        self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         b = len(states)
         ids, sc = self._empty(b, n)
         rows = [i for i, s in enumerate(states) if getattr(s, self.query) is not None]
@@ -165,8 +175,8 @@ class IndexSource(CandidateSource):
             return ids, sc
         Q = np.stack([getattr(states[i], self.query) for i in rows]).astype(np.float32)
         extra = min(self.max_overfetch, max(len(excludes[i]) for i in rows))
-        D, I = self.index.search(Q, n + extra)
-        fi, fs = _filter_rows(I, D, [excludes[i] for i in rows], n)
+        D, hits = self.index.search(Q, n + extra)
+        fi, fs = _filter_rows(hits, D, [excludes[i] for i in rows], n)
         ids[rows], sc[rows] = fi, fs
         return ids, sc
 
@@ -181,14 +191,16 @@ class RankedListSource(CandidateSource):
         self.scores = np.asarray(scores, dtype=np.float32)[order]
         self.max_overfetch = max_overfetch
 
-    def retrieve_batch(self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve_batch(
+        self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         b = len(states)
         if n == 0 or b == 0 or len(self.song_ids) == 0:
             return self._empty(b, n)
         m = min(len(self.song_ids), n + min(self.max_overfetch, max(len(e) for e in excludes)))
-        I = np.broadcast_to(self.song_ids[:m], (b, m))
+        hits = np.broadcast_to(self.song_ids[:m], (b, m))
         D = np.broadcast_to(self.scores[:m], (b, m))
-        return _filter_rows(I, D, excludes, n)
+        return _filter_rows(hits, D, excludes, n)
 
 
 def generate_candidates(
@@ -227,14 +239,19 @@ def generate_candidates(
         n = max(config.limit(src.name), min_per_source if config.limit(src.name) > 0 else 0)
         if n == 0:
             continue
-        I, _ = src.retrieve_batch(states, n, excl)
-        valid = I != ""
+        hits, _ = src.retrieve_batch(states, n, excl)
+        valid = hits != ""
         r, c = np.nonzero(valid)
-        parts.append(pl.DataFrame({
-            "_row": r.astype(np.int64), "song_id": pl.Series(I[r, c].tolist(), dtype=pl.String),
-            "_src": np.full(len(r), SOURCE_ORDER.index(src.name), dtype=np.int8),
-            "_rank": (c + 1).astype(np.int32),
-        }))
+        parts.append(
+            pl.DataFrame(
+                {
+                    "_row": r.astype(np.int64),
+                    "song_id": pl.Series(hits[r, c].tolist(), dtype=pl.String),
+                    "_src": np.full(len(r), SOURCE_ORDER.index(src.name), dtype=np.int8),
+                    "_rank": (c + 1).astype(np.int32),
+                }
+            )
+        )
     schema = {"user_id": pl.String, "song_id": pl.String, "source": pl.String, **{c: pl.Int32 for c in RANK_COLUMNS}}
     if not parts:
         return pl.DataFrame(schema=schema)
@@ -250,8 +267,12 @@ def generate_candidates(
         .agg(*[pl.col(c).min() for c in RANK_COLUMNS], pl.col("_key").min())
         .with_columns((pl.col("_key") % nsrc).alias("_best"), (pl.col("_key") // nsrc).alias("_minrank"))
     )
-    users = pl.DataFrame({"_row": np.arange(len(states), dtype=np.int64),
-                          "user_id": pl.Series([s.user_id for s in states], dtype=pl.String)})
+    users = pl.DataFrame(
+        {
+            "_row": np.arange(len(states), dtype=np.int64),
+            "user_id": pl.Series([s.user_id for s in states], dtype=pl.String),
+        }
+    )
     names = dict(enumerate(SOURCE_ORDER))
     out = (
         wide.join(users, on="_row", how="left")

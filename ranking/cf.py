@@ -92,13 +92,13 @@ def interactions_to_csr(
     bad = j.filter(pl.col("ui").is_null() | pl.col("si").is_null())
     if bad.height:
         raise UnknownIdError(
-            f"interaction (user_id {bad['u'][0]!r}, song_id {bad['s'][0]!r}) is outside the id maps "
-            f"({bad.height} rows)"
+            f"interaction (user_id {bad['u'][0]!r}, song_id {bad['s'][0]!r}) is outside the id maps ({bad.height} rows)"
         )
     agg = j.group_by(["ui", "si"]).agg(pl.col("w").sum())
     M = sp.csr_matrix(
         (agg["w"].to_numpy().astype(np.float32), (agg["ui"].to_numpy(), agg["si"].to_numpy())),
-        shape=(len(users), len(songs)), dtype=np.float32,
+        shape=(len(users), len(songs)),
+        dtype=np.float32,
     )
     M.sum_duplicates()
     M.sort_indices()
@@ -106,7 +106,12 @@ def interactions_to_csr(
 
 
 def solve_user_factor(
-    item_factors: np.ndarray, item_idx: np.ndarray, weights: np.ndarray, *, alpha: float, regularization: float,
+    item_factors: np.ndarray,
+    item_idx: np.ndarray,
+    weights: np.ndarray,
+    *,
+    alpha: float,
+    regularization: float,
     gram: np.ndarray | None = None,
 ) -> np.ndarray:
     """The ALS user step: argmin_u Σ_i c_i (p_i − u·v_i)² + λ‖u‖² with c = alpha·w on the history.
@@ -166,8 +171,9 @@ class CFModel:
             model.fit(M, show_progress=show_progress)
         self.fit_seconds = time.perf_counter() - t0
         self._set(users, songs, np.asarray(model.user_factors), np.asarray(model.item_factors), M)
-        log.info("%s fitted: %d users x %d songs, %d nnz, %.2fs", cfg.model, len(users), len(songs), M.nnz,
-                 self.fit_seconds)
+        log.info(
+            "%s fitted: %d users x %d songs, %d nnz, %.2fs", cfg.model, len(users), len(songs), M.nnz, self.fit_seconds
+        )
         return self
 
     def _set(self, users: list[str], songs: list[str], U: np.ndarray, V: np.ndarray, M: sp.csr_matrix) -> None:
@@ -206,8 +212,14 @@ class CFModel:
         # sum weights per song, as the CSR used at fit time does
         uniq, inv = np.unique(idx[keep], return_inverse=True)
         wsum = np.bincount(inv, weights=w[keep])
-        return solve_user_factor(self.item_factors, uniq, wsum, alpha=self.config.alpha if self.config.model == "als" else 1.0,
-                                 regularization=self.config.regularization, gram=self._gram)
+        return solve_user_factor(
+            self.item_factors,
+            uniq,
+            wsum,
+            alpha=self.config.alpha if self.config.model == "als" else 1.0,
+            regularization=self.config.regularization,
+            gram=self._gram,
+        )
 
     # ------------------------------------------------------------------ scoring
     def score(self, user_id: str, song_ids: Sequence[str]) -> np.ndarray:
@@ -221,8 +233,8 @@ class CFModel:
 
     def recommend(self, user_id: str, k: int = 20, *, filter_history: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Top-k songs for a fitted user: ``(ids (k,) object, scores (k,) float32)``, padded ``""``/-inf."""
-        I, D = self.recommend_batch([user_id], k, filter_history=filter_history)
-        return I[0], D[0]
+        hits, D = self.recommend_batch([user_id], k, filter_history=filter_history)
+        return hits[0], D[0]
 
     def recommend_batch(
         self, user_ids: Sequence[str], k: int = 20, *, filter_history: bool = True
@@ -247,9 +259,15 @@ class CFModel:
         path = Path(path)
         M = self.user_items
         np.savez(
-            path, user_ids=np.asarray(self.user_ids, dtype=str), song_ids=np.asarray(self.song_ids, dtype=str),
-            user_factors=self.user_factors, item_factors=self.item_factors, indptr=M.indptr, indices=M.indices,
-            data=M.data, config=np.asarray(json.dumps(to_dict(self.config))),
+            path,
+            user_ids=np.asarray(self.user_ids, dtype=str),
+            song_ids=np.asarray(self.song_ids, dtype=str),
+            user_factors=self.user_factors,
+            item_factors=self.item_factors,
+            indptr=M.indptr,
+            indices=M.indices,
+            data=M.data,
+            config=np.asarray(json.dumps(to_dict(self.config))),
         )
         return path
 
@@ -271,26 +289,39 @@ class CFModel:
         return obj
 
 
-def make_implicit_model(cfg: CFConfig):  # type: ignore[no-untyped-def]
+def make_implicit_model(cfg: CFConfig):
     """The bare implicit CPU model for ``cfg`` (also used by the benchmark's baseline fit)."""
     if cfg.model == "als":
         from implicit.cpu.als import AlternatingLeastSquares
 
         return AlternatingLeastSquares(
-            factors=cfg.factors, regularization=cfg.regularization, alpha=cfg.alpha, iterations=cfg.iterations,
-            random_state=cfg.seed, num_threads=thread_count(),
+            factors=cfg.factors,
+            regularization=cfg.regularization,
+            alpha=cfg.alpha,
+            iterations=cfg.iterations,
+            random_state=cfg.seed,
+            num_threads=thread_count(),
         )
     from implicit.cpu.bpr import BayesianPersonalizedRanking
 
     return BayesianPersonalizedRanking(
-        factors=cfg.factors, learning_rate=cfg.learning_rate, regularization=cfg.regularization,
-        iterations=cfg.iterations, random_state=cfg.seed, num_threads=thread_count(),
+        factors=cfg.factors,
+        learning_rate=cfg.learning_rate,
+        regularization=cfg.regularization,
+        iterations=cfg.iterations,
+        random_state=cfg.seed,
+        num_threads=thread_count(),
     )
 
 
 def top_k_by_factors(
-    U: np.ndarray, V: np.ndarray, item_ids: Sequence[str] | np.ndarray, k: int, *,
-    exclude: sp.csr_matrix | None = None, chunk: int = 1024,
+    U: np.ndarray,
+    V: np.ndarray,
+    item_ids: Sequence[str] | np.ndarray,
+    k: int,
+    *,
+    exclude: sp.csr_matrix | None = None,
+    chunk: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of U·Vᵀ per row, with a CSR mask of excluded items; ``""``/-inf padding.
 

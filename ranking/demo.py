@@ -29,9 +29,11 @@ def recommender_demo(world: Any, predictor: Any, bundle_dir: str | Path, *, k: i
     rec = Recommender.build(world.songs, world.embeddings, train, DEMO_CONFIG, apex=predictor)
     rec.save(bundle_dir)
     r = rec.report
-    yield (f"   built on {train.height} interactions before {world.cutoff:%Y-%m-%d} in {time.perf_counter() - t0:.1f} s: "
-           f"{r['n_warm_songs']} warm + {r['n_cold_songs']} cold songs (released after the cut), "
-           f"reranker val NDCG@10 {r['reranker_val_ndcg']:.3f}; bundle in {bundle_dir}")
+    yield (
+        f"   built on {train.height} interactions before {world.cutoff:%Y-%m-%d} in {time.perf_counter() - t0:.1f} s: "
+        f"{r['n_warm_songs']} warm + {r['n_cold_songs']} cold songs (released after the cut), "
+        f"reranker val NDCG@10 {r['reranker_val_ndcg']:.3f}; bundle in {bundle_dir}"
+    )
     batch = rec.recommend_batch(rec.user_ids, k=k)
     per_user = batch.group_by("user_id", maintain_order=True).agg(pl.col("is_cold").sum().alias("n_cold"))
     users = per_user.sort(["n_cold", "user_id"], descending=[True, False])["user_id"].head(2).to_list()

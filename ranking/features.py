@@ -30,15 +30,22 @@ import numpy as np
 import polars as pl
 
 from apex_rank.errors import SchemaError
-from apex_rank.tasks import APEX_TASKS
-
 from apex_rank.ranking.candidates import RANK_COLUMNS
 from apex_rank.ranking.state import SongTable, UserState
+from apex_rank.tasks import APEX_TASKS
 
 GAP_COLUMNS = tuple(f"gap_{t}" for t in APEX_TASKS)
 FEATURES: tuple[str, ...] = (
-    "als_score", "pseudo_cf_score", "content_sim", *APEX_TASKS, "log_popularity", "age_days", "is_cold",
-    *RANK_COLUMNS, "user_activity", *GAP_COLUMNS,
+    "als_score",
+    "pseudo_cf_score",
+    "content_sim",
+    *APEX_TASKS,
+    "log_popularity",
+    "age_days",
+    "is_cold",
+    *RANK_COLUMNS,
+    "user_activity",
+    *GAP_COLUMNS,
 )
 COLD_MASKED = ("als_score", "log_popularity", "age_days", "rank_als")  # what a cold song lacks
 
@@ -69,14 +76,18 @@ def build_feature_frame(states: Sequence[UserState], candidates: pl.DataFrame, s
         if col not in candidates.columns:
             raise SchemaError(f"candidates frame: required column {col!r} is missing")
     upos = {s.user_id: i for i, s in enumerate(states)}
-    users = pl.DataFrame({"user_id": pl.Series(list(upos), dtype=pl.String),
-                          "_u": np.asarray(list(upos.values()), dtype=np.int64)})
+    users = pl.DataFrame(
+        {"user_id": pl.Series(list(upos), dtype=pl.String), "_u": np.asarray(list(upos.values()), dtype=np.int64)}
+    )
     j = candidates.join(users, on="user_id", how="left", maintain_order="left").join(
-        song_table.index_frame(), on="song_id", how="left", maintain_order="left")
+        song_table.index_frame(), on="song_id", how="left", maintain_order="left"
+    )
     if j["_u"].null_count():
         raise SchemaError(f"candidates frame: user_id {j.filter(pl.col('_u').is_null())['user_id'][0]!r} has no state")
     if j["_idx"].null_count():
-        raise SchemaError(f"candidates frame: song_id {j.filter(pl.col('_idx').is_null())['song_id'][0]!r} is not in the catalogue")
+        raise SchemaError(
+            f"candidates frame: song_id {j.filter(pl.col('_idx').is_null())['song_id'][0]!r} is not in the catalogue"
+        )
     u = j["_u"].to_numpy()
     s = j["_idx"].to_numpy()
     n = len(u)
@@ -132,7 +143,7 @@ def build_feature_frame(states: Sequence[UserState], candidates: pl.DataFrame, s
     cols["user_activity"] = activity[u]
     for k, g in enumerate(GAP_COLUMNS):
         cols[g] = gaps[:, k]
-    feats = pl.DataFrame({k: pl.Series(v, dtype=pl.Float32).fill_nan(None) for k, v in cols.items()})
+    feats = pl.DataFrame({k: pl.Series(np.asarray(v), dtype=pl.Float32).fill_nan(None) for k, v in cols.items()})
     base = candidates.drop([c for c in FEATURES if c in candidates.columns and c not in RANK_COLUMNS])
     out = pl.concat([base, feats], how="horizontal")
     return out.with_columns([pl.col(c).cast(pl.Float32) for c in RANK_COLUMNS])

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 _IDS_SUFFIX = ".ids.json"
 
 
-def _faiss():  # type: ignore[no-untyped-def]
+def _faiss():
     import faiss
 
     return faiss
@@ -227,11 +227,11 @@ class CandidateIndex:
             return scores, out
         Q = l2_normalize(Q) if self.normalize else np.ascontiguousarray(Q)
         kk = min(k, self.ntotal)
-        D, I = self._searcher().search(Q, kk)  # type: ignore[attr-defined]
-        valid = I >= 0
+        D, hits = self._searcher().search(Q, kk)  # type: ignore[attr-defined]
+        valid = hits >= 0
         lookup = np.asarray(self._ids + [""], dtype=object)
         scores[:, :kk] = np.where(valid, D, -np.inf)
-        out[:, :kk] = lookup[np.where(valid, I, len(self._ids))]
+        out[:, :kk] = lookup[np.where(valid, hits, len(self._ids))]
         return scores, out
 
     # ------------------------------------------------------------------ persistence
@@ -241,8 +241,12 @@ class CandidateIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         _faiss().write_index(self._index, str(path))
         meta = {
-            "dim": self.dim, "factory": self.factory, "normalize": self.normalize,
-            "nprobe": self.nprobe, "ef_search": self.ef_search, "ids": self._ids,
+            "dim": self.dim,
+            "factory": self.factory,
+            "normalize": self.normalize,
+            "nprobe": self.nprobe,
+            "ef_search": self.ef_search,
+            "ids": self._ids,
         }
         ids_path = path.with_name(path.name + _IDS_SUFFIX)
         ids_path.write_text(json.dumps(meta))
@@ -258,8 +262,14 @@ class CandidateIndex:
                 raise ArtifactError(f"index file {p} is missing")
         try:
             meta = json.loads(ids_path.read_text())
-            obj = cls(int(meta["dim"]), str(meta["factory"]), normalize=bool(meta["normalize"]),
-                      nprobe=int(meta["nprobe"]), ef_search=int(meta["ef_search"]), device=device)
+            obj = cls(
+                int(meta["dim"]),
+                str(meta["factory"]),
+                normalize=bool(meta["normalize"]),
+                nprobe=int(meta["nprobe"]),
+                ef_search=int(meta["ef_search"]),
+                device=device,
+            )
             obj._index = _faiss().read_index(str(path))
         except (json.JSONDecodeError, KeyError, RuntimeError) as err:
             raise ArtifactError(f"index {path} cannot be read: {err}") from err

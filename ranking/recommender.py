@@ -44,11 +44,13 @@ from apex_rank.config import from_dict, to_dict
 from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdError
 from apex_rank.manifest import read_manifest, write_manifest
 from apex_rank.predictor import ApexPredictor
-from apex_rank.schemas import embedding_matrix, validate_interactions, validate_songs
-from apex_rank.tasks import APEX_TASKS
-
 from apex_rank.ranking.candidates import (
-    CandidateConfig, CandidateSource, FactorSource, IndexSource, RankedListSource, generate_candidates,
+    CandidateConfig,
+    CandidateSource,
+    FactorSource,
+    IndexSource,
+    RankedListSource,
+    generate_candidates,
 )
 from apex_rank.ranking.cf import CFConfig, CFModel
 from apex_rank.ranking.content_map import ContentToCF
@@ -56,13 +58,19 @@ from apex_rank.ranking.features import build_feature_frame
 from apex_rank.ranking.index import CandidateIndex, l2_normalize
 from apex_rank.ranking.reranker import Reranker, RerankerConfig, grade_labels
 from apex_rank.ranking.state import SongTable, UserState, quality_score
+from apex_rank.schemas import embedding_matrix, validate_interactions, validate_songs
+from apex_rank.tasks import APEX_TASKS
 
 log = logging.getLogger(__name__)
 
 KIND = "apex-recommender"
 SCHEMA = 1
 RESULT_SCHEMA: dict[str, Any] = {
-    "song_id": pl.String, "score": pl.Float64, "source": pl.String, "rank": pl.Int32, "is_cold": pl.Boolean,
+    "song_id": pl.String,
+    "score": pl.Float64,
+    "source": pl.String,
+    "rank": pl.Int32,
+    "is_cold": pl.Boolean,
     **{t: pl.Float32 for t in APEX_TASKS},
 }
 
@@ -138,11 +146,11 @@ class _Users:
     """Per-user serving state as arrays (dense user order = ``user_ids``)."""
 
     user_ids: list[str]
-    profiles: np.ndarray          # (n_users, d) float32, zero rows = no profile
-    has_profile: np.ndarray       # (n_users,) bool
-    hist_indptr: np.ndarray       # CSR over catalogue positions, ordered by first interaction
+    profiles: np.ndarray  # (n_users, d) float32, zero rows = no profile
+    has_profile: np.ndarray  # (n_users,) bool
+    hist_indptr: np.ndarray  # CSR over catalogue positions, ordered by first interaction
     hist_indices: np.ndarray
-    activity: np.ndarray          # (n_users,) int64
+    activity: np.ndarray  # (n_users,) int64
     pos: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -171,8 +179,12 @@ def _user_arrays(inter: pl.DataFrame, table: SongTable, half_life_days: float) -
         prof[~has] = l2_normalize(np.asarray(W1[~has] @ table.embeddings, dtype=np.float32))
         has = np.linalg.norm(prof, axis=1) > 0
     # histories: unique songs per user in order of first interaction
-    h = (j.select("_u", "_s", "ts_s").with_row_index("_r")
-         .sort(["_u", "ts_s", "_r"], nulls_last=True).unique(["_u", "_s"], keep="first", maintain_order=True))
+    h = (
+        j.select("_u", "_s", "ts_s")
+        .with_row_index("_r")
+        .sort(["_u", "ts_s", "_r"], nulls_last=True)
+        .unique(["_u", "_s"], keep="first", maintain_order=True)
+    )
     counts = np.bincount(h["_u"].to_numpy(), minlength=n_u)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     act = np.bincount(u, minlength=n_u).astype(np.int64)
@@ -199,8 +211,17 @@ class Recommender:
     """
 
     def __init__(
-        self, *, config: RecommenderConfig, songs: SongTable, users: _Users, cf: CFModel, content_map: ContentToCF,
-        content_index: CandidateIndex, pseudo_index: CandidateIndex, reranker: Reranker, apex: ApexPredictor,
+        self,
+        *,
+        config: RecommenderConfig,
+        songs: SongTable,
+        users: _Users,
+        cf: CFModel,
+        content_map: ContentToCF,
+        content_index: CandidateIndex,
+        pseudo_index: CandidateIndex,
+        reranker: Reranker,
+        apex: ApexPredictor,
         report: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
@@ -218,8 +239,12 @@ class Recommender:
     # ------------------------------------------------------------------ build
     @classmethod
     def build(
-        cls, songs: pl.DataFrame, embeddings: pl.DataFrame, interactions: pl.DataFrame,
-        config: RecommenderConfig | None = None, apex: ApexPredictor | None = None,
+        cls,
+        songs: pl.DataFrame,
+        embeddings: pl.DataFrame,
+        interactions: pl.DataFrame,
+        config: RecommenderConfig | None = None,
+        apex: ApexPredictor | None = None,
     ) -> Recommender:
         """Build every component from tables (see module doc).
 
@@ -241,16 +266,22 @@ class Recommender:
         report: dict[str, Any] = {"n_interactions_in": inter.height, "n_songs": len(ids)}
         smap = pl.DataFrame({"song_id": pl.Series(ids, dtype=pl.String), "_s": np.arange(len(ids), dtype=np.int64)})
         inter = inter.select(
-            "user_id", "song_id", pl.col("weight").cast(pl.Float64),
+            "user_id",
+            "song_id",
+            pl.col("weight").cast(pl.Float64),
             *([pl.col("ts")] if has_ts else []),
         ).join(smap, on="song_id", how="left", maintain_order="left")
         unknown = inter.filter(pl.col("_s").is_null())
         report["unknown_song_rows"] = unknown.height
         report["unknown_song_examples"] = unknown["song_id"].unique(maintain_order=True).head(5).to_list()
         if unknown.height:
-            log.warning("%d interaction rows name %d song ids outside the catalogue (e.g. %r); they are dropped "
-                        "(see report['unknown_song_rows'])", unknown.height, unknown["song_id"].n_unique(),
-                        report["unknown_song_examples"][0])
+            log.warning(
+                "%d interaction rows name %d song ids outside the catalogue (e.g. %r); they are dropped "
+                "(see report['unknown_song_rows'])",
+                unknown.height,
+                unknown["song_id"].n_unique(),
+                report["unknown_song_examples"][0],
+            )
             inter = inter.filter(pl.col("_s").is_not_null())
         if inter.height == 0:
             raise SchemaError("no interaction names a song of the catalogue")
@@ -268,7 +299,9 @@ class Recommender:
         if apex is None:
             apex = cls._train_apex(songs, embeddings, inter, cfg)
         if apex.input_dim != E_raw.shape[1]:
-            raise SchemaError(f"APEX predictor expects embeddings of width {apex.input_dim}, the table has {E_raw.shape[1]}")
+            raise SchemaError(
+                f"APEX predictor expects embeddings of width {apex.input_dim}, the table has {E_raw.shape[1]}"
+            )
         priors = apex.predict(E_raw)
         pmean, pstd = _prior_stats(priors)
         timings["apex"] = time.perf_counter() - t0
@@ -281,13 +314,17 @@ class Recommender:
             now_fit, now_all = t_cut, float(np.nanmax(ts_s))
         else:
             is_label = np.random.default_rng(cfg.seed).random(inter.height) < cfg.rerank_share
-            now_fit = now_all = float(np.nanmax(ts_s)) if np.isfinite(ts_s).any() else float(np.nanmax(created, initial=0.0))
+            now_fit = now_all = (
+                float(np.nanmax(ts_s)) if np.isfinite(ts_s).any() else float(np.nanmax(created, initial=0.0))
+            )
         fit_part = inter.filter(pl.Series(~is_label))
         label_part = inter.filter(pl.Series(is_label))
         report.update(n_fit_rows=fit_part.height, n_label_rows=label_part.height)
         if fit_part.height == 0 or label_part.height == 0:
-            raise SchemaError(f"interactions cannot be split for reranker training ({fit_part.height} earlier rows, "
-                              f"{label_part.height} later rows); give more interactions or change rerank_share")
+            raise SchemaError(
+                f"interactions cannot be split for reranker training ({fit_part.height} earlier rows, "
+                f"{label_part.height} later rows); give more interactions or change rerank_share"
+            )
 
         # 3. training side
         t0 = time.perf_counter()
@@ -296,17 +333,28 @@ class Recommender:
         users_a = _user_arrays(fit_part, table_a, cfg.half_life_days)
         timings["train_side_total"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        tmp = cls(config=cfg, songs=table_a, users=users_a, cf=cf_a, content_map=map_a,
-                  content_index=cls._content_index(table_a, cfg), pseudo_index=cls._pseudo_index(table_a, cfg),
-                  reranker=Reranker(cfg.reranker), apex=apex)
+        tmp = cls(
+            config=cfg,
+            songs=table_a,
+            users=users_a,
+            cf=cf_a,
+            content_map=map_a,
+            content_index=cls._content_index(table_a, cfg),
+            pseudo_index=cls._pseudo_index(table_a, cfg),
+            reranker=Reranker(cfg.reranker),
+            apex=apex,
+        )
         frame = tmp._training_frame(label_part, cfg)
         timings["rerank_frame"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         reranker = Reranker(cfg.reranker).fit(frame, label_col="label")
         timings["reranker_fit"] = time.perf_counter() - t0
-        report.update(n_rerank_rows=frame.height, reranker_best_iteration=reranker.best_iteration,
-                      reranker_val_ndcg=reranker.best_score,
-                      n_rerank_positives=int((frame["label"] > 0).sum()))
+        report.update(
+            n_rerank_rows=frame.height,
+            reranker_best_iteration=reranker.best_iteration,
+            reranker_val_ndcg=reranker.best_score,
+            n_rerank_positives=int((frame["label"] > 0).sum()),
+        )
 
         # 4. serving side
         t0 = time.perf_counter()
@@ -319,34 +367,71 @@ class Recommender:
         content_index = cls._content_index(table_b, cfg)
         pseudo_index = cls._pseudo_index(table_b, cfg)
         timings["serving_side_total"] = time.perf_counter() - t0
-        report.update(n_users=len(users_b.user_ids), n_warm_songs=int(table_b.warm.sum()),
-                      n_cold_songs=int((~table_b.warm).sum()), timings=timings)
+        report.update(
+            n_users=len(users_b.user_ids),
+            n_warm_songs=int(table_b.warm.sum()),
+            n_cold_songs=int((~table_b.warm).sum()),
+            timings=timings,
+        )
         log.info("recommender built: %s", report)
-        return cls(config=cfg, songs=table_b, users=users_b, cf=cf_b, content_map=map_b, content_index=content_index,
-                   pseudo_index=pseudo_index, reranker=reranker, apex=apex, report=report)
+        return cls(
+            config=cfg,
+            songs=table_b,
+            users=users_b,
+            cf=cf_b,
+            content_map=map_b,
+            content_index=content_index,
+            pseudo_index=pseudo_index,
+            reranker=reranker,
+            apex=apex,
+            report=report,
+        )
 
     @staticmethod
-    def _train_apex(songs: pl.DataFrame, embeddings: pl.DataFrame, inter: pl.DataFrame, cfg: RecommenderConfig) -> ApexPredictor:
+    def _train_apex(
+        songs: pl.DataFrame, embeddings: pl.DataFrame, inter: pl.DataFrame, cfg: RecommenderConfig
+    ) -> ApexPredictor:
         from apex_rank.features.apex_tables import build_apex_dataset, train_apex
         from apex_rank.training import TrainConfig
 
         counts = None
         if "streams" not in songs.columns or "likes" not in songs.columns:
             c = inter.group_by("song_id").agg(pl.col("weight").sum().alias("n"))
-            n = songs.select("song_id").join(c, on="song_id", how="left", maintain_order="left")["n"].fill_null(0.0).to_numpy()
+            n = (
+                songs.select("song_id")
+                .join(c, on="song_id", how="left", maintain_order="left")["n"]
+                .fill_null(0.0)
+                .to_numpy()
+            )
             counts = {"streams": n, "likes": n}
             log.info("songs table lacks streams/likes: APEX popularity labels from training interaction counts")
         data = build_apex_dataset(songs, embeddings, seed=cfg.seed, popularity_counts=counts)
-        tc = TrainConfig(epochs=cfg.apex.epochs, lr=cfg.apex.lr, batch_size=cfg.apex.batch_size,
-                         patience=cfg.apex.patience, seed=cfg.seed, device="cpu", progress=False)
-        predictor, metrics, _ = train_apex(data, tc, encoder=embeddings["encoder"][0] if "encoder" in embeddings.columns else None)
+        tc = TrainConfig(
+            epochs=cfg.apex.epochs,
+            lr=cfg.apex.lr,
+            batch_size=cfg.apex.batch_size,
+            patience=cfg.apex.patience,
+            seed=cfg.seed,
+            device="cpu",
+            progress=False,
+        )
+        predictor, metrics, _ = train_apex(
+            data, tc, encoder=embeddings["encoder"][0] if "encoder" in embeddings.columns else None
+        )
         log.info("APEX trained on the way: best epoch %s", metrics.get("best_epoch"))
         return predictor
 
     @staticmethod
     def _fit_side(
-        inter: pl.DataFrame, ids: list[str], E: np.ndarray, priors: np.ndarray, created: np.ndarray, now_s: float,
-        pmean: np.ndarray, pstd: np.ndarray, cfg: RecommenderConfig,
+        inter: pl.DataFrame,
+        ids: list[str],
+        E: np.ndarray,
+        priors: np.ndarray,
+        created: np.ndarray,
+        now_s: float,
+        pmean: np.ndarray,
+        pstd: np.ndarray,
+        cfg: RecommenderConfig,
     ) -> tuple[CFModel, SongTable, ContentToCF]:
         cf = CFModel(cfg.cf).fit(inter)
         warm_idx = np.asarray([i for i in (pos for pos in _positions(ids, cf.song_ids))], dtype=np.int64)
@@ -360,23 +445,43 @@ class Recommender:
         pseudo = cmap.predict(E)
         pop = np.bincount(inter["_s"].to_numpy(), minlength=n).astype(np.float32)
         table = SongTable(
-            song_ids=list(ids), embeddings=E, cf_factors=V, warm=warm, pseudo_factors=pseudo,
-            priors=np.ascontiguousarray(priors, dtype=np.float32), popularity=pop, created_s=created.copy(),
-            quality=quality_score(priors, pop, pmean, pstd), now_s=now_s, prior_mean=pmean, prior_std=pstd,
+            song_ids=list(ids),
+            embeddings=E,
+            cf_factors=V,
+            warm=warm,
+            pseudo_factors=pseudo,
+            priors=np.ascontiguousarray(priors, dtype=np.float32),
+            popularity=pop,
+            created_s=created.copy(),
+            quality=quality_score(priors, pop, pmean, pstd),
+            now_s=now_s,
+            prior_mean=pmean,
+            prior_std=pstd,
         )
         return cf, table, cmap
 
     @staticmethod
     def _content_index(table: SongTable, cfg: RecommenderConfig, device: str = "auto") -> CandidateIndex:
-        idx = CandidateIndex(table.embeddings.shape[1], cfg.index.content_factory, nprobe=cfg.index.nprobe,
-                             ef_search=cfg.index.ef_search, device=device)
+        idx = CandidateIndex(
+            table.embeddings.shape[1],
+            cfg.index.content_factory,
+            nprobe=cfg.index.nprobe,
+            ef_search=cfg.index.ef_search,
+            device=device,
+        )
         idx.add(table.song_ids, table.embeddings)
         return idx
 
     @staticmethod
     def _pseudo_index(table: SongTable, cfg: RecommenderConfig, device: str = "auto") -> CandidateIndex:
-        idx = CandidateIndex(table.pseudo_factors.shape[1], cfg.index.pseudo_factory, normalize=False,
-                             nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search, device=device)
+        idx = CandidateIndex(
+            table.pseudo_factors.shape[1],
+            cfg.index.pseudo_factory,
+            normalize=False,
+            nprobe=cfg.index.nprobe,
+            ef_search=cfg.index.ef_search,
+            device=device,
+        )
         cold = np.flatnonzero(~table.warm)
         if len(cold):
             idx.add([table.song_ids[i] for i in cold], table.pseudo_factors[cold])
@@ -436,8 +541,14 @@ class Recommender:
         prof = U.profiles[i].copy() if U.has_profile[i] else None
         return UserState(user_id, factor, prof, hist, int(U.activity[i]))
 
-    def state_from_history(self, user_id: str, song_ids: Sequence[str], *, ts: Sequence[float] | None = None,
-                           weights: Sequence[float] | None = None) -> UserState:
+    def state_from_history(
+        self,
+        user_id: str,
+        song_ids: Sequence[str],
+        *,
+        ts: Sequence[float] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> UserState:
         """A state for a user unseen at build time, from their history (CF factor by the ALS user step).
 
         History entries naming songs outside the catalogue are ignored and counted in a warning.
@@ -446,11 +557,21 @@ class Recommender:
 
         unknown = [s for s in song_ids if s not in self.songs._pos]
         if unknown:
-            log.warning("history of user %r names %d song ids outside the catalogue (e.g. %r); ignored",
-                        user_id, len(unknown), unknown[0])
-        return user_state_from_history(user_id, song_ids, ts=ts, weights=weights, song_table=self.songs,
-                                       cf_factor=self.cf.factor_from_history(song_ids, weights),
-                                       half_life_days=self.config.half_life_days)
+            log.warning(
+                "history of user %r names %d song ids outside the catalogue (e.g. %r); ignored",
+                user_id,
+                len(unknown),
+                unknown[0],
+            )
+        return user_state_from_history(
+            user_id,
+            song_ids,
+            ts=ts,
+            weights=weights,
+            song_table=self.songs,
+            cf_factor=self.cf.factor_from_history(song_ids, weights),
+            half_life_days=self.config.half_life_days,
+        )
 
     # ------------------------------------------------------------------ recommending
     def recommend(self, user_id: str, k: int = 20, exclude: Iterable[str] | None = None) -> pl.DataFrame:
@@ -459,7 +580,9 @@ class Recommender:
         Fewer than k rows come back when fewer songs are rankable (k larger than the catalogue,
         or a history covering it: an empty frame).
         """
-        return self.recommend_states([self.user_state(user_id)], k, excludes=[set(exclude) if exclude else set()]).drop("user_id")
+        return self.recommend_states([self.user_state(user_id)], k, excludes=[set(exclude) if exclude else set()]).drop(
+            "user_id"
+        )
 
     def recommend_batch(self, user_ids: Sequence[str], k: int = 20) -> pl.DataFrame:
         """Long frame (``user_id`` + ``RESULT_SCHEMA``), users in input order; a user id repeated in
@@ -469,8 +592,14 @@ class Recommender:
             log.info("recommend_batch: %d duplicate user ids answered once", len(user_ids) - len(seen))
         return self.recommend_states([self.user_state(u) for u in seen], k)
 
-    def recommend_states(self, states: Sequence[UserState], k: int = 20, *,
-                         excludes: Sequence[set[str]] | None = None, progress: bool = False) -> pl.DataFrame:
+    def recommend_states(
+        self,
+        states: Sequence[UserState],
+        k: int = 20,
+        *,
+        excludes: Sequence[set[str]] | None = None,
+        progress: bool = False,
+    ) -> pl.DataFrame:
         """Rank for explicit states (the path an online ranker shares): candidates → features → rerank."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
@@ -487,24 +616,39 @@ class Recommender:
             chunks = tqdm(chunks, desc="recommend", unit="chunk")
         for start in chunks:
             idx = known[start : start + step]
-            out.append(rank_states([states[i] for i in idx], k, self.sources, self.songs, self.reranker,
-                                   self.config.candidates, excludes=[ex[i] for i in idx]))
+            out.append(
+                rank_states(
+                    [states[i] for i in idx],
+                    k,
+                    self.sources,
+                    self.songs,
+                    self.reranker,
+                    self.config.candidates,
+                    excludes=[ex[i] for i in idx],
+                )
+            )
         if unknown:
             out.append(self._fallback([states[i] for i in unknown], k, [ex[i] for i in unknown]))
         res = pl.concat(out) if out else pl.DataFrame(schema={"user_id": pl.String, **RESULT_SCHEMA})
-        return (res.with_columns(pl.col("user_id").replace_strict(order, return_dtype=pl.Int64).alias("_o"))
-                .sort(["_o", "rank"]).drop("_o"))
+        return (
+            res.with_columns(pl.col("user_id").replace_strict(order, return_dtype=pl.Int64).alias("_o"))
+            .sort(["_o", "rank"])
+            .drop("_o")
+        )
 
     def _fallback(self, states: Sequence[UserState], k: int, excludes: Sequence[set[str]]) -> pl.DataFrame:
         """Popularity-and-quality ranking for users without a state (source ``fallback``)."""
-        I, D = self.fallback_source.retrieve_batch(states, k, [e | set(s.history) for s, e in zip(states, excludes)])
-        r, c = np.nonzero(I != "")
-        frame = pl.DataFrame({
-            "user_id": pl.Series([states[i].user_id for i in r], dtype=pl.String),
-            "song_id": pl.Series(I[r, c].tolist(), dtype=pl.String),
-            "score": D[r, c].astype(np.float64), "source": pl.Series(["fallback"] * len(r), dtype=pl.String),
-            "rank": (c + 1).astype(np.int32),
-        })
+        hits, D = self.fallback_source.retrieve_batch(states, k, [e | set(s.history) for s, e in zip(states, excludes)])
+        r, c = np.nonzero(hits != "")
+        frame = pl.DataFrame(
+            {
+                "user_id": pl.Series([states[int(i)].user_id for i in r], dtype=pl.String),
+                "song_id": pl.Series(hits[r, c].tolist(), dtype=pl.String),
+                "score": D[r, c].astype(np.float64),
+                "source": pl.Series(["fallback"] * len(r), dtype=pl.String),
+                "rank": (c + 1).astype(np.int32),
+            }
+        )
         return _attach_song_columns(frame, self.songs)
 
     def similar_songs(self, song_id: str, k: int = 20) -> pl.DataFrame:
@@ -514,11 +658,15 @@ class Recommender:
         i = self.songs._pos.get(song_id)
         if i is None:
             raise UnknownIdError(f"song_id {song_id!r} is not in the catalogue")
-        D, I = self.content_index.search(self.songs.embeddings[i], k + 1)
-        keep = [(s, float(d)) for s, d in zip(I[0], D[0]) if s and s != song_id][:k]
-        frame = pl.DataFrame({"song_id": pl.Series([s for s, _ in keep], dtype=pl.String),
-                              "score": np.asarray([d for _, d in keep], dtype=np.float64),
-                              "rank": np.arange(1, len(keep) + 1, dtype=np.int32)})
+        D, hits = self.content_index.search(self.songs.embeddings[i], k + 1)
+        keep = [(s, float(d)) for s, d in zip(hits[0], D[0]) if s and s != song_id][:k]
+        frame = pl.DataFrame(
+            {
+                "song_id": pl.Series([s for s, _ in keep], dtype=pl.String),
+                "score": np.asarray([d for _, d in keep], dtype=np.float64),
+                "rank": np.arange(1, len(keep) + 1, dtype=np.int32),
+            }
+        )
         return _attach_song_columns(frame, self.songs)
 
     # ------------------------------------------------------------------ catalogue changes
@@ -541,10 +689,18 @@ class Recommender:
         f = self.songs.cf_factors.shape[1]
         pop = np.zeros(len(ids), dtype=np.float32)
         new = SongTable(
-            song_ids=ids, embeddings=E, cf_factors=np.zeros((len(ids), f), np.float32), warm=np.zeros(len(ids), bool),
-            pseudo_factors=self.content_map.predict(E), priors=priors, popularity=pop, created_s=created,
-            quality=quality_score(priors, pop, self.songs.prior_mean, self.songs.prior_std), now_s=self.songs.now_s,
-            prior_mean=self.songs.prior_mean, prior_std=self.songs.prior_std,
+            song_ids=ids,
+            embeddings=E,
+            cf_factors=np.zeros((len(ids), f), np.float32),
+            warm=np.zeros(len(ids), bool),
+            pseudo_factors=self.content_map.predict(E),
+            priors=priors,
+            popularity=pop,
+            created_s=created,
+            quality=quality_score(priors, pop, self.songs.prior_mean, self.songs.prior_std),
+            now_s=self.songs.now_s,
+            prior_mean=self.songs.prior_mean,
+            prior_std=self.songs.prior_std,
         )
         self.songs.append(new)
         self.content_index.add(ids, E)
@@ -557,7 +713,9 @@ class Recommender:
     @property
     def popularity(self) -> pl.DataFrame:
         """``song_id``, ``count``: interactions per song in the serving CF data."""
-        return pl.DataFrame({"song_id": pl.Series(self.songs.song_ids, dtype=pl.String), "count": self.songs.popularity})
+        return pl.DataFrame(
+            {"song_id": pl.Series(self.songs.song_ids, dtype=pl.String), "count": self.songs.popularity}
+        )
 
     @property
     def priors(self) -> pl.DataFrame:
@@ -576,20 +734,33 @@ class Recommender:
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "songs.npz", **self.songs.to_arrays())
         U = self._users
-        np.savez(folder / "users.npz", user_ids=np.asarray(U.user_ids, dtype=str), profiles=U.profiles,
-                 has_profile=U.has_profile, hist_indptr=U.hist_indptr, hist_indices=U.hist_indices, activity=U.activity)
+        np.savez(
+            folder / "users.npz",
+            user_ids=np.asarray(U.user_ids, dtype=str),
+            profiles=U.profiles,
+            has_profile=U.has_profile,
+            hist_indptr=U.hist_indptr,
+            hist_indices=U.hist_indices,
+            activity=U.activity,
+        )
         self.cf.save(folder / "cf.npz")
         assert self.content_map.W is not None  # fitted in build
-        np.savez(folder / "content_map.npz", W=self.content_map.W,
-                 regularization=np.asarray(self.content_map.regularization))
+        np.savez(
+            folder / "content_map.npz", W=self.content_map.W, regularization=np.asarray(self.content_map.regularization)
+        )
         files = ["songs.npz", "users.npz", "cf.npz", "content_map.npz", "reranker.txt"]
         files += [p.name for p in self.content_index.save(folder / "content.faiss")]
         files += [p.name for p in self.pseudo_index.save(folder / "pseudo_cf.faiss")]
         self.reranker.save(folder / "reranker.txt")
         self.apex.save(folder / "apex")
         files += ["apex/manifest.json", "apex/head.safetensors"]
-        write_manifest(folder, kind=KIND, schema=SCHEMA, files=files,
-                       payload={"config": to_dict(self.config), "report": _jsonable(self.report)})
+        write_manifest(
+            folder,
+            kind=KIND,
+            schema=SCHEMA,
+            files=files,
+            payload={"config": to_dict(self.config), "report": _jsonable(self.report)},
+        )
         return folder
 
 
@@ -634,8 +805,14 @@ def _attach_song_columns(frame: pl.DataFrame, table: SongTable) -> pl.DataFrame:
 
 
 def rank_states(
-    states: Sequence[UserState], k: int, sources: Sequence[CandidateSource], song_table: SongTable,
-    reranker: Reranker, candidate_config: CandidateConfig, *, excludes: Sequence[set[str]] | None = None,
+    states: Sequence[UserState],
+    k: int,
+    sources: Sequence[CandidateSource],
+    song_table: SongTable,
+    reranker: Reranker,
+    candidate_config: CandidateConfig,
+    *,
+    excludes: Sequence[set[str]] | None = None,
 ) -> pl.DataFrame:
     """The pure per-user path: candidates → feature frame → reranker scores → top-k per user.
 
@@ -647,7 +824,8 @@ def rank_states(
     feats = build_feature_frame(states, cands, song_table)
     scores = reranker.score(feats)
     top = (
-        feats.select("user_id", "song_id", "source").with_columns(pl.Series("score", scores, dtype=pl.Float64))
+        feats.select("user_id", "song_id", "source")
+        .with_columns(pl.Series("score", scores, dtype=pl.Float64))
         .sort(["user_id", "score", "song_id"], descending=[False, True, False])
         .with_columns((pl.int_range(pl.len()).over("user_id") + 1).cast(pl.Int32).alias("rank"))
         .filter(pl.col("rank") <= k)
@@ -678,8 +856,14 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
     try:
         songs = SongTable.from_arrays(npz("songs.npz"))
         u = npz("users.npz")
-        users = _Users(u["user_ids"].tolist(), u["profiles"], u["has_profile"].astype(bool), u["hist_indptr"],
-                       u["hist_indices"], u["activity"])
+        users = _Users(
+            u["user_ids"].tolist(),
+            u["profiles"],
+            u["has_profile"].astype(bool),
+            u["hist_indptr"],
+            u["hist_indices"],
+            u["activity"],
+        )
         cm = npz("content_map.npz")
     except KeyError as err:
         raise ArtifactError(f"bundle {folder}: an array is missing: {err}") from err
@@ -690,5 +874,15 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
     pseudo_index = CandidateIndex.load(folder / "pseudo_cf.faiss", device=device)
     reranker = Reranker.load(folder / "reranker.txt", cfg.reranker)
     apex = ApexPredictor.load(folder / "apex", device=device)
-    return Recommender(config=cfg, songs=songs, users=users, cf=cf, content_map=cmap, content_index=content_index,
-                       pseudo_index=pseudo_index, reranker=reranker, apex=apex, report=man.get("report") or {})
+    return Recommender(
+        config=cfg,
+        songs=songs,
+        users=users,
+        cf=cf,
+        content_map=cmap,
+        content_index=content_index,
+        pseudo_index=pseudo_index,
+        reranker=reranker,
+        apex=apex,
+        report=man.get("report") or {},
+    )

@@ -22,14 +22,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from apex_rank.errors import ArtifactError, ConfigError, NotFittedError, SchemaError
-from apex_rank.threads import thread_count
-
 from apex_rank.ranking.features import COLD_MASKED, FEATURES, feature_matrix
+from apex_rank.threads import thread_count
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class Reranker:
 
     def __init__(self, config: RerankerConfig | None = None) -> None:
         self.config = config or RerankerConfig()
-        self.booster: object | None = None
+        self.booster: Any = None
         self.best_iteration = 0
         self.best_score: float = float("nan")
 
@@ -157,7 +157,9 @@ class Reranker:
         stats = frame.group_by("user_id").agg((pl.col(label_col) > 0).sum().alias("p"), pl.len().alias("n"))
         users = stats.filter((pl.col("p") > 0) & (pl.col("p") < pl.col("n")))["user_id"].sort()
         if users.len() < 2:
-            raise SchemaError(f"reranker training needs at least 2 users with positives among candidates, found {users.len()}")
+            raise SchemaError(
+                f"reranker training needs at least 2 users with positives among candidates, found {users.len()}"
+            )
         rng = np.random.default_rng(cfg.seed)
         if users.len() > cfg.max_train_users:
             users = users.gather(np.sort(rng.choice(users.len(), cfg.max_train_users, replace=False)))
@@ -171,11 +173,18 @@ class Reranker:
             f = sample_negatives(f, label_col, cfg.negatives_per_query, cfg.seed)
         f = f.sort(["user_id"], maintain_order=True)
         params = {
-            "objective": "lambdarank", "metric": "ndcg", "eval_at": [cfg.eval_at],
+            "objective": "lambdarank",
+            "metric": "ndcg",
+            "eval_at": [cfg.eval_at],
             "label_gain": [float(2**g - 1) for g in range(cfg.max_grade + 1)],
-            "num_leaves": cfg.num_leaves, "learning_rate": cfg.learning_rate,
-            "min_data_in_leaf": cfg.min_data_in_leaf, "feature_fraction": cfg.feature_fraction,
-            "num_threads": thread_count(), "seed": cfg.seed, "deterministic": True, "force_row_wise": True,
+            "num_leaves": cfg.num_leaves,
+            "learning_rate": cfg.learning_rate,
+            "min_data_in_leaf": cfg.min_data_in_leaf,
+            "feature_fraction": cfg.feature_fraction,
+            "num_threads": thread_count(),
+            "seed": cfg.seed,
+            "deterministic": True,
+            "force_row_wise": True,
             "verbosity": -1,
         }
         sets = []
@@ -187,14 +196,25 @@ class Reranker:
         dval = lgb.Dataset(sets[1][0], sets[1][1], group=sets[1][2], reference=dtrain)
         evals: dict[str, dict[str, list[float]]] = {}
         self.booster = lgb.train(
-            params, dtrain, num_boost_round=cfg.n_estimators, valid_sets=[dval], valid_names=["val"],
+            params,
+            dtrain,
+            num_boost_round=cfg.n_estimators,
+            valid_sets=[dval],
+            valid_names=["val"],
             callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)],
         )
-        self.best_iteration = int(self.booster.best_iteration or cfg.n_estimators)  # type: ignore[attr-defined]
+        self.best_iteration = int(self.booster.best_iteration or cfg.n_estimators)
         hist = evals.get("val", {}).get(f"ndcg@{cfg.eval_at}", [])
         self.best_score = float(hist[self.best_iteration - 1]) if hist else float("nan")
-        log.info("reranker: %d train / %d val users, %d rows, best iteration %d, val NDCG@%d %.4f",
-                 int((~is_val).sum()), int(is_val.sum()), f.height, self.best_iteration, cfg.eval_at, self.best_score)
+        log.info(
+            "reranker: %d train / %d val users, %d rows, best iteration %d, val NDCG@%d %.4f",
+            int((~is_val).sum()),
+            int(is_val.sum()),
+            f.height,
+            self.best_iteration,
+            cfg.eval_at,
+            self.best_score,
+        )
         return self
 
     def score(self, frame: pl.DataFrame) -> np.ndarray:
@@ -203,26 +223,34 @@ class Reranker:
             raise NotFittedError("Reranker is not fitted; call fit() or load()")
         if frame.height == 0:
             return np.zeros(0, dtype=np.float64)
-        return np.asarray(self.booster.predict(feature_matrix(frame), num_iteration=self.best_iteration,  # type: ignore[attr-defined]
-                                               num_threads=thread_count()), dtype=np.float64)
+        return np.asarray(
+            self.booster.predict(
+                feature_matrix(frame),
+                num_iteration=self.best_iteration,
+                num_threads=thread_count(),
+            ),
+            dtype=np.float64,
+        )
 
     def feature_importance(self) -> pl.DataFrame:
         """``feature``, ``gain``, ``split`` per feature, by descending gain."""
         if self.booster is None:
             raise NotFittedError("Reranker is not fitted")
         b = self.booster
-        return pl.DataFrame({
-            "feature": list(FEATURES),
-            "gain": b.feature_importance("gain", iteration=self.best_iteration).astype(np.float64),  # type: ignore[attr-defined]
-            "split": b.feature_importance("split", iteration=self.best_iteration).astype(np.int64),  # type: ignore[attr-defined]
-        }).sort("gain", descending=True)
+        return pl.DataFrame(
+            {
+                "feature": list(FEATURES),
+                "gain": b.feature_importance("gain", iteration=self.best_iteration).astype(np.float64),
+                "split": b.feature_importance("split", iteration=self.best_iteration).astype(np.int64),
+            }
+        ).sort("gain", descending=True)
 
     def save(self, path: str | Path) -> Path:
         """LightGBM text model."""
         if self.booster is None:
             raise NotFittedError("Reranker is not fitted")
         path = Path(path)
-        self.booster.save_model(str(path), num_iteration=self.best_iteration)  # type: ignore[attr-defined]
+        self.booster.save_model(str(path), num_iteration=self.best_iteration)
         return path
 
     @classmethod
@@ -237,7 +265,9 @@ class Reranker:
         except lgb.basic.LightGBMError as err:
             raise ArtifactError(f"reranker model file {path} is not a LightGBM text model: {err}") from err
         if list(booster.feature_name()) != list(FEATURES):
-            raise ArtifactError(f"reranker model {path} was trained on different features: {booster.feature_name()[:5]}...")
+            raise ArtifactError(
+                f"reranker model {path} was trained on different features: {booster.feature_name()[:5]}..."
+            )
         obj = cls(config)
         obj.booster = booster
         obj.best_iteration = booster.current_iteration()

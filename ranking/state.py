@@ -24,9 +24,8 @@ import numpy as np
 import polars as pl
 
 from apex_rank.errors import SchemaError
-from apex_rank.tasks import APEX_TASKS
-
 from apex_rank.ranking.index import l2_normalize
+from apex_rank.tasks import APEX_TASKS
 
 
 @dataclass(frozen=True)
@@ -94,8 +93,12 @@ class SongTable:
 
     def reindex(self) -> None:
         self._pos = {s: i for i, s in enumerate(self.song_ids)}
-        self._frame = pl.DataFrame({"song_id": pl.Series(self.song_ids, dtype=pl.String),
-                                    "_idx": np.arange(len(self.song_ids), dtype=np.int64)})
+        self._frame = pl.DataFrame(
+            {
+                "song_id": pl.Series(self.song_ids, dtype=pl.String),
+                "_idx": np.arange(len(self.song_ids), dtype=np.int64),
+            }
+        )
 
     def __len__(self) -> int:
         return len(self.song_ids)
@@ -119,20 +122,35 @@ class SongTable:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays for ``np.savez`` (allow_pickle=False)."""
         return {
-            "song_ids": np.asarray(self.song_ids, dtype=str), "embeddings": self.embeddings,
-            "cf_factors": self.cf_factors, "warm": self.warm, "pseudo_factors": self.pseudo_factors,
-            "priors": self.priors, "popularity": self.popularity, "created_s": self.created_s,
-            "quality": self.quality, "now_s": np.asarray(self.now_s), "prior_mean": self.prior_mean,
+            "song_ids": np.asarray(self.song_ids, dtype=str),
+            "embeddings": self.embeddings,
+            "cf_factors": self.cf_factors,
+            "warm": self.warm,
+            "pseudo_factors": self.pseudo_factors,
+            "priors": self.priors,
+            "popularity": self.popularity,
+            "created_s": self.created_s,
+            "quality": self.quality,
+            "now_s": np.asarray(self.now_s),
+            "prior_mean": self.prior_mean,
             "prior_std": self.prior_std,
         }
 
     @classmethod
     def from_arrays(cls, z: dict[str, np.ndarray]) -> SongTable:
         return cls(
-            song_ids=z["song_ids"].tolist(), embeddings=z["embeddings"], cf_factors=z["cf_factors"],
-            warm=z["warm"].astype(bool), pseudo_factors=z["pseudo_factors"], priors=z["priors"],
-            popularity=z["popularity"], created_s=z["created_s"], quality=z["quality"],
-            now_s=float(z["now_s"]), prior_mean=z["prior_mean"], prior_std=z["prior_std"],
+            song_ids=z["song_ids"].tolist(),
+            embeddings=z["embeddings"],
+            cf_factors=z["cf_factors"],
+            warm=z["warm"].astype(bool),
+            pseudo_factors=z["pseudo_factors"],
+            priors=z["priors"],
+            popularity=z["popularity"],
+            created_s=z["created_s"],
+            quality=z["quality"],
+            now_s=float(z["now_s"]),
+            prior_mean=z["prior_mean"],
+            prior_std=z["prior_std"],
         )
 
     def append(self, other: SongTable) -> None:
@@ -140,8 +158,16 @@ class SongTable:
         dup = [s for s in other.song_ids if s in self._pos]
         if dup:
             raise SchemaError(f"song_id {dup[0]!r} is already in the catalogue ({len(dup)} duplicates)")
-        for name in ("embeddings", "cf_factors", "warm", "pseudo_factors", "priors", "popularity", "created_s",
-                     "quality"):
+        for name in (
+            "embeddings",
+            "cf_factors",
+            "warm",
+            "pseudo_factors",
+            "priors",
+            "popularity",
+            "created_s",
+            "quality",
+        ):
             setattr(self, name, np.ascontiguousarray(np.concatenate([getattr(self, name), getattr(other, name)])))
         self.song_ids = self.song_ids + list(other.song_ids)
         self.reindex()
@@ -160,8 +186,9 @@ def quality_score(priors: np.ndarray, popularity: np.ndarray, mean: np.ndarray, 
     return (q + 0.5 * np.log1p(np.maximum(popularity, 0.0))).astype(np.float32)
 
 
-def content_profile(embeddings: np.ndarray, ts: np.ndarray | None, weights: np.ndarray | None, *,
-                    now_s: float, half_life_days: float) -> np.ndarray | None:
+def content_profile(
+    embeddings: np.ndarray, ts: np.ndarray | None, weights: np.ndarray | None, *, now_s: float, half_life_days: float
+) -> np.ndarray | None:
     """Recency-weighted mean of normalised history embeddings, L2-normalised; None if empty."""
     if embeddings.shape[0] == 0:
         return None
@@ -178,8 +205,13 @@ def content_profile(embeddings: np.ndarray, ts: np.ndarray | None, weights: np.n
 
 
 def user_state_from_history(
-    user_id: str, song_ids: Sequence[str], *, ts: Sequence[float] | None = None,
-    weights: Sequence[float] | None = None, song_table: SongTable | None, cf_factor: np.ndarray | None,
+    user_id: str,
+    song_ids: Sequence[str],
+    *,
+    ts: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    song_table: SongTable | None,
+    cf_factor: np.ndarray | None,
     half_life_days: float = 30.0,
 ) -> UserState:
     """Build a :class:`UserState` from a history (songs outside ``song_table`` add no profile)."""
@@ -191,7 +223,9 @@ def user_state_from_history(
         if keep.any():
             t = None if ts is None else np.asarray(ts, dtype=np.float64)[keep]
             w = None if weights is None else np.asarray(weights, dtype=np.float64)[keep]
-            profile = content_profile(song_table.embeddings[idx[keep]], t, w, now_s=song_table.now_s,
-                                      half_life_days=half_life_days)
-    return UserState(user_id, None if cf_factor is None else np.asarray(cf_factor, dtype=np.float32), profile,
-                     hist, len(song_ids))
+            profile = content_profile(
+                song_table.embeddings[idx[keep]], t, w, now_s=song_table.now_s, half_life_days=half_life_days
+            )
+    return UserState(
+        user_id, None if cf_factor is None else np.asarray(cf_factor, dtype=np.float32), profile, hist, len(song_ids)
+    )

@@ -38,17 +38,23 @@ def cmd_build(args: argparse.Namespace) -> int:
     songs = read_table(args.songs, "songs")
     embeddings = read_table(args.embeddings, "embeddings")
     interactions = read_table(args.interactions, "interactions")
-    print(f"building: {songs.height} songs, {embeddings.height} embeddings, {interactions.height} interactions"
-          + ("" if apex else " (training APEX on the way)"))
+    print(
+        f"building: {songs.height} songs, {embeddings.height} embeddings, {interactions.height} interactions"
+        + ("" if apex else " (training APEX on the way)")
+    )
     rec = Recommender.build(songs, embeddings, interactions, config, apex=apex)
     rec.save(args.out)
     rep = rec.report
-    print(f"bundle written to {args.out}: {rep.get('n_users')} users, {rep.get('n_warm_songs')} warm + "
-          f"{rep.get('n_cold_songs')} cold songs, reranker val NDCG@{config.reranker.eval_at} "
-          f"{rep.get('reranker_val_ndcg', float('nan')):.4f}")
+    print(
+        f"bundle written to {args.out}: {rep.get('n_users')} users, {rep.get('n_warm_songs')} warm + "
+        f"{rep.get('n_cold_songs')} cold songs, reranker val NDCG@{config.reranker.eval_at} "
+        f"{rep.get('reranker_val_ndcg', float('nan')):.4f}"
+    )
     if rep.get("unknown_song_rows"):
-        print(f"warning: {rep['unknown_song_rows']} interaction rows named songs outside the catalogue and were dropped "
-              f"(e.g. {rep['unknown_song_examples'][:3]})")
+        print(
+            f"warning: {rep['unknown_song_rows']} interaction rows named songs outside the catalogue and were dropped "
+            f"(e.g. {rep['unknown_song_examples'][:3]})"
+        )
     return 0
 
 

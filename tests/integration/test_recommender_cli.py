@@ -19,9 +19,25 @@ def test_cli_build_and_recommend(tmp_path: Path, capsys: pytest.CaptureFixture[s
     cfg = tmp_path / "cfg.toml"
     cfg.write_text("[cf]\nfactors = 16\niterations = 8\n[reranker]\nn_estimators = 60\n")
     with one_thread():
-        rc = main(["--threads", "1", "build", "--songs", str(tmp_path / "songs.parquet"), "--embeddings",
-                   str(tmp_path / "emb.parquet"), "--interactions", str(tmp_path / "inter.parquet"),
-                   "--config", str(cfg), "--apex-model", str(tmp_path / "apex"), "--out", str(tmp_path / "bundle")])
+        rc = main(
+            [
+                "--threads",
+                "1",
+                "build",
+                "--songs",
+                str(tmp_path / "songs.parquet"),
+                "--embeddings",
+                str(tmp_path / "emb.parquet"),
+                "--interactions",
+                str(tmp_path / "inter.parquet"),
+                "--config",
+                str(cfg),
+                "--apex-model",
+                str(tmp_path / "apex"),
+                "--out",
+                str(tmp_path / "bundle"),
+            ]
+        )
     assert rc == 0
     assert (tmp_path / "bundle" / "manifest.json").is_file()
     user = train_interactions()["user_id"][0]
@@ -35,8 +51,21 @@ def test_cli_build_and_recommend(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_cli_bad_config_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "cfg.toml"
     cfg.write_text("[cf]\nfactorz = 16\n")
-    rc = main(["build", "--songs", "x.parquet", "--embeddings", "y.parquet", "--interactions", "z.parquet",
-               "--config", str(cfg), "--out", str(tmp_path / "b")])
+    rc = main(
+        [
+            "build",
+            "--songs",
+            "x.parquet",
+            "--embeddings",
+            "y.parquet",
+            "--interactions",
+            "z.parquet",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
     assert rc == 2
     assert "unknown config key(s) cf.factorz" in capsys.readouterr().err
 

@@ -166,8 +166,9 @@ def test_user_with_every_song_consumed() -> None:
     songs = w.songs.head(60)
     emb = w.embeddings.head(60)
     inter = train_interactions().filter(pl.col("song_id").is_in(songs["song_id"].to_list()))
-    glutton = pl.DataFrame({"user_id": ["glutton"] * 60, "song_id": songs["song_id"],
-                            "ts": [w.cutoff] * 60, "weight": [1.0] * 60}).cast(inter.schema)
+    glutton = pl.DataFrame(
+        {"user_id": ["glutton"] * 60, "song_id": songs["song_id"], "ts": [w.cutoff] * 60, "weight": [1.0] * 60}
+    ).cast(inter.schema)
     rec = build(songs, emb, pl.concat([inter, glutton]))
     out = rec.recommend("glutton", k=10)
     assert out.height == 0 and out.columns == list(RESULT_SCHEMA)
@@ -188,7 +189,9 @@ def test_unknown_songs_in_interactions_are_counted(caplog: pytest.LogCaptureFixt
 def test_bad_weights_are_rejected(value: float) -> None:
     w = world()
     inter = train_interactions()
-    bad = inter.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(value).otherwise(pl.col("weight")).alias("weight"))
+    bad = inter.with_columns(
+        pl.when(pl.int_range(pl.len()) == 3).then(value).otherwise(pl.col("weight")).alias("weight")
+    )
     with pytest.raises(SchemaError, match="weight .* is negative, NaN, inf or null"):
         build(w.songs, w.embeddings, bad)
 

@@ -17,9 +17,9 @@ import polars as pl
 import apex_rank.threads as threads
 from apex_rank.predictor import ApexPredictor
 from apex_rank.ranking.candidates import CandidateConfig
+from apex_rank.ranking.cf import CFConfig
 from apex_rank.ranking.recommender import ApexFitConfig, Recommender, RecommenderConfig
 from apex_rank.ranking.reranker import RerankerConfig
-from apex_rank.ranking.cf import CFConfig
 from apex_rank.synthetic import World, WorldConfig, make_world
 
 TEST_CONFIG = RecommenderConfig(
@@ -63,8 +63,11 @@ def apex() -> ApexPredictor:
     w = world()
     with one_thread():
         data = build_apex_dataset(w.songs, w.embeddings, seed=0)
-        pred, _, _ = train_apex(data, TrainConfig(epochs=12, lr=2e-3, batch_size=256, patience=4, seed=0,
-                                                  device="cpu", progress=False), encoder="synthetic")
+        pred, _, _ = train_apex(
+            data,
+            TrainConfig(epochs=12, lr=2e-3, batch_size=256, patience=4, seed=0, device="cpu", progress=False),
+            encoder="synthetic",
+        )
     return pred
 
 
@@ -76,8 +79,9 @@ def recommender() -> Recommender:
         return Recommender.build(w.songs, w.embeddings, train_interactions(), TEST_CONFIG, apex=apex())
 
 
-def build(songs: pl.DataFrame, embeddings: pl.DataFrame, interactions: pl.DataFrame,
-          config: RecommenderConfig = TEST_CONFIG) -> Recommender:
+def build(
+    songs: pl.DataFrame, embeddings: pl.DataFrame, interactions: pl.DataFrame, config: RecommenderConfig = TEST_CONFIG
+) -> Recommender:
     with one_thread():
         return Recommender.build(songs, embeddings, interactions, config, apex=apex())
 

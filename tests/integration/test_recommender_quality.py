@@ -43,11 +43,14 @@ def test_hybrid_beats_als_and_popularity_on_cold_targets() -> None:
     pop = float(np.mean([ndcg_at(pop_list(u), targets[u]) for u in users]))
     # cold slice: every method ranks only cold songs
     warm_set, cold_set = set(warm), set(cold)
-    hybrid_cold = float(np.mean([ndcg_at(rec.recommend(u, k=10, exclude=warm_set)["song_id"].to_list(), targets[u])
-                                 for u in users]))
+    hybrid_cold = float(
+        np.mean([ndcg_at(rec.recommend(u, k=10, exclude=warm_set)["song_id"].to_list(), targets[u]) for u in users])
+    )
     pop_cold = float(np.mean([ndcg_at(pop_list(u, cold_set), targets[u]) for u in users]))
-    print(f"cold-target NDCG@10 full list: hybrid {hybrid:.4f} als {als:.4f} popularity {pop:.4f}; "
-          f"cold slice: hybrid {hybrid_cold:.4f} popularity {pop_cold:.4f} (als cannot rank cold songs: 0)")
+    print(
+        f"cold-target NDCG@10 full list: hybrid {hybrid:.4f} als {als:.4f} popularity {pop:.4f}; "
+        f"cold slice: hybrid {hybrid_cold:.4f} popularity {pop_cold:.4f} (als cannot rank cold songs: 0)"
+    )
     assert als == 0.0  # ALS has no factor for a cold song
     assert hybrid >= 0.01 and hybrid >= max(als, pop) + 0.01
     assert hybrid_cold >= 0.15 and hybrid_cold >= 3.0 * pop_cold + 0.1

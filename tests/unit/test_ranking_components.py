@@ -11,10 +11,15 @@ import pytest
 from apex_rank.config import from_dict, load_config, to_dict
 from apex_rank.errors import ConfigError, SchemaError
 from apex_rank.ranking.content_map import ContentToCF
-from apex_rank.ranking.reranker import (
-    LGB_QUERY_LIMIT, Reranker, RerankerConfig, grade_labels, query_groups, simulate_cold,
-)
 from apex_rank.ranking.recommender import RecommenderConfig
+from apex_rank.ranking.reranker import (
+    LGB_QUERY_LIMIT,
+    Reranker,
+    RerankerConfig,
+    grade_labels,
+    query_groups,
+    simulate_cold,
+)
 
 
 def test_content_map_recovers_linear_map() -> None:
@@ -50,8 +55,14 @@ def _frame(n_users: int = 60, per: int = 30) -> pl.DataFrame:
     cols["is_cold"] = np.zeros(n, np.float32)
     signal = cols["content_sim"] + 0.5 * cols["als_score"]
     label = (signal > np.quantile(signal, 0.9)).astype(np.int32)
-    return pl.DataFrame({"user_id": np.repeat([f"u{i:03d}" for i in range(n_users)], per),
-                         "song_id": np.tile([f"s{j:03d}" for j in range(per)], n_users), **cols, "label": label})
+    return pl.DataFrame(
+        {
+            "user_id": np.repeat([f"u{i:03d}" for i in range(n_users)], per),
+            "song_id": np.tile([f"s{j:03d}" for j in range(per)], n_users),
+            **cols,
+            "label": label,
+        }
+    )
 
 
 def test_simulate_cold_masks_whole_songs() -> None:
@@ -65,7 +76,9 @@ def test_simulate_cold_masks_whole_songs() -> None:
 
 def test_reranker_learns_and_roundtrips(tmp_path: Path) -> None:
     f = _frame()
-    rr = Reranker(RerankerConfig(n_estimators=40, early_stopping_rounds=10, min_data_in_leaf=5, cold_sim_share=0.2)).fit(f)
+    rr = Reranker(
+        RerankerConfig(n_estimators=40, early_stopping_rounds=10, min_data_in_leaf=5, cold_sim_share=0.2)
+    ).fit(f)
     assert rr.best_score > 0.5
     imp = rr.feature_importance()
     assert imp["feature"][0] in ("content_sim", "als_score", "rank_content")

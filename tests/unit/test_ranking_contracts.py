@@ -11,7 +11,10 @@ import pytest
 
 from apex_rank.errors import UnknownIdError
 from apex_rank.ranking.candidates import (
-    CandidateSource, FactorSource, IndexSource, RankedListSource,
+    CandidateSource,
+    FactorSource,
+    IndexSource,
+    RankedListSource,
 )
 from apex_rank.ranking.cf import CFConfig, CFModel
 from apex_rank.ranking.index import CandidateIndex
@@ -29,8 +32,15 @@ def _states() -> list[UserState]:
     out = []
     for i in range(6):
         hist = tuple(SONGS[j] for j in rng.choice(N_SONGS, size=5 + i, replace=False))
-        out.append(UserState(f"u{i}", rng.normal(size=F).astype(np.float32),
-                             (lambda v: v / np.linalg.norm(v))(rng.normal(size=DIM).astype(np.float32)), hist, len(hist)))
+        out.append(
+            UserState(
+                f"u{i}",
+                rng.normal(size=F).astype(np.float32),
+                (lambda v: v / np.linalg.norm(v))(rng.normal(size=DIM).astype(np.float32)),
+                hist,
+                len(hist),
+            )
+        )
     return out
 
 
@@ -167,10 +177,10 @@ class CFContract:
 
     def test_batch_equals_single(self, model: CFModel) -> None:
         users = ["u00", "u05", "u17"]
-        I, D = model.recommend_batch(users, k=10)
+        hits, D = model.recommend_batch(users, k=10)
         for r, u in enumerate(users):
             i1, d1 = model.recommend(u, k=10)
-            assert i1.tolist() == I[r].tolist()
+            assert i1.tolist() == hits[r].tolist()
             np.testing.assert_allclose(d1, D[r], rtol=1e-5, atol=1e-6)
 
     def test_score_and_unknown(self, model: CFModel) -> None:

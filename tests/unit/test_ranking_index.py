@@ -21,30 +21,32 @@ def _exact(k: int) -> np.ndarray:
     return np.argsort(-S, axis=1)[:, :k]
 
 
-@pytest.mark.parametrize("factory,floor", [("Flat", 1.0), ("IVF32,Flat", 0.8), ("HNSW16", 0.9), ("IVF32,PQ8x4", 0.25), ("PQ8x4", 0.25)])
+@pytest.mark.parametrize(
+    "factory,floor", [("Flat", 1.0), ("IVF32,Flat", 0.8), ("HNSW16", 0.9), ("IVF32,PQ8x4", 0.25), ("PQ8x4", 0.25)]
+)
 def test_recall_floor_and_roundtrip(factory: str, floor: float, tmp_path: Path) -> None:
     idx = CandidateIndex(16, factory, nprobe=8, ef_search=128)
     idx.add(IDS, X)
-    D, I = idx.search(Q, 10)
+    D, hits = idx.search(Q, 10)
     truth = _exact(10)
-    recall = np.mean([len(set(I[r]) & {IDS[j] for j in truth[r]}) / 10 for r in range(len(Q))])
+    recall = np.mean([len(set(hits[r]) & {IDS[j] for j in truth[r]}) / 10 for r in range(len(Q))])
     assert recall >= floor, recall
-    assert D.dtype == np.float32 and I.shape == (50, 10)
+    assert D.dtype == np.float32 and hits.shape == (50, 10)
     idx.save(tmp_path / "i.faiss")
     back = CandidateIndex.load(tmp_path / "i.faiss", device="cpu")
-    D2, I2 = back.search(Q, 10)
-    assert I2.tolist() == I.tolist()
+    D2, hits2 = back.search(Q, 10)
+    assert hits2.tolist() == hits.tolist()
     np.testing.assert_allclose(D2, D, rtol=1e-5)
 
 
 def test_padding_when_fewer_than_k() -> None:
     idx = CandidateIndex(16, "Flat")
     idx.add(IDS[:3], X[:3])
-    D, I = idx.search(Q[:2], 5)
-    assert I[:, 3:].tolist() == [["", ""], ["", ""]] and np.isneginf(D[:, 3:]).all()
+    D, hits = idx.search(Q[:2], 5)
+    assert hits[:, 3:].tolist() == [["", ""], ["", ""]] and np.isneginf(D[:, 3:]).all()
     empty = CandidateIndex(16, "Flat")
-    D, I = empty.search(Q[:1], 2)
-    assert I.tolist() == [["", ""]]
+    D, hits = empty.search(Q[:1], 2)
+    assert hits.tolist() == [["", ""]]
 
 
 def test_add_without_rebuild_and_remove() -> None:
@@ -52,11 +54,11 @@ def test_add_without_rebuild_and_remove() -> None:
     idx.add(IDS[:1000], X[:1000])
     idx.add(IDS[1000:], X[1000:])
     assert len(idx) == 2000
-    _, I = idx.search(X[1500], 1)
-    assert I[0, 0] == IDS[1500]
+    _, hits = idx.search(X[1500], 1)
+    assert hits[0, 0] == IDS[1500]
     assert idx.remove([IDS[1500]]) == 1
-    _, I = idx.search(X[1500], 3)
-    assert IDS[1500] not in I[0].tolist() and len(idx) == 1999
+    _, hits = idx.search(X[1500], 3)
+    assert IDS[1500] not in hits[0].tolist() and len(idx) == 1999
     with pytest.raises(UnknownIdError, match="'s01500' is not in the index"):
         idx.remove([IDS[1500]])
     with pytest.raises(SchemaError, match="'s00001' is already in the index"):
