@@ -759,7 +759,11 @@ class Recommender:
             kind=KIND,
             schema=SCHEMA,
             files=files,
-            payload={"config": to_dict(self.config), "report": _jsonable(self.report)},
+            payload={
+                "config": to_dict(self.config),
+                "report": _jsonable(self.report),
+                "feature_importance": self.reranker.feature_importance().to_dicts(),
+            },
         )
         return folder
 

@@ -121,6 +121,7 @@ def test_save_load_parity(tmp_path: Path) -> None:
     man = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert man["kind"] == "apex-recommender" and man["schema"] == 1 and "lightgbm" in man["versions"]
     assert "config" in man and "reranker.txt" in man["files"]
+    assert {d["feature"] for d in man["feature_importance"]} == set(FEATURES)
 
 
 def test_bundle_from_newer_schema_or_missing_file(tmp_path: Path) -> None:
@@ -213,3 +214,18 @@ def test_history_with_unknown_songs_is_reported(caplog: pytest.LogCaptureFixture
         st = rec.state_from_history("x", ["ghost-1", rec.songs.song_ids[0]])
     assert "names 1 song ids outside the catalogue" in caplog.text
     assert st.history == ("ghost-1", rec.songs.song_ids[0]) and st.profile is not None
+
+
+def test_bpr_recommender_builds_and_ranks() -> None:
+    from dataclasses import replace
+
+    from apex_rank.ranking.cf import CFConfig
+    from tests.integration.test_recommender_fixtures import TEST_CONFIG
+
+    w = world()
+    cfg = replace(TEST_CONFIG, cf=CFConfig(model="bpr", factors=16, iterations=30, learning_rate=0.05))
+    rec = build(w.songs, w.embeddings, train_interactions(), cfg)
+    u = rec.user_ids[0]
+    out = rec.recommend(u, k=10)
+    assert out.height == 10 and rec.cf.config.model == "bpr"
+    assert rec.recommend_batch([u], k=10).drop("user_id").equals(out)
