@@ -229,3 +229,20 @@ def test_bpr_recommender_builds_and_ranks() -> None:
     out = rec.recommend(u, k=10)
     assert out.height == 10 and rec.cf.config.model == "bpr"
     assert rec.recommend_batch([u], k=10).drop("user_id").equals(out)
+
+
+def test_build_without_ts_or_popularity_trains_apex_on_the_way() -> None:
+    """No ``ts`` (random reranker slice), no streams/likes (APEX popularity from interaction counts)."""
+    from dataclasses import replace
+
+    from apex_rank.ranking.recommender import ApexFitConfig, Recommender
+    from tests.integration.test_recommender_fixtures import TEST_CONFIG, one_thread
+
+    w = world()
+    songs = w.songs.drop("streams", "likes")
+    cfg = replace(TEST_CONFIG, apex=ApexFitConfig(epochs=3, patience=2))
+    with one_thread():
+        rec = Recommender.build(songs, w.embeddings, train_interactions().drop("ts"), cfg)
+    assert rec.apex is not None and rec.priors.height == len(rec.songs)
+    assert rec.priors["score_streams"].null_count() == 0
+    assert rec.recommend(rec.user_ids[0], k=5).height == 5
