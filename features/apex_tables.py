@@ -76,6 +76,8 @@ def build_apex_dataset(
     aligned with ``songs`` rows, used where the table lacks that column.
     """
     validate_songs(songs)
+    if "segment_embeddings" in embeddings.columns:  # an embedding table kept with its segments
+        embeddings = explode_segments(embeddings)
     if "segment" in embeddings.columns:
         return _segment_dataset(songs, embeddings, gamma=gamma, seed=seed, popularity_counts=popularity_counts)
     ids, X = embedding_matrix(embeddings)
@@ -118,6 +120,18 @@ def build_apex_dataset(
     if np.isnan(Y).all():
         raise SchemaError("songs table has no label column (streams, likes or an aesthetic score)")
     return ApexDataset(song_ids, X, Y, split, transforms)
+
+
+def explode_segments(table: pl.DataFrame) -> pl.DataFrame:
+    """An embeddings table with a ``segment_embeddings`` column → one row per segment
+    (``song_id``, ``segment``, ``embedding``), the input of segment mode."""
+    if "segment_embeddings" not in table.columns:
+        raise SchemaError("embeddings table has no 'segment_embeddings' column (embed with keep_segments)")
+    return (
+        table.select("song_id", pl.col("segment_embeddings").alias("embedding"))
+        .explode("embedding")
+        .with_columns(pl.int_range(pl.len()).over("song_id").alias("segment"))
+    )
 
 
 def _segment_dataset(

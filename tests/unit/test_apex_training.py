@@ -158,3 +158,24 @@ def test_segment_mode_trains_on_segments_and_scores_songs() -> None:
     test_songs = {s for s, p in zip(data.song_ids, data.split) if p == "test"}
     assert metrics["test"]["coherence"]["n"] == len(test_songs)  # scored per song, not per segment
     assert metrics["test"]["coherence"]["spearman"] > 0.8
+
+
+def test_embedding_table_with_kept_segments_enters_segment_mode() -> None:
+    import polars as pl
+
+    from apex_rank.features.apex_tables import build_apex_dataset, explode_segments
+
+    table = pl.DataFrame(
+        {
+            "song_id": ["a", "b"],
+            "embedding": [[1.0, 1.0], [2.0, 2.0]],
+            "segment_embeddings": [[[0.0, 0.0], [2.0, 2.0]], [[2.0, 2.0]]],
+        },
+        schema_overrides={"segment_embeddings": pl.List(pl.List(pl.Float32))},
+    )
+    seg = explode_segments(table)
+    assert seg["song_id"].to_list() == ["a", "a", "b"] and seg["segment"].to_list() == [0, 1, 0]
+    songs = pl.DataFrame({"song_id": ["a", "b"], "coherence": [2.0, 4.0], "split": ["train", "val"]})
+    data = build_apex_dataset(songs, table)
+    assert data.mode == "segment" and data.X.shape == (3, 2)
+    np.testing.assert_allclose(data.Y[:, 2], [2.0, 2.0, 4.0])
