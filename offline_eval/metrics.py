@@ -50,7 +50,8 @@ def hit_matrix(topk: np.ndarray, relevant: Sequence[np.ndarray], n_items: int) -
         raise SchemaError(f"topk must be (n_users, K) with n_users = {len(relevant)}; got {topk.shape}")
     lens = np.fromiter((len(r) for r in relevant), dtype=np.int64, count=len(relevant))
     users = np.repeat(np.arange(len(relevant), dtype=np.int64), lens)
-    items = np.concatenate([np.asarray(r, dtype=np.int64) for r in relevant]) if len(relevant) else np.zeros(0, np.int64)
+    items = (np.concatenate([np.asarray(r, dtype=np.int64) for r in relevant]) if len(relevant)
+             else np.zeros(0, np.int64))
     keys = np.unique(users * n_items + items)
     q = np.arange(topk.shape[0], dtype=np.int64)[:, None] * n_items + topk
     return np.isin(q, keys) & (topk >= 0)
@@ -136,7 +137,10 @@ def top_k_from_scores(
         S = np.where(np.asarray(allowed, dtype=bool)[None, :], S, -np.inf)
     k = min(k, S.shape[1])
     # stable descending order: argsort of -S with kind="stable"
-    part = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < S.shape[1] else np.tile(np.arange(S.shape[1]), (S.shape[0], 1))
+    if k < S.shape[1]:
+        part = np.argpartition(-S, k - 1, axis=1)[:, :k]
+    else:
+        part = np.tile(np.arange(S.shape[1]), (S.shape[0], 1))
     vals = np.take_along_axis(S, part, axis=1)
     # ties at the partition boundary could pick an arbitrary index; resolve exactly
     kth = vals.min(axis=1, keepdims=True)

@@ -42,7 +42,7 @@ from apex_rank.offline_eval import baselines as bl
 from apex_rank.offline_eval.datasets import EvalDataset
 from apex_rank.offline_eval.metrics import cold_share, coverage, novelty, ranking_metrics
 from apex_rank.offline_eval.significance import compare_to_reference
-from apex_rank.offline_eval.splits import Split, make_split, validation_split
+from apex_rank.offline_eval.splits import make_split, validation_split
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def tune_model(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Pick the grid point with the best validation NDCG@k on ``all``; returns (best, trials)."""
     users = vtargets.users["all"]
-    trials = []
+    trials: list[dict[str, Any]] = []
     for params in tqdm(grid, desc=f"tune {name}", leave=False):
         _, topk = _fit_rank(name, dict(params), vctx, users, k)
         ndcg = float(ranking_metrics(topk, vtargets.relevant["all"], [k], vctx.n_items)[f"ndcg@{k}"].mean())
@@ -322,8 +322,8 @@ def evaluate_ranking(
         params["hybrid"] = hybrid_params(cfg, params.get("als"))
         if hybrid_grid:
             with timer.stage("tune_hybrid"):
-                grid = [{**params["hybrid"], **g} for g in hybrid_grid]
-                params["hybrid"], tuning["hybrid"] = tune_model("hybrid", grid, vctx, vtargets, k=ks[0])
+                hgrid = [{**params["hybrid"], **g} for g in hybrid_grid]
+                params["hybrid"], tuning["hybrid"] = tune_model("hybrid", hgrid, vctx, vtargets, k=ks[0])
             say(f"tuned hybrid: {params['hybrid']}")
     kmax = max(ks)
     n_train_users = len(ctx.user_ids)

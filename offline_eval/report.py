@@ -224,7 +224,8 @@ def preference_markdown(res: dict[str, Any]) -> str:
         lines += [f"## {part}", "", "| rule | group | n | accuracy | AUC | F1 |", "|---|---|---|---|---|---|"]
         for name, groups in res[part].items():
             for g, m in groups.items():
-                lines.append(f"| {name} | {g} | {int(m['n'])} | {_fmt(m['accuracy'])} | {_fmt(m['auc'])} | {_fmt(m['f1'])} |")
+                lines.append(f"| {name} | {g} | {int(m['n'])} | {_fmt(m['accuracy'])} | "
+                             f"{_fmt(m['auc'])} | {_fmt(m['f1'])} |")
         lines.append("")
     ref = res.get("reference", {})
     if ref:

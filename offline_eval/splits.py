@@ -63,7 +63,9 @@ def _ts_numeric(df: pl.DataFrame) -> np.ndarray:
     return ts.cast(pl.Float64).to_numpy()
 
 
-def random_split(inter: pl.DataFrame, *, train_share: float = 0.75, seed: int = 42) -> tuple[pl.DataFrame, pl.DataFrame]:
+def random_split(
+    inter: pl.DataFrame, *, train_share: float = 0.75, seed: int = 42
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Per-user stratified random split (see module doc)."""
     rng = np.random.default_rng(seed)
     n = inter.height

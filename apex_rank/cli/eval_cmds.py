@@ -10,11 +10,12 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from apex_rank.errors import ConfigError
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the parser."""
     p = sub.add_parser("evaluate", help="offline ranking evaluation (warm/cold slices, baselines, significance)")
     src = p.add_argument_group("data (a named data set, or three parquet tables)")
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", required=True, help="output folder for report.json, report.md and plots")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("evaluate-apex", help="APEX regression protocol: per-task MSE/MAE/Pearson/Spearman + scatter plots")
+    p = sub.add_parser("evaluate-apex",
+                       help="APEX regression protocol: per-task MSE/MAE/Pearson/Spearman + scatter plots")
     p.add_argument("--model", required=True, help="predictor folder")
     p.add_argument("--songs", required=True, help="songs parquet with labels (streams/likes and/or aesthetic columns)")
     p.add_argument("--embeddings", required=True, help="embeddings parquet")
@@ -41,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_evaluate_apex)
 
     p = sub.add_parser("evaluate-preference", help="Music Arena preference protocol on battles + predictions")
-    p.add_argument("--battles", required=True, help="battles parquet (song_a/song_b or audio_a/audio_b, preference, is_instrumental)")
+    p.add_argument("--battles", required=True,
+                   help="battles parquet (song_a/song_b or audio_a/audio_b, preference, is_instrumental)")
     p.add_argument("--predictions", required=True, help="predictions parquet (song_id + the APEX task columns)")
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--seed", type=int, default=42)
@@ -49,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_evaluate_preference)
 
 
-def format_ranking(report: dict) -> str:  # type: ignore[type-arg]
+def format_ranking(report: dict[str, Any]) -> str:
     """Plain-text table: one row per model and slice with NDCG/Recall/HitRate at the first k."""
     k = report["k"][0]
     rows = [f"{'model':<12}{'slice':<11}{'users':>6}{'NDCG@' + str(k):>10}{'Recall@' + str(k):>11}"
@@ -137,7 +140,7 @@ def cmd_evaluate_preference(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_evaluation(world: object, out: Path, *, seed: int = 0) -> dict:  # type: ignore[type-arg]
+def demo_evaluation(world: Any, out: Path, *, seed: int = 0) -> dict[str, Any]:
     """Demo stage: item-cold evaluation of every model on the demo's synthetic world.
 
     Prints the warm / cold / cold_only table and writes ``out/evaluation/report.{json,md}``
@@ -148,7 +151,7 @@ def demo_evaluation(world: object, out: Path, *, seed: int = 0) -> dict:  # type
     from apex_rank.offline_eval.protocols import RankingEvalConfig, evaluate_ranking
     from apex_rank.offline_eval.report import write_report
 
-    data = EvalDataset("synthetic-demo", world.songs, world.embeddings, world.interactions)  # type: ignore[attr-defined]
+    data = EvalDataset("synthetic-demo", world.songs, world.embeddings, world.interactions)
     cfg = RankingEvalConfig(split="item-cold", seed=seed, ks=(10, 20), tune=False, apex_epochs=8,
                             n_permutations=1000, n_bootstrap=500)
     t0 = time.perf_counter()

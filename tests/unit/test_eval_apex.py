@@ -18,6 +18,18 @@ from apex_rank.tasks import APEX_TASKS
 from apex_rank.training import TrainConfig
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """One thread here: on a shared 2-core runner, multi-threaded torch/OpenMP loops spin
+    against the other processes and run many times slower."""
+    from apex_rank.threads import configure_threads, thread_count
+
+    before = thread_count()
+    configure_threads(1)
+    yield
+    configure_threads(before)
+
+
 @pytest.fixture(scope="module")
 def predictor(small_world: World):  # type: ignore[no-untyped-def]
     data = build_apex_dataset(small_world.songs, small_world.embeddings, seed=0)

@@ -19,6 +19,19 @@ from apex_rank.offline_eval.report import write_report
 from apex_rank.offline_eval.splits import make_split
 from apex_rank.synthetic import World
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """One thread here: on a shared 2-core runner, multi-threaded torch/OpenMP loops spin
+    against the other processes and run many times slower."""
+    from apex_rank.threads import configure_threads, thread_count
+
+    before = thread_count()
+    configure_threads(1)
+    yield
+    configure_threads(before)
+
+
 FAST = dict(n_permutations=500, n_bootstrap=200, apex_epochs=8, ks=(10, 20))
 
 
@@ -30,7 +43,7 @@ def data(small_world: World) -> EvalDataset:
 @pytest.fixture(scope="module")
 def item_cold_report(data: EvalDataset) -> dict:
     cfg = RankingEvalConfig(split="item-cold", seed=3, tune=True, als_grid=bl.ALS_GRID[:2],
-                            bpr_grid=({"factors": 16, "iterations": 30},), **FAST)
+                            bpr_grid=({"factors": 16, "iterations": 30},), hybrid_grid=(), **FAST)
     return evaluate_ranking(data, cfg)
 
 

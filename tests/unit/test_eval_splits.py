@@ -16,7 +16,8 @@ def _inter(n_users: int = 30, per_user: int = 20, n_items: int = 60, seed: int =
     for u in range(n_users):
         for i in rng.choice(n_items, per_user, replace=False):
             rows.append((f"u{u}", f"s{i}", int(rng.integers(0, 10_000))))
-    return pl.DataFrame(rows, schema=["user_id", "song_id", "ts"], orient="row").with_columns(pl.lit(1.0).alias("weight"))
+    df = pl.DataFrame(rows, schema=["user_id", "song_id", "ts"], orient="row")
+    return df.with_columns(pl.lit(1.0).alias("weight"))
 
 
 def test_random_split_is_stratified_per_user_and_seeded() -> None:
