@@ -27,7 +27,7 @@ Example
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +94,44 @@ def _filter_rows(
     out_ids[rr, kk] = ids[rr, cc]
     out_sc[rr, kk] = scores[rr, cc]
     return out_ids, out_sc
+
+
+FIRST_FETCH_EXTRA = 32
+
+
+def _two_pass(
+    search: Callable[[list[int], int], tuple[np.ndarray, np.ndarray]],
+    excludes: Sequence[set[str]],
+    n: int,
+    cap: int,
+    available: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n non-excluded results per row with few searches.
+
+    Pass 1 fetches ``n + FIRST_FETCH_EXTRA`` for every row. A row left with fewer than n results
+    whose exclusions exceed that margin is searched again with ``n + min(cap, |excluded|)``
+    (rounded up to a power of two, rows grouped by that size). Both sizes depend only on the row,
+    so a batch equals single calls, and one heavy user does not make a whole batch fetch
+    thousands of results. ``search(rows, k)`` returns ``(scores, ids)`` for those rows.
+    """
+    b = len(excludes)
+    rows = list(range(b))
+    D, hits = search(rows, min(available, n + FIRST_FETCH_EXTRA))
+    ids, sc = _filter_rows(hits, D, excludes, n)
+    short = [
+        i
+        for i in rows
+        if (ids[i] != "").sum() < n and len(excludes[i]) > FIRST_FETCH_EXTRA and available > n + FIRST_FETCH_EXTRA
+    ]
+    groups: dict[int, list[int]] = {}
+    for i in short:
+        need = n + min(cap, len(excludes[i]))
+        groups.setdefault(1 << (need - 1).bit_length(), []).append(i)
+    for fetch, group in groups.items():
+        D, hits = search(group, min(available, fetch))
+        fi, fs = _filter_rows(hits, D, [excludes[i] for i in group], n)
+        ids[group], sc[group] = fi, fs
+    return ids, sc
 
 
 class CandidateSource(abc.ABC):
@@ -174,9 +212,13 @@ class IndexSource(CandidateSource):
         if n == 0 or not rows or len(self.index) == 0:
             return ids, sc
         Q = np.stack([getattr(states[i], self.query) for i in rows]).astype(np.float32)
-        extra = min(self.max_overfetch, max(len(excludes[i]) for i in rows))
-        D, hits = self.index.search(Q, n + extra)
-        fi, fs = _filter_rows(hits, D, [excludes[i] for i in rows], n)
+        fi, fs = _two_pass(
+            lambda sel, k: self.index.search(Q[sel], k),
+            [excludes[i] for i in rows],
+            n,
+            self.max_overfetch,
+            len(self.index),
+        )
         ids[rows], sc[rows] = fi, fs
         return ids, sc
 
@@ -197,10 +239,11 @@ class RankedListSource(CandidateSource):
         b = len(states)
         if n == 0 or b == 0 or len(self.song_ids) == 0:
             return self._empty(b, n)
-        m = min(len(self.song_ids), n + min(self.max_overfetch, max(len(e) for e in excludes)))
-        hits = np.broadcast_to(self.song_ids[:m], (b, m))
-        D = np.broadcast_to(self.scores[:m], (b, m))
-        return _filter_rows(hits, D, excludes, n)
+
+        def search(sel: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+            return np.broadcast_to(self.scores[:k], (len(sel), k)), np.broadcast_to(self.song_ids[:k], (len(sel), k))
+
+        return _two_pass(search, excludes, n, self.max_overfetch, len(self.song_ids))
 
 
 def generate_candidates(
