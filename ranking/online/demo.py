@@ -66,23 +66,30 @@ def online_demo(world: Any, predictor: Any, bundle_dir: str | Path, *,
         record(store, user, played, "play", config=cfg)
         after = _top(ranker, user, 5)
         yield f"   after playing {played}: {after}  (played song is history now)"
-        # A new song close to the user's taste: the raw embedding of their latest played song,
-        # slightly perturbed, arrives through ingest (APEX priors computed now).
+        # A new song close to the user's taste: a near-twin (small noise) of the best-ranked cold
+        # song in their list, arriving through ingest (APEX priors computed now).
+        top20 = _top(ranker, user, 20)
+        top50 = _top(ranker, user, 50)
+        pos = rec.songs.index_of(top50)
+        cold = [s for s, i in zip(top50, pos, strict=True) if i >= 0 and not rec.songs.warm[i]]
+        twin = cold[0] if cold else top50[0]
+        kind = "cold" if cold else "warm"
+        raw = world.embeddings.filter(world.embeddings["song_id"] == twin)
         rng = np.random.default_rng(seed)
-        src = rec.songs.index_of([played])[0]
-        raw = world.embeddings.filter(world.embeddings["song_id"] == rec.songs.song_ids[src])
         emb = np.asarray(raw["embedding"][0], np.float32)
-        emb = emb + 0.05 * float(np.std(emb)) * rng.normal(size=emb.shape).astype(np.float32)
+        emb = emb + 0.02 * float(np.std(emb)) * rng.normal(size=emb.shape).astype(np.float32)
         new_id = f"new-song-{seed}"
         t0 = time.perf_counter()
         ing = ingest(ranker, new_id, embedding=emb)
         pri = ", ".join(f"{x:.2f}" for x in ing.priors)
-        yield (f"   ingested {new_id} in {1000 * (time.perf_counter() - t0):.0f} ms; APEX priors "
-               f"[{pri}]; announced on the catalogue stream")
+        yield (f"   ingested {new_id} (a near-twin of {kind} song {twin}) in "
+               f"{1000 * (time.perf_counter() - t0):.0f} ms; APEX priors [{pri}]; announced on the "
+               "catalogue stream")
         final = _top(ranker, user, 50)
-        pos = final.index(new_id) + 1 if new_id in final else None
-        where = f"now at rank {pos}" if pos else "not in the top 50"
-        yield f"   {user} top-5 after ingest: {final[:5]}  ({new_id} {where})"
+        where = f"now at rank {final.index(new_id) + 1}" if new_id in final else "not in the top 50"
+        dropped = [s for s in top20 if s not in final[:20]]
+        yield (f"   {user} after ingest: {new_id} {where} (twin {twin} at rank "
+               f"{final.index(twin) + 1 if twin in final else '>50'}); left the top 20: {dropped}")
         d = ranker.rank("someone-new", 3)
         yield (f"   unknown user -> cold-user path: {[i.song_id for i in d.items]} "
                f"(sources {sorted({i.source for i in d.items})})")
