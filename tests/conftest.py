@@ -13,7 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from apex_rank.synthetic import World, WorldConfig, make_world
+from apex_rank.threads import prefer_passive_openmp
+
+prefer_passive_openmp()  # before anything imports torch / lightgbm / faiss (see apex_rank.threads)
+
+from apex_rank.synthetic import World, WorldConfig, make_world  # noqa: E402
 
 REDIS_URL = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apex_rank.threads import prefer_passive_openmp
+
+    prefer_passive_openmp()  # before the command modules import torch / lightgbm / faiss
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
