@@ -1,8 +1,17 @@
 """``apex-rank demo``: the whole pipeline on a small embedded world, end to end.
 
-Stages (each prints what it did): 1. a synthetic world (said so); 2. APEX trained and evaluated
-on its songs. Later stages (audio embedding, recommender, evaluation, online ranking) append
-themselves here as they land.
+Stages (each prints what it did):
+
+1. a synthetic world of songs, embeddings and plays (said so: no public music interaction data
+   exists);
+2. real audio → content embeddings (the installed AI-music tracks, or synthetic clips);
+3. APEX trained and evaluated on the world's songs;
+4. the Recommender built on plays before the world's cut, so songs released after it are cold;
+5. online ranking: publish to Redis (or an in-process store), then a play and a newly ingested
+   song change the next ranking;
+6. offline evaluation (item-cold split, every baseline next to the hybrid), report and plots.
+
+Each stage is a library function that yields the lines printed here.
 """
 
 from __future__ import annotations
@@ -34,13 +43,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   {world.songs.height} songs, {world.interactions.height} interactions, "
           f"{world.interactions['user_id'].n_unique()} users, embedding width {width}")
 
-    print("== 1b. audio -> content embeddings (spectral encoder: decode, mono, resample, segment, features)")
+    print("== 2. audio -> content embeddings (spectral encoder: decode, mono, resample, segment, features)")
     from apex_rank.features.embed import audio_demo
 
     for line in audio_demo(out, seed=args.seed):
         print(line, flush=True)
 
-    print("== 2. APEX multi-task head trained on the synthetic songs' labels")
+    print("== 3. APEX multi-task head trained on the synthetic songs' labels")
     data = build_apex_dataset(world.songs, world.embeddings, seed=args.seed)
     cfg = TrainConfig(epochs=60, lr=2e-3, batch_size=256, patience=15, seed=args.seed, device="cpu")
     predictor, metrics, _ = train_apex(data, cfg, encoder="synthetic")
@@ -48,13 +57,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_metrics(metrics))
     print(f"   predictor saved to {out / 'apex'}")
 
-    print("== 3. recommender: ALS + FAISS content/pseudo-CF + fresh-song priors, LightGBM reranker (cold songs included)")
+    print("== 4. recommender: ALS + FAISS content/pseudo-CF + fresh-song priors, LightGBM reranker (cold songs included)")
     from apex_rank.ranking.demo import recommender_demo
 
     for line in recommender_demo(world, predictor, out / "bundle"):
         print(line, flush=True)
 
-    print("== online: publish to Redis (in-process store if none), then a play and a new song change the ranking")
+    print("== 5. online: publish to Redis (in-process store if none), then a play and a new song change the ranking")
     import os
 
     from apex_rank.ranking.online.demo import online_demo
@@ -63,7 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for line in online_demo(world, predictor, out / "bundle", redis_url=redis_url, seed=args.seed):
         print(line, flush=True)
 
-    print("== evaluation: item-cold split, all baselines vs the hybrid (APEX refitted on training songs only)")
+    print("== 6. evaluation: item-cold split, all baselines vs the hybrid (APEX refitted on training songs only)")
     from apex_rank.cli.eval_cmds import demo_evaluation
 
     demo_evaluation(world, out, seed=args.seed)
