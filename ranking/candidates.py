@@ -73,26 +73,20 @@ def _filter_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Drop excluded ids and padding from each row, keep the first n (order preserved).
 
-    Vectorised as an anti-join of (row, id) pairs, so its cost does not grow with Python loops.
+    One set lookup per fetched id (b·m in all), no per-call frame building: a single user's
+    request costs microseconds.
     """
     b, m = ids.shape
     out_ids = np.full((b, n), "", dtype=object)
     out_sc = np.full((b, n), -np.inf, dtype=np.float32)
     if b == 0 or n == 0 or m == 0:
         return out_ids, out_sc
-    r, c = np.nonzero(ids != "")
-    long = pl.DataFrame(
-        {"_r": r.astype(np.int64), "_c": c.astype(np.int64), "song_id": pl.Series(ids[r, c].tolist(), dtype=pl.String)}
-    )
-    ex_rows = np.repeat(np.arange(b, dtype=np.int64), [len(e) for e in excludes])
-    ex_ids = [x for e in excludes for x in e]
-    if ex_ids:
-        ex = pl.DataFrame({"_r": ex_rows, "song_id": pl.Series(ex_ids, dtype=pl.String)})
-        long = long.join(ex, on=["_r", "song_id"], how="anti", maintain_order="left")
-    long = long.with_columns(pl.int_range(pl.len()).over("_r").alias("_k")).filter(pl.col("_k") < n)
-    rr, cc, kk = long["_r"].to_numpy(), long["_c"].to_numpy(), long["_k"].to_numpy()
-    out_ids[rr, kk] = ids[rr, cc]
-    out_sc[rr, kk] = scores[rr, cc]
+    for i in range(b):
+        ex = excludes[i]
+        keep = [j for j, x in enumerate(ids[i].tolist()) if x and x not in ex][:n]
+        if keep:
+            out_ids[i, : len(keep)] = ids[i, keep]
+            out_sc[i, : len(keep)] = scores[i, keep]
     return out_ids, out_sc
 
 
@@ -164,6 +158,7 @@ class FactorSource(CandidateSource):
         self.song_ids = list(song_ids)
         self.factors = np.ascontiguousarray(factors, dtype=np.float32)
         self._pos = {s: i for i, s in enumerate(self.song_ids)}
+        self._lookup = np.asarray(self.song_ids + [""], dtype=object)
 
     def retrieve_batch(
         self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]
@@ -187,7 +182,7 @@ class FactorSource(CandidateSource):
             (np.ones(len(cols), np.float32), np.asarray(cols, np.int64), np.asarray(indptr)),
             shape=(len(rows), len(self.song_ids)),
         )
-        hits, D = top_k_by_factors(U, self.factors, self.song_ids, n, exclude=mask)
+        hits, D = top_k_by_factors(U, self.factors, self.song_ids, n, exclude=mask, lookup=self._lookup)
         ids[rows], sc[rows] = hits, D
         return ids, sc
 
@@ -246,6 +241,78 @@ class RankedListSource(CandidateSource):
         return _two_pass(search, excludes, n, self.max_overfetch, len(self.song_ids))
 
 
+_NULL_RANK = np.iinfo(np.int32).max
+
+
+def candidate_arrays(
+    states: Sequence[UserState],
+    sources: Sequence[CandidateSource],
+    config: CandidateConfig,
+    *,
+    excludes: Sequence[set[str] | None] | None = None,
+    min_per_source: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The union of the sources' candidates per user as arrays: the one implementation behind
+    :func:`generate_candidates` (which wraps it in a frame) and the small-batch serving path.
+
+    Parameters are those of :func:`generate_candidates`.
+
+    Returns
+    -------
+    rows:
+        (n,) int64 position of the row's state in ``states``.
+    song_ids:
+        (n,) object song ids.
+    best:
+        (n,) int8 index into ``SOURCE_ORDER`` of the source that ranked the song best (ties to the
+        earlier source).
+    ranks:
+        (n, len(SOURCE_ORDER)) int32 1-based source ranks, 0 where the source did not return it.
+
+    Rows are ordered by state, best source, best rank, song id (as ``generate_candidates``).
+    """
+    excl: list[set[str]] = []
+    for i, s in enumerate(states):
+        e = set(s.history)
+        if excludes is not None and excludes[i]:
+            e |= set(excludes[i])  # type: ignore[arg-type]
+        excl.append(e)
+    rs, ids, srcs, rks = [], [], [], []
+    for src in sources:
+        if src.name not in SOURCE_ORDER:
+            raise ConfigError(f"candidate source {src.name!r} is not one of {SOURCE_ORDER}")
+        n = max(config.limit(src.name), min_per_source if config.limit(src.name) > 0 else 0)
+        if n == 0:
+            continue
+        hits, _ = src.retrieve_batch(states, n, excl)
+        r, c = np.nonzero(hits != "")
+        rs.append(r.astype(np.int64))
+        ids.append(hits[r, c])
+        srcs.append(np.full(len(r), SOURCE_ORDER.index(src.name), dtype=np.int64))
+        rks.append((c + 1).astype(np.int64))
+    nsrc = len(SOURCE_ORDER)
+    if not rs or sum(len(r) for r in rs) == 0:
+        return (
+            np.zeros(0, np.int64),
+            np.zeros(0, dtype=object),
+            np.zeros(0, np.int8),
+            np.zeros((0, nsrc), np.int32),
+        )
+    row, sid = np.concatenate(rs), np.concatenate(ids)
+    src_, rank = np.concatenate(srcs), np.concatenate(rks)
+    uniq, code = np.unique(sid, return_inverse=True)  # codes follow song-id order (the final tie-break)
+    group, ginv = np.unique(row * len(uniq) + code, return_inverse=True)
+    R = np.full((len(group), nsrc), _NULL_RANK, dtype=np.int64)
+    np.minimum.at(R, (ginv, src_), rank)
+    key = np.full(len(group), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(key, ginv, rank * nsrc + src_)  # (rank, source) packed: ties go to the earlier source
+    best, minrank = key % nsrc, key // nsrc
+    grow, gcode = group // len(uniq), group % len(uniq)
+    order = np.lexsort((gcode, minrank, best, grow))
+    R = np.where(R == _NULL_RANK, 0, R)[order].astype(np.int32)
+    return grow[order], uniq[gcode[order]], best[order].astype(np.int8), R
+
+
 def generate_candidates(
     states: Sequence[UserState],
     sources: Sequence[CandidateSource],
@@ -269,58 +336,19 @@ def generate_candidates(
     min_per_source:
         Raise every source's limit to at least this (so that k larger than the limits still fills).
     """
-    excl: list[set[str]] = []
-    for i, s in enumerate(states):
-        e = set(s.history)
-        if excludes is not None and excludes[i]:
-            e |= set(excludes[i])  # type: ignore[arg-type]
-        excl.append(e)
-    parts = []
-    for src in sources:
-        if src.name not in SOURCE_ORDER:
-            raise ConfigError(f"candidate source {src.name!r} is not one of {SOURCE_ORDER}")
-        n = max(config.limit(src.name), min_per_source if config.limit(src.name) > 0 else 0)
-        if n == 0:
-            continue
-        hits, _ = src.retrieve_batch(states, n, excl)
-        valid = hits != ""
-        r, c = np.nonzero(valid)
-        parts.append(
-            pl.DataFrame(
-                {
-                    "_row": r.astype(np.int64),
-                    "song_id": pl.Series(hits[r, c].tolist(), dtype=pl.String),
-                    "_src": np.full(len(r), SOURCE_ORDER.index(src.name), dtype=np.int8),
-                    "_rank": (c + 1).astype(np.int32),
-                }
-            )
-        )
+    rows, ids, best, R = candidate_arrays(states, sources, config, excludes=excludes, min_per_source=min_per_source)
     schema = {"user_id": pl.String, "song_id": pl.String, "source": pl.String, **{c: pl.Int32 for c in RANK_COLUMNS}}
-    if not parts:
+    if len(rows) == 0:
         return pl.DataFrame(schema=schema)
-    long = pl.concat(parts)
-    nsrc = len(SOURCE_ORDER)
-    # one min() per column: ranks per source, and (rank, source) packed so ties go to the earlier source
-    wide = (
-        long.with_columns(
-            *[pl.when(pl.col("_src") == j).then(pl.col("_rank")).alias(RANK_COLUMNS[j]) for j in range(nsrc)],
-            (pl.col("_rank").cast(pl.Int64) * nsrc + pl.col("_src").cast(pl.Int64)).alias("_key"),
+    uids = np.asarray([s.user_id for s in states], dtype=object)
+    names = np.asarray(SOURCE_ORDER, dtype=object)
+    cols: dict[str, pl.Series] = {
+        "user_id": pl.Series(uids[rows].tolist(), dtype=pl.String),
+        "song_id": pl.Series(ids.tolist(), dtype=pl.String),
+        "source": pl.Series(names[best].tolist(), dtype=pl.String),
+    }
+    for j, c in enumerate(RANK_COLUMNS):
+        cols[c] = pl.Series(c, np.where(R[:, j] > 0, R[:, j], np.nan), dtype=pl.Float64, nan_to_null=True).cast(
+            pl.Int32
         )
-        .group_by(["_row", "song_id"])
-        .agg(*[pl.col(c).min() for c in RANK_COLUMNS], pl.col("_key").min())
-        .with_columns((pl.col("_key") % nsrc).alias("_best"), (pl.col("_key") // nsrc).alias("_minrank"))
-    )
-    users = pl.DataFrame(
-        {
-            "_row": np.arange(len(states), dtype=np.int64),
-            "user_id": pl.Series([s.user_id for s in states], dtype=pl.String),
-        }
-    )
-    names = dict(enumerate(SOURCE_ORDER))
-    out = (
-        wide.join(users, on="_row", how="left")
-        .with_columns(pl.col("_best").cast(pl.Int64).replace_strict(names, return_dtype=pl.String).alias("source"))
-        .sort(["_row", "_best", "_minrank", "song_id"])
-        .select(["user_id", "song_id", "source", *RANK_COLUMNS])
-    )
-    return out.cast({c: pl.Int32 for c in RANK_COLUMNS})
+    return pl.DataFrame(cols)

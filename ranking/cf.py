@@ -322,14 +322,19 @@ def top_k_by_factors(
     *,
     exclude: sp.csr_matrix | None = None,
     chunk: int = 1024,
+    lookup: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of U·Vᵀ per row, with a CSR mask of excluded items; ``""``/-inf padding.
+
+    ``lookup``, when given, is ``item_ids + [""]`` as an object array, kept by a caller that
+    searches often so that no per-call copy of the id list is made.
 
     Returns ``(ids (n, k) object, scores (n, k) float32)`` sorted by descending score, ties by item
     index (deterministic).
     """
     n = U.shape[0]
-    lookup = np.asarray(list(item_ids) + [""], dtype=object)
+    if lookup is None:
+        lookup = np.asarray(list(item_ids) + [""], dtype=object)
     n_items = V.shape[0]
     ids = np.full((n, k), "", dtype=object)
     scores = np.full((n, k), -np.inf, dtype=np.float32)

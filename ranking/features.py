@@ -55,8 +55,93 @@ def _rowdot(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", A, B, optimize=False).astype(np.float32)
 
 
+def feature_array(
+    states: Sequence[UserState], users: np.ndarray, songs: np.ndarray, ranks: np.ndarray, song_table: SongTable
+) -> np.ndarray:
+    """The feature logic: a float32 (n, len(FEATURES)) matrix in ``FEATURES`` order, NaN = missing.
+
+    The one implementation behind :func:`build_feature_frame` (training and batch serving) and
+    the small-batch serving path, which feeds the matrix to the reranker without a frame.
+
+    Parameters
+    ----------
+    states:
+        The users.
+    users:
+        (n,) int64 position in ``states`` of each row's user.
+    songs:
+        (n,) int64 dense ``song_table`` index of each row's song.
+    ranks:
+        (n, len(RANK_COLUMNS)) source ranks, NaN where the source did not return the song.
+    song_table:
+        The song side.
+    """
+    u = np.asarray(users, dtype=np.int64)
+    s = np.asarray(songs, dtype=np.int64)
+    n = len(u)
+    st = song_table
+
+    f = st.cf_factors.shape[1]
+    has_cf = np.asarray([x.cf_factor is not None for x in states], dtype=bool)
+    U = np.zeros((len(states), f), dtype=np.float32)
+    for i, x in enumerate(states):
+        if x.cf_factor is not None:
+            U[i] = x.cf_factor
+    d = st.embeddings.shape[1]
+    has_prof = np.asarray([x.profile is not None for x in states], dtype=bool)
+    P = np.zeros((len(states), d), dtype=np.float32)
+    for i, x in enumerate(states):
+        if x.profile is not None:
+            P[i] = x.profile
+    # mean priors over each user's known history
+    hist_mean = np.full((len(states), len(APEX_TASKS)), np.nan, dtype=np.float32)
+    for i, x in enumerate(states):
+        hi = st.index_of(x.history)
+        hi = hi[hi >= 0]
+        if len(hi):
+            hist_mean[i] = st.priors[hi].mean(axis=0)
+    activity = np.log1p(np.asarray([x.activity for x in states], dtype=np.float32))
+
+    X = np.empty((n, len(FEATURES)), dtype=np.float32)
+    col = {c: j for j, c in enumerate(FEATURES)}
+    warm = st.warm[s]
+    ucf = has_cf[u]
+    als = np.full(n, np.nan, dtype=np.float32)
+    m = ucf & warm
+    if m.any():
+        als[m] = _rowdot(U[u[m]], st.cf_factors[s[m]])
+    X[:, col["als_score"]] = als
+    pcf = np.full(n, np.nan, dtype=np.float32)
+    if ucf.any():
+        pcf[ucf] = _rowdot(U[u[ucf]], st.pseudo_factors[s[ucf]])
+    X[:, col["pseudo_cf_score"]] = pcf
+    csim = np.full(n, np.nan, dtype=np.float32)
+    mp = has_prof[u]
+    if mp.any():
+        csim[mp] = _rowdot(P[u[mp]], st.embeddings[s[mp]])
+    X[:, col["content_sim"]] = csim
+    pri = st.priors[s]
+    for k, t in enumerate(APEX_TASKS):
+        X[:, col[t]] = pri[:, k]
+    X[:, col["log_popularity"]] = np.where(warm, np.log1p(st.popularity[s]), np.nan)
+    # age only for warm songs: for a never-played song it would just restate "cold" (and the
+    # natural cold songs of the training slice are all brand new, which would teach "new = bad")
+    X[:, col["age_days"]] = np.where(warm, np.maximum(0.0, st.now_s - st.created_s[s]) / 86400.0, np.nan).astype(
+        np.float32
+    )
+    X[:, col["is_cold"]] = (~warm).astype(np.float32)
+    R = np.asarray(ranks, dtype=np.float32).reshape(n, len(RANK_COLUMNS))
+    for k, c in enumerate(RANK_COLUMNS):
+        X[:, col[c]] = R[:, k]
+    X[:, col["user_activity"]] = activity[u]
+    gaps = (pri - hist_mean[u]).astype(np.float32)
+    for k, g in enumerate(GAP_COLUMNS):
+        X[:, col[g]] = gaps[:, k]
+    return X
+
+
 def build_feature_frame(states: Sequence[UserState], candidates: pl.DataFrame, song_table: SongTable) -> pl.DataFrame:
-    """Features for every candidate row.
+    """Features for every candidate row (a frame around :func:`feature_array`).
 
     Parameters
     ----------
@@ -88,62 +173,15 @@ def build_feature_frame(states: Sequence[UserState], candidates: pl.DataFrame, s
         raise SchemaError(
             f"candidates frame: song_id {j.filter(pl.col('_idx').is_null())['song_id'][0]!r} is not in the catalogue"
         )
-    u = j["_u"].to_numpy()
-    s = j["_idx"].to_numpy()
-    n = len(u)
-    st = song_table
-
-    f = st.cf_factors.shape[1]
-    has_cf = np.asarray([x.cf_factor is not None for x in states], dtype=bool)
-    U = np.zeros((len(states), f), dtype=np.float32)
-    for i, x in enumerate(states):
-        if x.cf_factor is not None:
-            U[i] = x.cf_factor
-    d = st.embeddings.shape[1]
-    has_prof = np.asarray([x.profile is not None for x in states], dtype=bool)
-    P = np.zeros((len(states), d), dtype=np.float32)
-    for i, x in enumerate(states):
-        if x.profile is not None:
-            P[i] = x.profile
-    # mean priors over each user's known history
-    hist_mean = np.full((len(states), len(APEX_TASKS)), np.nan, dtype=np.float32)
-    for i, x in enumerate(states):
-        hi = st.index_of(x.history)
-        hi = hi[hi >= 0]
-        if len(hi):
-            hist_mean[i] = st.priors[hi].mean(axis=0)
-    activity = np.log1p(np.asarray([x.activity for x in states], dtype=np.float32))
-
-    warm = st.warm[s]
-    ucf = has_cf[u]
-    als = np.full(n, np.nan, dtype=np.float32)
-    m = ucf & warm
-    if m.any():
-        als[m] = _rowdot(U[u[m]], st.cf_factors[s[m]])
-    pcf = np.full(n, np.nan, dtype=np.float32)
-    if ucf.any():
-        pcf[ucf] = _rowdot(U[u[ucf]], st.pseudo_factors[s[ucf]])
-    csim = np.full(n, np.nan, dtype=np.float32)
-    mp = has_prof[u]
-    if mp.any():
-        csim[mp] = _rowdot(P[u[mp]], st.embeddings[s[mp]])
-    pri = st.priors[s]
-    logpop = np.where(warm, np.log1p(st.popularity[s]), np.nan).astype(np.float32)
-    # age only for warm songs: for a never-played song it would just restate "cold" (and the
-    # natural cold songs of the training slice are all brand new, which would teach "new = bad")
-    age = np.where(warm, np.maximum(0.0, st.now_s - st.created_s[s]) / 86400.0, np.nan).astype(np.float32)
-    gaps = (pri - hist_mean[u]).astype(np.float32)
-
-    cols: dict[str, object] = {"als_score": als, "pseudo_cf_score": pcf, "content_sim": csim}
-    for k, t in enumerate(APEX_TASKS):
-        cols[t] = pri[:, k].astype(np.float32)
-    cols["log_popularity"] = logpop
-    cols["age_days"] = age
-    cols["is_cold"] = (~warm).astype(np.float32)
-    cols["user_activity"] = activity[u]
-    for k, g in enumerate(GAP_COLUMNS):
-        cols[g] = gaps[:, k]
-    feats = pl.DataFrame({k: pl.Series(np.asarray(v), dtype=pl.Float32).fill_nan(None) for k, v in cols.items()})
+    ranks = candidates.select([pl.col(c).cast(pl.Float32) for c in RANK_COLUMNS]).to_numpy()
+    X = feature_array(states, j["_u"].to_numpy(), j["_idx"].to_numpy(), np.nan_to_num(ranks, nan=np.nan), song_table)
+    feats = pl.DataFrame(
+        {
+            c: pl.Series(c, X[:, k], dtype=pl.Float32, nan_to_null=True)
+            for k, c in enumerate(FEATURES)
+            if c not in RANK_COLUMNS
+        }
+    )
     base = candidates.drop([c for c in FEATURES if c in candidates.columns and c not in RANK_COLUMNS])
     out = pl.concat([base, feats], how="horizontal")
     return out.with_columns([pl.col(c).cast(pl.Float32) for c in RANK_COLUMNS])

@@ -98,6 +98,7 @@ class CandidateIndex:
         self._ids: list[str | None] = []
         self._pos: dict[str, int] = {}
         self._gpu: object | None = None
+        self._lookup: np.ndarray | None = None  # ids + [""] as an object array, rebuilt after add/remove
         self._apply_search_params()
 
     # ------------------------------------------------------------------ properties
@@ -156,6 +157,7 @@ class CandidateIndex:
             self._ids.append(s)
             self._pos[s] = start + j
         self._gpu = None
+        self._lookup = None
 
     def remove(self, ids: Sequence[str]) -> int:
         """Remove ids (unknown ones are an error); returns how many were removed."""
@@ -172,6 +174,7 @@ class CandidateIndex:
         for s in ids:
             self._ids[self._pos.pop(s)] = None
         self._gpu = None
+        self._lookup = None
         return n
 
     # ------------------------------------------------------------------ search
@@ -229,7 +232,9 @@ class CandidateIndex:
         kk = min(k, self.ntotal)
         D, hits = self._searcher().search(Q, kk)  # type: ignore[attr-defined]
         valid = hits >= 0
-        lookup = np.asarray(self._ids + [""], dtype=object)
+        if self._lookup is None or len(self._lookup) != len(self._ids) + 1:
+            self._lookup = np.asarray(self._ids + [""], dtype=object)
+        lookup = self._lookup
         scores[:, :kk] = np.where(valid, D, -np.inf)
         out[:, :kk] = lookup[np.where(valid, hits, len(self._ids))]
         return scores, out
@@ -274,6 +279,7 @@ class CandidateIndex:
         except (json.JSONDecodeError, KeyError, RuntimeError) as err:
             raise ArtifactError(f"index {path} cannot be read: {err}") from err
         obj._ids = list(meta["ids"])
+        obj._lookup = None
         obj._pos = {s: i for i, s in enumerate(obj._ids) if s is not None}
         if obj.ntotal != len(obj._pos):
             raise ArtifactError(f"index {path} holds {obj.ntotal} vectors but {ids_path} lists {len(obj._pos)} ids")

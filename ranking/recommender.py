@@ -45,16 +45,18 @@ from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdE
 from apex_rank.manifest import read_manifest, write_manifest
 from apex_rank.predictor import ApexPredictor
 from apex_rank.ranking.candidates import (
+    SOURCE_ORDER,
     CandidateConfig,
     CandidateSource,
     FactorSource,
     IndexSource,
     RankedListSource,
+    candidate_arrays,
     generate_candidates,
 )
 from apex_rank.ranking.cf import CFConfig, CFModel
 from apex_rank.ranking.content_map import ContentToCF
-from apex_rank.ranking.features import build_feature_frame
+from apex_rank.ranking.features import build_feature_frame, feature_array
 from apex_rank.ranking.index import CandidateIndex, l2_normalize
 from apex_rank.ranking.reranker import Reranker, RerankerConfig, grade_labels
 from apex_rank.ranking.state import SongTable, UserState, quality_score
@@ -630,6 +632,8 @@ class Recommender:
         if unknown:
             out.append(self._fallback([states[i] for i in unknown], k, [ex[i] for i in unknown]))
         res = pl.concat(out) if out else pl.DataFrame(schema={"user_id": pl.String, **RESULT_SCHEMA})
+        if len(states) == 1:  # one user: already in rank order
+            return res
         return (
             res.with_columns(pl.col("user_id").replace_strict(order, return_dtype=pl.Int64).alias("_o"))
             .sort(["_o", "rank"])
@@ -818,23 +822,49 @@ def rank_states(
     *,
     excludes: Sequence[set[str]] | None = None,
 ) -> pl.DataFrame:
-    """The pure per-user path: candidates → feature frame → reranker scores → top-k per user.
+    """The pure per-user path: candidates → features → reranker scores → top-k per user.
 
-    Returns ``user_id`` + ``RESULT_SCHEMA`` columns, best first per user (ties by song_id).
+    Runs on arrays (:func:`~apex_rank.ranking.candidates.candidate_arrays`,
+    :func:`~apex_rank.ranking.features.feature_array`, ``Reranker.score_matrix``): the same
+    functions ``generate_candidates`` / ``build_feature_frame`` wrap, without building frames.
+
+    Returns ``user_id`` + ``RESULT_SCHEMA`` columns, best first per user (ties by song_id), users in
+    user-id order.
     """
-    cands = generate_candidates(states, sources, candidate_config, excludes=excludes, min_per_source=k)
-    if cands.height == 0:
+    rows, ids, best, R = candidate_arrays(states, sources, candidate_config, excludes=excludes, min_per_source=k)
+    if len(rows) == 0:
         return pl.DataFrame(schema={"user_id": pl.String, **RESULT_SCHEMA})
-    feats = build_feature_frame(states, cands, song_table)
-    scores = reranker.score(feats)
-    top = (
-        feats.select("user_id", "song_id", "source")
-        .with_columns(pl.Series("score", scores, dtype=pl.Float64))
-        .sort(["user_id", "score", "song_id"], descending=[False, True, False])
-        .with_columns((pl.int_range(pl.len()).over("user_id") + 1).cast(pl.Int32).alias("rank"))
-        .filter(pl.col("rank") <= k)
-    )
-    return _attach_song_columns(top, song_table)
+    s = song_table.index_of(ids.tolist())
+    if (s < 0).any():
+        raise SchemaError(f"candidate song_id {ids[int(np.flatnonzero(s < 0)[0])]!r} is not in the catalogue")
+    upos = {st.user_id: i for i, st in enumerate(states)}  # a repeated user id reads its last state
+    uids = np.asarray([st.user_id for st in states], dtype=object)
+    u = np.asarray([upos[x] for x in uids[rows].tolist()], dtype=np.int64)
+    X = feature_array(states, u, s, np.where(R > 0, R, np.nan).astype(np.float32), song_table)
+    scores = reranker.score_matrix(X)
+    # users by user id, then score descending, ties by song id
+    _, urank = np.unique(uids, return_inverse=True)
+    _, code = np.unique(ids, return_inverse=True)
+    user_key = urank[rows]
+    order = np.lexsort((code, -scores, user_key))
+    user_key = user_key[order]
+    start = np.r_[0, np.flatnonzero(np.diff(user_key)) + 1]
+    pos = np.arange(len(order)) - np.repeat(start, np.diff(np.r_[start, len(order)]))
+    keep = order[pos < k]
+    rank = (pos[pos < k] + 1).astype(np.int32)
+    si = s[keep]
+    names = np.asarray(SOURCE_ORDER, dtype=object)
+    cols: dict[str, pl.Series] = {
+        "user_id": pl.Series(uids[rows[keep]].tolist(), dtype=pl.String),
+        "song_id": pl.Series(ids[keep].tolist(), dtype=pl.String),
+        "score": pl.Series(scores[keep], dtype=pl.Float64),
+        "source": pl.Series(names[best[keep]].tolist(), dtype=pl.String),
+        "rank": pl.Series(rank, dtype=pl.Int32),
+        "is_cold": pl.Series(~song_table.warm[si], dtype=pl.Boolean),
+    }
+    for j, t in enumerate(APEX_TASKS):
+        cols[t] = pl.Series(t, song_table.priors[si, j], dtype=pl.Float32, nan_to_null=True)
+    return pl.DataFrame(cols)
 
 
 def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:

@@ -85,6 +85,9 @@ class RerankerConfig:
                 raise ConfigError(f"reranker.{name} must be >= 1, got {getattr(self, name)}")
 
 
+SMALL_PREDICT_ROWS = 2000  # below this many rows, predict on one thread
+
+
 def grade_labels(weight: np.ndarray, max_grade: int) -> np.ndarray:
     """Graded relevance from summed interaction weight: 0 for none, else ceil(log2(1 + w)) capped."""
     w = np.nan_to_num(np.asarray(weight, dtype=np.float64), nan=0.0)
@@ -223,11 +226,23 @@ class Reranker:
             raise NotFittedError("Reranker is not fitted; call fit() or load()")
         if frame.height == 0:
             return np.zeros(0, dtype=np.float64)
+        return self.score_matrix(feature_matrix(frame))
+
+    def score_matrix(self, X: np.ndarray) -> np.ndarray:
+        """Scores (n,) float64 for a (n, len(FEATURES)) float32 matrix in ``FEATURES`` order, NaN = missing.
+
+        Inputs below ``SMALL_PREDICT_ROWS`` rows are predicted on one thread: waking a thread pool
+        costs more than a few hundred rows take.
+        """
+        if self.booster is None:
+            raise NotFittedError("Reranker is not fitted; call fit() or load()")
+        if X.shape[0] == 0:
+            return np.zeros(0, dtype=np.float64)
         return np.asarray(
             self.booster.predict(
-                feature_matrix(frame),
+                np.ascontiguousarray(X, dtype=np.float32),
                 num_iteration=self.best_iteration,
-                num_threads=thread_count(),
+                num_threads=1 if X.shape[0] < SMALL_PREDICT_ROWS else thread_count(),
             ),
             dtype=np.float64,
         )
