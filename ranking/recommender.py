@@ -582,9 +582,9 @@ class Recommender:
         Fewer than k rows come back when fewer songs are rankable (k larger than the catalogue,
         or a history covering it: an empty frame).
         """
-        return self.recommend_states([self.user_state(user_id)], k, excludes=[set(exclude) if exclude else set()]).drop(
-            "user_id"
-        )
+        out = self.recommend_states([self.user_state(user_id)], k, excludes=[set(exclude) if exclude else set()])
+        out.drop_in_place("user_id")  # eager: a lazy drop costs a query per request
+        return out
 
     def recommend_batch(self, user_ids: Sequence[str], k: int = 20) -> pl.DataFrame:
         """Long frame (``user_id`` + ``RESULT_SCHEMA``), users in input order; a user id repeated in

@@ -1,0 +1,77 @@
+"""The array serving path equals the frame path it replaced.
+
+``rank_states`` runs on ``candidate_arrays`` / ``feature_array`` / ``Reranker.score_matrix``;
+``generate_candidates`` / ``build_feature_frame`` / ``Reranker.score`` wrap the same functions in
+frames for training and batch work. The reference below is the frame pipeline with the polars
+top-k the serving path used before it ran on arrays: ids, order, sources and scores must match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from apex_rank.ranking.candidates import RANK_COLUMNS, SOURCE_ORDER, candidate_arrays, generate_candidates
+from apex_rank.ranking.features import FEATURES, build_feature_frame, feature_array, feature_matrix
+from apex_rank.ranking.recommender import rank_states
+from apex_rank.ranking.state import UserState
+from tests.integration.test_recommender_fixtures import one_thread, recommender
+
+
+def _frame_reference(states: list[UserState], k: int, excludes: list[set[str]]) -> pl.DataFrame:
+    """Frame pipeline + polars top-k (the serving path before arrays)."""
+    rec = recommender()
+    cands = generate_candidates(states, rec.sources, rec.config.candidates, excludes=excludes, min_per_source=k)
+    feats = build_feature_frame(states, cands, rec.songs)
+    scores = rec.reranker.score(feats)
+    return (
+        feats.select("user_id", "song_id", "source")
+        .with_columns(pl.Series("score", scores, dtype=pl.Float64))
+        .sort(["user_id", "score", "song_id"], descending=[False, True, False])
+        .with_columns((pl.int_range(pl.len()).over("user_id") + 1).cast(pl.Int32).alias("rank"))
+        .filter(pl.col("rank") <= k)
+    )
+
+
+def test_array_path_equals_frame_path() -> None:
+    rec = recommender()
+    users = rec.user_ids[:40]
+    states = [rec.user_state(u) for u in users]
+    excludes = [set(rec.user_state(users[(i + 1) % len(users)]).history[:3]) for i in range(len(users))]
+    with one_thread():
+        for k in (1, 20, 150):
+            got = rank_states(states, k, rec.sources, rec.songs, rec.reranker, rec.config.candidates, excludes=excludes)
+            ref = _frame_reference(states, k, excludes)
+            assert got["user_id"].to_list() == ref["user_id"].to_list(), k
+            assert got["song_id"].to_list() == ref["song_id"].to_list(), k
+            assert got["source"].to_list() == ref["source"].to_list(), k
+            assert got["rank"].to_list() == ref["rank"].to_list(), k
+            np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), rtol=0, atol=1e-6)
+            # single users equal their rows of the batch
+            for i, u in enumerate(users[:5]):
+                one = rec.recommend(u, k=k, exclude=excludes[i])
+                part = got.filter(pl.col("user_id") == u).drop("user_id")
+                assert one["song_id"].to_list() == part["song_id"].to_list()
+                np.testing.assert_allclose(one["score"].to_numpy(), part["score"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_frame_wrappers_share_the_array_functions() -> None:
+    """generate_candidates / build_feature_frame are the array functions in frame form."""
+    rec = recommender()
+    states = [rec.user_state(u) for u in rec.user_ids[:15]]
+    rows, ids, best, R = candidate_arrays(states, rec.sources, rec.config.candidates, min_per_source=20)
+    cands = generate_candidates(states, rec.sources, rec.config.candidates, min_per_source=20)
+    assert cands["song_id"].to_list() == ids.tolist()
+    assert cands["user_id"].to_list() == [states[r].user_id for r in rows]
+    assert cands["source"].to_list() == [SOURCE_ORDER[b] for b in best]
+    ranks = cands.select(RANK_COLUMNS).fill_null(0).to_numpy()
+    np.testing.assert_array_equal(ranks, R)
+    # each row's best source ranked it at its best rank
+    assert (R[np.arange(len(R)), best] == np.where(R > 0, R, np.iinfo(np.int32).max).min(axis=1)).all()
+    frame = build_feature_frame(states, cands, rec.songs)
+    X = feature_array(states, rows, rec.songs.index_of(ids.tolist()), np.where(R > 0, R, np.nan), rec.songs)
+    assert X.dtype == np.float32 and X.shape == (len(rows), len(FEATURES))
+    np.testing.assert_array_equal(feature_matrix(frame), X)
+    assert list(frame.columns[:3]) == ["user_id", "song_id", "source"]
+    with one_thread():
+        np.testing.assert_array_equal(rec.reranker.score(frame), rec.reranker.score_matrix(X))
