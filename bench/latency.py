@@ -25,6 +25,9 @@ log = logging.getLogger("bench.latency")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="10k songs x 5k users x 200k interactions")
+    ap.add_argument("--songs", type=int, default=None)
+    ap.add_argument("--users", type=int, default=None)
+    ap.add_argument("--interactions", type=int, default=None)
     ap.add_argument("--bundle", default=None, help="bundle folder (built and saved when missing)")
     ap.add_argument("--latency-users", type=int, default=300)
     ap.add_argument("--k", type=int, default=20)
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     S, U, N = (10_000, 5_000, 200_000) if args.small else (100_000, 50_000, 2_000_000)
-    bundle = Path(args.bundle or f"/tmp/apexrank-bench-latency-{S}")
+    S, U, N = args.songs or S, args.users or U, args.interactions or N
+    bundle = Path(args.bundle or f"/tmp/apexrank-bench-latency-{S}-{U}-{N}")
 
     from apex_rank.threads import configure_threads
 
