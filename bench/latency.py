@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="print the top cProfile entries")
+    ap.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumulative)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     S, U, N = (10_000, 5_000, 200_000) if args.small else (100_000, 50_000, 2_000_000)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if prof is not None:
         s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+        pstats.Stats(prof, stream=s).sort_stats(args.sort).print_stats(30)
         log.info("%s", s.getvalue())
     return 0
 
