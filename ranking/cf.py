@@ -344,7 +344,7 @@ def top_k_by_factors(
     for start in range(0, n, chunk):
         S = U[start : start + chunk] @ V.T
         if exclude is not None:
-            sub = exclude[start : start + chunk]
+            sub = exclude if start == 0 and n <= chunk else exclude[start : start + chunk]  # no copy for one chunk
             r = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
             S[r, sub.indices] = -np.inf
         if kk < n_items:
