@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,13 @@ class RecommenderConfig:
     refit_on_all: refit CF, the map and user states on all interactions for serving.
     batch_users: users per chunk in batch scoring.
     seed: seeds the row split without ``ts``.
+    cold_sim: how reranker training makes warm songs look cold (share ``reranker.cold_sim_share``):
+        ``features`` nulls their CF features in the training groups after candidate generation
+        (DropoutNet-style masking); ``holdout`` picks the songs before anything is fitted and
+        moves all their earlier interactions into the label slice, so that the training-side CF,
+        content map, user states, candidates and features see them as truly cold (no factor, no
+        popularity, out-of-sample pseudo factors, served by pseudo_cf/fresh, absent from als),
+        like the cold songs of an item-cold split whose every play lies in the future.
     """
 
     cf: CFConfig = field(default_factory=CFConfig)
@@ -124,8 +131,11 @@ class RecommenderConfig:
     refit_on_all: bool = True
     batch_users: int = 1000
     seed: int = 0
+    cold_sim: str = "features"
 
     def __post_init__(self) -> None:
+        if self.cold_sim not in ("features", "holdout"):
+            raise ConfigError(f"cold_sim must be 'features' or 'holdout', got {self.cold_sim!r}")
         if not 0.0 < self.rerank_share < 1.0:
             raise ConfigError(f"rerank_share must be in (0, 1), got {self.rerank_share}")
         if self.batch_users < 1:
@@ -335,21 +345,36 @@ class Recommender:
         users_a = _user_arrays(fit_part, table_a, cfg.half_life_days)
         timings["train_side_total"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        fit_cfg = cfg.reranker
+        table_t, cf_t, map_t, users_t = table_a, cf_a, map_a, users_a
+        if cfg.cold_sim == "holdout" and cfg.reranker.cold_sim_share > 0:
+            warm_idx = np.flatnonzero(table_a.warm)
+            rng = np.random.default_rng(cfg.reranker.seed)
+            sim = warm_idx[rng.random(len(warm_idx)) < cfg.reranker.cold_sim_share]
+            in_sim = pl.col("_s").is_in(pl.Series(sim, dtype=pl.Int64).implode())
+            fit_t = fit_part.filter(~in_sim)
+            if fit_t.height and len(sim):
+                label_part = pl.concat([label_part, fit_part.filter(in_sim)])
+                cf_t, table_t, map_t = cls._fit_side(fit_t, ids, E, priors, created, now_fit, pmean, pstd, cfg)
+                users_t = _user_arrays(fit_t, table_t, cfg.half_life_days)
+                report["n_simulated_cold_songs"] = int(len(sim))
+                fit_cfg = replace(cfg.reranker, cold_sim_share=0.0)  # already cold: no masking on top
         tmp = cls(
             config=cfg,
-            songs=table_a,
-            users=users_a,
-            cf=cf_a,
-            content_map=map_a,
-            content_index=cls._content_index(table_a, cfg),
-            pseudo_index=cls._pseudo_index(table_a, cfg),
+            songs=table_t,
+            users=users_t,
+            cf=cf_t,
+            content_map=map_t,
+            content_index=cls._content_index(table_t, cfg),
+            pseudo_index=cls._pseudo_index(table_t, cfg),
             reranker=Reranker(cfg.reranker),
             apex=apex,
         )
         frame = tmp._training_frame(label_part, cfg)
         timings["rerank_frame"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        reranker = Reranker(cfg.reranker).fit(frame, label_col="label")
+        reranker = Reranker(fit_cfg).fit(frame, label_col="label")
+        reranker.config = cfg.reranker
         timings["reranker_fit"] = time.perf_counter() - t0
         report.update(
             n_rerank_rows=frame.height,
