@@ -97,9 +97,12 @@ class RankingEvalConfig:
         bl.model_names(self.models)
 
 
-# The reranker's cold-simulation share decides how far cold songs rise; tuned on validation
-# for item-cold (3 builds of the Recommender).
-HYBRID_GRID: tuple[dict[str, Any], ...] = tuple({"reranker": {"cold_sim_share": x}} for x in (0.2, 0.5, 0.8))
+# The reranker's cold simulation (how, and for which share of songs) decides how far cold songs
+# rise; tuned on validation for item-cold (5 builds of the Recommender).
+HYBRID_GRID: tuple[dict[str, Any], ...] = (
+    *({"cold_sim": "features", "reranker": {"cold_sim_share": x}} for x in (0.2, 0.5, 0.8)),
+    *({"cold_sim": "holdout", "reranker": {"cold_sim_share": x}} for x in (0.1, 0.2)),
+)
 
 
 class Timer:
