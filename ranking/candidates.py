@@ -244,6 +244,29 @@ class RankedListSource(CandidateSource):
 _NULL_RANK = np.iinfo(np.int32).max
 
 
+def sorted_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` for object (string) arrays, without sorting all values.
+
+    Factorises with a dict (linear) and sorts only the distinct values, so a batch of many users
+    with overlapping candidates costs one pass plus a sort of the distinct ids.
+
+    Returns
+    -------
+    (distinct values in sorted order, (n,) int64 code of each value in that order).
+    """
+    vals = values.tolist()
+    index: dict[object, int] = dict.fromkeys(vals, 0)
+    uniq = np.empty(len(index), dtype=object)
+    uniq[:] = list(index)
+    for i, x in enumerate(index):
+        index[x] = i
+    inv = np.fromiter(map(index.__getitem__, vals), dtype=np.int64, count=len(vals))
+    order = np.argsort(uniq, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return uniq[order], rank[inv]
+
+
 def candidate_arrays(
     states: Sequence[UserState],
     sources: Sequence[CandidateSource],
@@ -300,7 +323,7 @@ def candidate_arrays(
         )
     row, sid = np.concatenate(rs), np.concatenate(ids)
     src_, rank = np.concatenate(srcs), np.concatenate(rks)
-    uniq, code = np.unique(sid, return_inverse=True)  # codes follow song-id order (the final tie-break)
+    uniq, code = sorted_codes(sid)  # codes follow song-id order (the final tie-break)
     group, ginv = np.unique(row * len(uniq) + code, return_inverse=True)
     R = np.full((len(group), nsrc), _NULL_RANK, dtype=np.int64)
     np.minimum.at(R, (ginv, src_), rank)

@@ -53,6 +53,7 @@ from apex_rank.ranking.candidates import (
     RankedListSource,
     candidate_arrays,
     generate_candidates,
+    sorted_codes,
 )
 from apex_rank.ranking.cf import CFConfig, CFModel
 from apex_rank.ranking.content_map import ContentToCF
@@ -868,8 +869,8 @@ def rank_states(
     X = feature_array(states, u, s, np.where(R > 0, R, np.nan).astype(np.float32), song_table)
     scores = reranker.score_matrix(X)
     # users by user id, then score descending, ties by song id
-    _, urank = np.unique(uids, return_inverse=True)
-    _, code = np.unique(ids, return_inverse=True)
+    _, urank = sorted_codes(uids)
+    _, code = sorted_codes(ids)
     user_key = urank[rows]
     order = np.lexsort((code, -scores, user_key))
     user_key = user_key[order]
