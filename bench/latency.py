@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_threads(args.threads)
     from apex_rank.ranking.recommender import IndexConfig, Recommender, RecommenderConfig, load_recommender
-    from bench.ranking import machine, make_bench_world
+    from bench.ranking import ivf_factory, machine, make_bench_world
 
     log.info("machine : %s", machine())
     if not (bundle / "manifest.json").exists():
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         apex, _, _ = train_apex(
             data, TrainConfig(epochs=5, lr=2e-3, batch_size=512, patience=3, device="cpu", progress=False)
         )
-        factory = f"IVF{max(16, int(4 * np.sqrt(S)) // 16 * 16)},Flat"
+        factory = ivf_factory(S)
         cfg = replace(RecommenderConfig(), index=IndexConfig(content_factory=factory, nprobe=32))
         t0 = time.perf_counter()
         Recommender.build(songs, emb, inter, cfg, apex=apex).save(bundle)

@@ -96,52 +96,6 @@ def _rss_kb(pid: int) -> int:
     return total
 
 
-def fast_world(n_songs: int, n_users: int, *, dim: int = 64, per_user: int = 20,
-               seed: int = 0) -> tuple[Any, Any, Any]:
-    """A SYNTHETIC catalogue that scales to 100k songs / 50k users in seconds.
-
-    ``apex_rank.synthetic.make_world`` draws every event over the whole catalogue (a users x songs
-    logit matrix), which does not fit at this size. Here songs belong to 256 taste clusters
-    (embedding = cluster centre + noise), 20% are cold (released after every interaction), and
-    each user draws ``per_user`` warm songs from two clusters, weighted by a hidden quality.
-    """
-    from datetime import datetime, timedelta
-
-    import numpy as np
-    import polars as pl
-
-    from apex_rank.schemas import embeddings_frame
-
-    rng = np.random.default_rng(seed)
-    n_clusters = 256
-    centres = rng.normal(size=(n_clusters, dim)).astype(np.float32)
-    cluster = rng.integers(0, n_clusters, size=n_songs)
-    emb = centres[cluster] + 0.5 * rng.normal(size=(n_songs, dim)).astype(np.float32)
-    quality = rng.normal(size=n_songs)
-    cold = rng.random(n_songs) < 0.2
-    epoch = datetime(2026, 1, 1)
-    release = np.where(cold, rng.uniform(80, 95, n_songs), rng.uniform(0, 60, n_songs))
-    ids = [f"s{i:06d}" for i in range(n_songs)]
-    songs = pl.DataFrame({"song_id": ids,
-                          "created_at": [epoch + timedelta(days=float(d)) for d in release]})
-    members = [np.flatnonzero((cluster == c) & ~cold) for c in range(n_clusters)]
-    weights = [np.exp(quality[m]) / np.exp(quality[m]).sum() for m in members]
-    users, items = [], []
-    for u in range(n_users):
-        for c in rng.integers(0, n_clusters, size=2):
-            if len(members[c]) == 0:
-                continue
-            pick = rng.choice(members[c], size=min(per_user // 2, len(members[c])), replace=False,
-                              p=weights[c])
-            users += [u] * len(pick)
-            items += pick.tolist()
-    days = rng.uniform(60, 80, size=len(users))
-    inter = pl.DataFrame({"user_id": [f"u{i:06d}" for i in users], "song_id": [ids[i] for i in items],
-                          "ts": [epoch + timedelta(days=float(d)) for d in days],
-                          "weight": np.ones(len(users))})
-    return songs, embeddings_frame(ids, emb, encoder="synthetic"), inter
-
-
 def build_bundle(n_songs: int, n_users: int, out: Path) -> dict[str, float]:
     """Build and save a bundle with 300 candidates per user. The APEX head is a seeded,
     untrained one (its priors only feed features; latency does not depend on their quality)."""
@@ -151,18 +105,21 @@ def build_bundle(n_songs: int, n_users: int, out: Path) -> dict[str, float]:
     from apex_rank.predictor import ApexPredictor
     from apex_rank.ranking.candidates import CandidateConfig
     from apex_rank.ranking.cf import CFConfig
-    from apex_rank.ranking.recommender import Recommender, RecommenderConfig
+    from apex_rank.ranking.recommender import IndexConfig, Recommender, RecommenderConfig
     from apex_rank.ranking.reranker import RerankerConfig
+    from bench.ranking import ivf_factory, make_bench_world
 
     t0 = time.perf_counter()
-    songs, embeddings, inter = fast_world(n_songs, n_users)
+    songs, embeddings, inter = make_bench_world(n_songs, n_users, 20 * n_users)
     t1 = time.perf_counter()
     torch.manual_seed(0)
     apex = ApexPredictor(ApexHead(input_dim=64), encoder="synthetic", device="cpu")
     cfg = RecommenderConfig(
         candidates=CandidateConfig(als=120, content=80, pseudo_cf=60, fresh=40),  # 300 candidates
         reranker=RerankerConfig(n_estimators=60, early_stopping_rounds=15, max_train_users=1000),
-        cf=CFConfig(factors=32, iterations=8))
+        cf=CFConfig(factors=32, iterations=8),
+        # IVF content index as in bench.ranking: an exact scan of 100k vectors per request costs ~4.5 ms
+        index=IndexConfig(content_factory=ivf_factory(n_songs), nprobe=32))
     rec = Recommender.build(songs, embeddings, inter, config=cfg, apex=apex)
     t2 = time.perf_counter()
     rec.save(out)

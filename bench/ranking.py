@@ -114,6 +114,11 @@ def make_bench_world(
     return songs, embeddings, inter
 
 
+def ivf_factory(n_songs: int) -> str:
+    """FAISS factory of an IVF content index sized for ``n_songs`` (about 4·√n lists)."""
+    return f"IVF{max(16, int(4 * np.sqrt(n_songs)) // 16 * 16)},Flat"
+
+
 def machine() -> str:
     cpu = platform.processor() or "?"
     try:
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     S, U, N = args.songs or S, args.users or U, args.interactions or N
     repeats = args.repeats or (3 if args.small else 1)
     if args.content_factory is None:
-        args.content_factory = f"IVF{max(16, int(4 * np.sqrt(S)) // 16 * 16)},Flat"
+        args.content_factory = ivf_factory(S)
 
     from apex_rank.config import to_dict
     from apex_rank.manifest import library_versions
