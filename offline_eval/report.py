@@ -129,7 +129,7 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     slices = [s for s in ("all", "warm", "cold", "cold_only") if any(s in v for v in models.values())]
     paths: list[Path] = []
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(slices), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 1.6 * len(slices)), 4))
     width = 0.8 / max(len(names), 1)
     x = np.arange(len(slices))
     for j, m in enumerate(names):
@@ -137,7 +137,7 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
         ax.bar(x + j * width - 0.4 + width / 2, vals, width, label=m)
     ax.set_xticks(x, slices)
     ax.set_ylabel(f"NDCG@{ks[0]}")
-    ax.set_title(f"{report['dataset']} / {report['split']['kind']}: NDCG@{ks[0]} per model and slice")
+    ax.set_title(f"{report['dataset']} / {report['split']['kind']}: NDCG@{ks[0]} by model and slice", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "ndcg_by_model.png")
