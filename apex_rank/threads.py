@@ -74,6 +74,16 @@ def configure_threads(n_threads: int | None = None) -> int:
 
 
 @contextlib.contextmanager
+def using_threads(n_threads: int) -> Iterator[int]:
+    """Run the block with every pool set to ``n_threads``, then restore the previous setting."""
+    before = thread_count()
+    try:
+        yield configure_threads(n_threads)
+    finally:
+        configure_threads(before)
+
+
+@contextlib.contextmanager
 def blas_single_threaded() -> Iterator[None]:
     """Limit BLAS to one thread inside the block (what implicit's ALS asks for)."""
     from threadpoolctl import threadpool_limits

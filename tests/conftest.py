@@ -30,6 +30,16 @@ def _thread_pools() -> None:
     configure_threads()
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One thread for a module whose numbers were fixed at one thread (torch reductions and
+    LightGBM histograms sum in a thread-dependent order) or that trains many tiny models."""
+    from apex_rank.threads import using_threads
+
+    with using_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def small_world() -> World:
     """800 songs, 200 users, 32-d embeddings, 20% cold songs (seeded)."""

@@ -83,18 +83,14 @@ def bundle_dir(seed: int = 7) -> str:
     from apex_rank.ranking.recommender import ApexFitConfig, Recommender, RecommenderConfig
     from apex_rank.ranking.reranker import RerankerConfig
     from apex_rank.synthetic import WorldConfig, make_world
-    from apex_rank.threads import configure_threads, thread_count
+    from apex_rank.threads import using_threads
 
     world = make_world(WorldConfig(n_songs=800, n_users=200, dim=32, interactions_per_user=30, seed=seed))
     cfg = RecommenderConfig(apex=ApexFitConfig(epochs=2, patience=1, batch_size=512),
                             reranker=RerankerConfig(n_estimators=15, early_stopping_rounds=5),
                             cf=CFConfig(factors=16, iterations=5), seed=seed)
-    before = thread_count()
-    configure_threads(1)  # cores are shared: one thread avoids oversubscription in tiny fits
-    try:
+    with using_threads(1):  # cores are shared: one thread avoids oversubscription in tiny fits
         rec = Recommender.build(world.songs, world.embeddings, world.interactions, config=cfg)
-    finally:
-        configure_threads(before)
     out = Path(tempfile.mkdtemp(prefix=f"apexrank-online-bundle{seed}-"))
     rec.save(out)
     return str(out)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from apex_rank.cli.main import main
-from tests.integration.test_recommender_fixtures import apex, one_thread, train_interactions, world
+from apex_rank.threads import using_threads
+from tests.integration.test_recommender_fixtures import apex, train_interactions, world
 
 
 def test_cli_build_and_recommend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -18,7 +19,7 @@ def test_cli_build_and_recommend(tmp_path: Path, capsys: pytest.CaptureFixture[s
     apex().save(tmp_path / "apex")
     cfg = tmp_path / "cfg.toml"
     cfg.write_text("[cf]\nfactors = 16\niterations = 8\n[reranker]\nn_estimators = 60\n")
-    with one_thread():
+    with using_threads(1):
         rc = main(
             [
                 "--threads",

@@ -236,12 +236,13 @@ def test_build_without_ts_or_popularity_trains_apex_on_the_way() -> None:
     from dataclasses import replace
 
     from apex_rank.ranking.recommender import ApexFitConfig, Recommender
-    from tests.integration.test_recommender_fixtures import TEST_CONFIG, one_thread
+    from apex_rank.threads import using_threads
+    from tests.integration.test_recommender_fixtures import TEST_CONFIG
 
     w = world()
     songs = w.songs.drop("streams", "likes")
     cfg = replace(TEST_CONFIG, apex=ApexFitConfig(epochs=3, patience=2))
-    with one_thread():
+    with using_threads(1):
         rec = Recommender.build(songs, w.embeddings, train_interactions().drop("ts"), cfg)
     assert rec.apex is not None and rec.priors.height == len(rec.songs)
     assert rec.priors["score_streams"].null_count() == 0

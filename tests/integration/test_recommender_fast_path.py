@@ -15,7 +15,8 @@ from apex_rank.ranking.candidates import RANK_COLUMNS, SOURCE_ORDER, candidate_a
 from apex_rank.ranking.features import FEATURES, build_feature_frame, feature_array, feature_matrix
 from apex_rank.ranking.recommender import rank_states
 from apex_rank.ranking.state import UserState
-from tests.integration.test_recommender_fixtures import one_thread, recommender
+from apex_rank.threads import using_threads
+from tests.integration.test_recommender_fixtures import recommender
 
 
 def _frame_reference(states: list[UserState], k: int, excludes: list[set[str]]) -> pl.DataFrame:
@@ -38,7 +39,7 @@ def test_array_path_equals_frame_path() -> None:
     users = rec.user_ids[:40]
     states = [rec.user_state(u) for u in users]
     excludes = [set(rec.user_state(users[(i + 1) % len(users)]).history[:3]) for i in range(len(users))]
-    with one_thread():
+    with using_threads(1):
         for k in (1, 20, 150):
             got = rank_states(states, k, rec.sources, rec.songs, rec.reranker, rec.config.candidates, excludes=excludes)
             ref = _frame_reference(states, k, excludes)
@@ -73,5 +74,5 @@ def test_frame_wrappers_share_the_array_functions() -> None:
     assert X.dtype == np.float32 and X.shape == (len(rows), len(FEATURES))
     np.testing.assert_array_equal(feature_matrix(frame), X)
     assert list(frame.columns[:3]) == ["user_id", "song_id", "source"]
-    with one_thread():
+    with using_threads(1):
         np.testing.assert_array_equal(rec.reranker.score(frame), rec.reranker.score_matrix(X))

@@ -7,20 +7,18 @@ oversubscribed torch/LightGBM pools are several times slower than a single threa
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 import numpy as np
 import polars as pl
 
-import apex_rank.threads as threads
 from apex_rank.predictor import ApexPredictor
 from apex_rank.ranking.candidates import CandidateConfig
 from apex_rank.ranking.cf import CFConfig
 from apex_rank.ranking.recommender import ApexFitConfig, Recommender, RecommenderConfig
 from apex_rank.ranking.reranker import RerankerConfig
 from apex_rank.synthetic import World, WorldConfig, make_world
+from apex_rank.threads import using_threads
 
 TEST_CONFIG = RecommenderConfig(
     cf=CFConfig(factors=16, iterations=10, regularization=0.05, alpha=10.0),
@@ -28,20 +26,6 @@ TEST_CONFIG = RecommenderConfig(
     reranker=RerankerConfig(n_estimators=120, early_stopping_rounds=20, num_leaves=15, learning_rate=0.08),
     apex=ApexFitConfig(epochs=12, patience=4),
 )
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    import torch
-
-    old, old_torch = threads._THREADS, torch.get_num_threads()
-    threads._THREADS = 1
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        threads._THREADS = old
-        torch.set_num_threads(old_torch)
 
 
 @functools.cache
@@ -61,7 +45,7 @@ def apex() -> ApexPredictor:
     from apex_rank.training import TrainConfig
 
     w = world()
-    with one_thread():
+    with using_threads(1):
         data = build_apex_dataset(w.songs, w.embeddings, seed=0)
         pred, _, _ = train_apex(
             data,
@@ -75,14 +59,14 @@ def apex() -> ApexPredictor:
 def recommender() -> Recommender:
     """Built on the interactions before the world's cutoff: cold songs have no interactions."""
     w = world()
-    with one_thread():
+    with using_threads(1):
         return Recommender.build(w.songs, w.embeddings, train_interactions(), TEST_CONFIG, apex=apex())
 
 
 def build(
     songs: pl.DataFrame, embeddings: pl.DataFrame, interactions: pl.DataFrame, config: RecommenderConfig = TEST_CONFIG
 ) -> Recommender:
-    with one_thread():
+    with using_threads(1):
         return Recommender.build(songs, embeddings, interactions, config, apex=apex())
 
 

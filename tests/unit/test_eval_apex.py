@@ -17,17 +17,7 @@ from apex_rank.synthetic import World
 from apex_rank.tasks import APEX_TASKS
 from apex_rank.training import TrainConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """One thread here: on a shared 2-core runner, multi-threaded torch/OpenMP loops spin
-    against the other processes and run many times slower."""
-    from apex_rank.threads import configure_threads, thread_count
-
-    before = thread_count()
-    configure_threads(1)
-    yield
-    configure_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,7 @@ from apex_rank.offline_eval.report import write_report
 from apex_rank.offline_eval.splits import make_split
 from apex_rank.synthetic import World
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """One thread here: on a shared 2-core runner, multi-threaded torch/OpenMP loops spin
-    against the other processes and run many times slower."""
-    from apex_rank.threads import configure_threads, thread_count
-
-    before = thread_count()
-    configure_threads(1)
-    yield
-    configure_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 FAST = dict(n_permutations=500, n_bootstrap=200, apex_epochs=8, ks=(10, 20))
