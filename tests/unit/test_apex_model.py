@@ -69,7 +69,7 @@ def _randomise_bn(head: ApexHead, seed: int = 0) -> ApexHead:
 def test_fused_head_equals_plain_module(tasks: str, n_shared: int) -> None:
     torch.manual_seed(1)
     head = _randomise_bn(ApexHead(768, tasks, n_shared=n_shared))
-    x = torch.randn(512, 768)
+    x = torch.randn(1300, 768)  # more than one block of FusedApexHead.block_rows
     with torch.no_grad():
         plain = head(x)
     fused = FusedApexHead.from_head(head)(x)
