@@ -94,8 +94,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["APEX_RANK_BUNDLE"] = args.bundle
     print(f"serving namespace {args.namespace!r} from {_safe(args.redis)} on "
           f"http://{args.host}:{args.port} with {args.workers} worker(s)")
+    from apex_rank.ranking.online.service import HTTP_PROTOCOL
+
     uvicorn.run("apex_rank.ranking.online.service:app_from_env", factory=True, host=args.host,
-                port=args.port, workers=args.workers, log_level="warning")
+                port=args.port, workers=args.workers, log_level="warning", http=HTTP_PROTOCOL)
     return 0
 
 
