@@ -6,6 +6,9 @@ publishes it under a private namespace, then measures ``rank`` p50/p99 in-proces
 pipelined Redis fetch of the same keys (pointer + user hash) at the same concurrency. Ends with
 a fixed-rate HTTP load (bounded in time and count) counting errors and sampling server memory.
 Every loop is bounded; all traffic goes to 127.0.0.1. The namespace is deleted afterwards.
+
+``--bundle DIR`` keeps the built bundle there and reuses it on later runs (before/after numbers
+then rank with the same model); ``--skip-http`` stops after the in-process levels.
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=10.0, help="requests/s of the fixed-rate load")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--out", default="bench/results/online.json")
+    p.add_argument("--bundle", default=None,
+                   help="bundle folder to reuse (built and saved there when missing)")
+    p.add_argument("--skip-http", action="store_true", help="in-process levels only")
     args = p.parse_args(argv)
     n_songs = args.songs or (5000 if args.small else 100_000)
     n_users = args.users or (2000 if args.small else 50_000)
@@ -159,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"header": head, "n_songs": n_songs, "n_users": n_users, "k": args.k}
     ns = f"bench{os.getpid()}"
     tmp = Path(tempfile.mkdtemp(prefix="apexrank-bench-online-"))
-    bundle = tmp / "bundle"
+    bundle = Path(args.bundle) if args.bundle else tmp / "bundle"
     client = redis.Redis.from_url(args.redis)
     server: subprocess.Popen[bytes] | None = None
     try:
-        result["build"] = build_bundle(n_songs, n_users, bundle)
+        if (bundle / "manifest.json").exists():
+            result["build"] = {"reused": str(bundle)}
+        else:
+            result["build"] = build_bundle(n_songs, n_users, bundle)
         print("build:", result["build"], flush=True)
         configure_threads(1)  # serving: parallelism comes from requests (recorded in the result)
         result["serving_threads"] = 1
@@ -209,94 +218,95 @@ def main(argv: list[str] | None = None) -> int:
             table.append(row)
             print(json.dumps(row), flush=True)
         ranker.close()
-
-        port = _free_port()
-        env = dict(os.environ, APEX_RANK_THREADS="1")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "apex_rank.cli.main", "serve", "--bundle", str(bundle), "--redis",
-             args.redis, "--namespace", ns, "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "2", "--budget-ms", "200"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-        import httpx
-
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("the service did not start within 300 s")
-        local = threading.local()
-
-        degraded = [0]
-
-        def http(u: str) -> None:
-            cl = getattr(local, "c", None)
-            if cl is None:
-                cl = local.c = httpx.Client(base_url=base, timeout=10)
-            r = cl.get("/recommend", params={"user_id": u, "k": args.k})
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}")
-            if r.json()["degraded"]:
-                degraded[0] += 1  # an answer, but from the fallback list: reported separately
-
-        for u in users[:20]:
-            http(u)
-        for row in table:
-            degraded[0] = 0
-            hl, he = _run_concurrent(http, users, row["concurrency"], n_req, 120)
-            row["http"] = {**_summ(hl), "degraded": degraded[0]}
-            row["errors"] += he
-            if hl and row["floor"].get("n"):
-                row["http_ratio_p50"] = round(row["http"]["p50_ms"] / row["floor"]["p50_ms"], 1)
-            print(json.dumps({"concurrency": row["concurrency"], "http": row["http"],
-                              "errors": he}), flush=True)
         result["levels"] = table
+        if not args.skip_http:
+            port = _free_port()
+            env = dict(os.environ, APEX_RANK_THREADS="1")
+            server = subprocess.Popen(
+                [sys.executable, "-m", "apex_rank.cli.main", "serve", "--bundle", str(bundle), "--redis",
+                 args.redis, "--namespace", ns, "--host", "127.0.0.1", "--port", str(port),
+                 "--workers", "2", "--budget-ms", "200"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+            import httpx
 
-        # fixed-rate load: one request every 1/rate s, bounded by load_s and count
-        degraded[0] = 0
-        n_load = int(args.rate * load_s)
-        interval = 1.0 / args.rate
-        lat: list[float] = []
-        errs = [0]
-        mem: list[int] = [_rss_kb(server.pid)]
-        lock = threading.Lock()
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(base + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            else:
+                raise RuntimeError("the service did not start within 300 s")
+            local = threading.local()
 
-        def fire(u: str) -> None:
-            t0 = time.perf_counter()
-            try:
+            degraded = [0]
+
+            def http(u: str) -> None:
+                cl = getattr(local, "c", None)
+                if cl is None:
+                    cl = local.c = httpx.Client(base_url=base, timeout=10)
+                r = cl.get("/recommend", params={"user_id": u, "k": args.k})
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}")
+                if r.json()["degraded"]:
+                    degraded[0] += 1  # an answer, but from the fallback list: reported separately
+
+            for u in users[:20]:
                 http(u)
-                with lock:
-                    lat.append(time.perf_counter() - t0)
-            except Exception:  # noqa: BLE001 - counted
-                with lock:
-                    errs[0] += 1
+            for row in table:
+                degraded[0] = 0
+                hl, he = _run_concurrent(http, users, row["concurrency"], n_req, 120)
+                row["http"] = {**_summ(hl), "degraded": degraded[0]}
+                row["errors"] += he
+                if hl and row["floor"].get("n"):
+                    row["http_ratio_p50"] = round(row["http"]["p50_ms"] / row["floor"]["p50_ms"], 1)
+                print(json.dumps({"concurrency": row["concurrency"], "http": row["http"],
+                                  "errors": he}), flush=True)
+            result["levels"] = table
 
-        from concurrent.futures import ThreadPoolExecutor
+            # fixed-rate load: one request every 1/rate s, bounded by load_s and count
+            degraded[0] = 0
+            n_load = int(args.rate * load_s)
+            interval = 1.0 / args.rate
+            lat: list[float] = []
+            errs = [0]
+            mem: list[int] = [_rss_kb(server.pid)]
+            lock = threading.Lock()
 
-        start = time.monotonic()
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            for i in range(n_load):
-                target = start + i * interval
-                now = time.monotonic()
-                if target > now:
-                    time.sleep(target - now)
-                if now - start > load_s + 5:
-                    break
-                pool.submit(fire, users[(i * 7919) % len(users)])
-                if i % max(1, int(args.rate * 5)) == 0:
-                    mem.append(_rss_kb(server.pid))
-        mem.append(_rss_kb(server.pid))
-        result["load"] = {"rate_per_s": args.rate, "degraded": degraded[0],
-                          "seconds": round(time.monotonic() - start, 1),
-                          "sent": n_load, "ok": len(lat), "errors": errs[0], **_summ(lat),
-                          "rss_mb_start": round(mem[1] / 1024, 1) if len(mem) > 1 else None,
-                          "rss_mb_end": round(mem[-1] / 1024, 1),
-                          "rss_mb_max": round(max(mem) / 1024, 1)}
-        print("load:", json.dumps(result["load"]), flush=True)
+            def fire(u: str) -> None:
+                t0 = time.perf_counter()
+                try:
+                    http(u)
+                    with lock:
+                        lat.append(time.perf_counter() - t0)
+                except Exception:  # noqa: BLE001 - counted
+                    with lock:
+                        errs[0] += 1
+
+            from concurrent.futures import ThreadPoolExecutor
+
+            start = time.monotonic()
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                for i in range(n_load):
+                    target = start + i * interval
+                    now = time.monotonic()
+                    if target > now:
+                        time.sleep(target - now)
+                    if now - start > load_s + 5:
+                        break
+                    pool.submit(fire, users[(i * 7919) % len(users)])
+                    if i % max(1, int(args.rate * 5)) == 0:
+                        mem.append(_rss_kb(server.pid))
+            mem.append(_rss_kb(server.pid))
+            result["load"] = {"rate_per_s": args.rate, "degraded": degraded[0],
+                              "seconds": round(time.monotonic() - start, 1),
+                              "sent": n_load, "ok": len(lat), "errors": errs[0], **_summ(lat),
+                              "rss_mb_start": round(mem[1] / 1024, 1) if len(mem) > 1 else None,
+                              "rss_mb_end": round(mem[-1] / 1024, 1),
+                              "rss_mb_max": round(max(mem) / 1024, 1)}
+            print("load:", json.dumps(result["load"]), flush=True)
     finally:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
