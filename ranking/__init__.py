@@ -1,1 +1,2 @@
-"""Candidate retrieval, collaborative filtering, reranking, the Recommender and the online ranker (installed as ``apex_rank.ranking``)."""
+"""Candidate retrieval, collaborative filtering, reranking, the Recommender and the online ranker
+(installed as ``apex_rank.ranking``)."""

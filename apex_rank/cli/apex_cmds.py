@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from apex_rank.config import load_config
 from apex_rank.errors import SchemaError

@@ -57,7 +57,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_metrics(metrics))
     print(f"   predictor saved to {out / 'apex'}")
 
-    print("== 4. recommender: ALS + FAISS content/pseudo-CF + fresh-song priors, LightGBM reranker (cold songs included)")
+    print("== 4. recommender: ALS + FAISS content/pseudo-CF + fresh-song priors, LightGBM reranker "
+          "(cold songs included)")
     from apex_rank.ranking.demo import recommender_demo
 
     for line in recommender_demo(world, predictor, out / "bundle"):
