@@ -1,5 +1,5 @@
-"""Helpers of the online tests: a private redis-server with append-only persistence, and a
-small Recommender bundle built once per test process.
+"""Helpers of the online tests: a private redis-server with append-only persistence (plain,
+password or TLS), and a small Recommender bundle built once per test process.
 
 The shared server at 127.0.0.1:6379 is never restarted: fault tests start their own
 ``redis-server`` on a free loopback port in a temp folder and stop it afterwards.
@@ -14,6 +14,7 @@ import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -24,38 +25,100 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class OwnRedis:
-    """A redis-server child process on 127.0.0.1 with ``appendonly yes`` in ``folder``."""
+def self_signed_cert(folder: Path, name: str = "redis") -> tuple[Path, Path]:
+    """A self-signed certificate and key for 127.0.0.1 in ``folder`` (made once, with the
+    ``openssl`` binary); returns ``(cert, key)``. Skips the test when openssl is missing."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl binary is not installed (needed for the TLS redis-server)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / f"{name}-cert.pem", folder / f"{name}-key.pem"
+    if not (cert.exists() and key.exists()):
+        done = subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+             "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1"],
+            capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"openssl could not make a self-signed certificate: {done.stderr.strip()[-300:]}")
+    return cert, key
 
-    def __init__(self, folder: Path, *, password: str | None = None) -> None:
+
+class OwnRedis:
+    """A redis-server child process on 127.0.0.1 with ``appendonly yes`` in ``folder``.
+
+    ``tls=True`` serves TLS only (``--port 0 --tls-port``) with a self-signed certificate made
+    in ``folder``; ``url`` is then ``rediss://...?ssl_ca_certs=<that certificate>``, so a
+    client verifies the server against it. The test is skipped when openssl is missing or
+    redis-server refuses the TLS options (built without TLS).
+    """
+
+    def __init__(self, folder: Path, *, password: str | None = None, tls: bool = False) -> None:
         if shutil.which("redis-server") is None:
             pytest.skip("redis-server binary is not installed")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.password = password
+        self.tls = tls
         auth = f":{password}@" if password else ""
-        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.cert: Path | None = None
+        self.key: Path | None = None
+        if tls:
+            self.cert, self.key = self_signed_cert(self.folder)
+            self.url = (f"rediss://{auth}127.0.0.1:{self.port}/0"
+                        f"?ssl_ca_certs={quote(str(self.cert), safe='/')}")
+        else:
+            self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def _listen_args(self) -> list[str]:
+        if not self.tls:
+            return ["--port", str(self.port)]
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
+                "--tls-key-file", str(self.key), "--tls-auth-clients", "no"]
+
     def start(self) -> OwnRedis:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-             "--protected-mode", "yes", "--enable-debug-command", "local", "--logfile", str(self.folder / "redis.log"),
-             *(["--requirepass", self.password] if self.password else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stderr_path = self.folder / "redis.stderr"
+        with open(stderr_path, "wb") as stderr:  # config errors go here, before the logfile opens
+            self.proc = subprocess.Popen(
+                ["redis-server", *self._listen_args(), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+                 "--protected-mode", "yes", "--enable-debug-command", "local",
+                 "--logfile", str(self.folder / "redis.log"),
+                 *(["--requirepass", self.password] if self.password else [])],
+                stdout=subprocess.DEVNULL, stderr=stderr)
         import redis
 
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:  # exited: a refused option or a taken port
+                break
             try:
-                if redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping():
-                    return self
+                client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2, socket_timeout=1)
+                try:
+                    if client.ping():
+                        return self
+                finally:
+                    client.close()
             except redis.RedisError:
                 time.sleep(0.05)
+        said = self._said()
         self.stop()
-        raise RuntimeError(f"own redis-server on port {self.port} did not start")
+        if self.tls and "tls" in said.lower() and "bad directive" in said.lower():
+            pytest.skip(f"redis-server refuses the TLS options (built without TLS?): {said[-300:]}")
+        raise RuntimeError(f"own redis-server on port {self.port} did not start: {said[-500:]}")
+
+    def _said(self) -> str:
+        """The tail of the server's stderr and log (why it did not start)."""
+        parts = []
+        for name in ("redis.stderr", "redis.log"):
+            try:
+                parts.append((self.folder / name).read_text(errors="replace")[-1000:])
+            except OSError:
+                pass
+        return "\n".join(p.strip() for p in parts if p.strip())
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
