@@ -314,6 +314,22 @@ def make_implicit_model(cfg: CFConfig):
     )
 
 
+REFINE_MARGIN = 32  # items preselected beyond k per row before the exact float64 rescoring
+
+
+def _exact_scores(U: np.ndarray, V: np.ndarray, part: np.ndarray, block: int = 2_000_000) -> np.ndarray:
+    """float64 ``U[r]·V[part[r, j]]`` for every (r, j): an elementwise product summed along the
+    factor axis, the same arithmetic for a row whatever the batch (rows in blocks of about
+    ``block`` products, so the (rows, m, f) intermediate stays small)."""
+    m, f = part.shape[1], V.shape[1]
+    step = max(1, block // max(1, m * f))
+    out = np.empty(part.shape, dtype=np.float64)
+    for lo in range(0, part.shape[0], step):
+        u = U[lo : lo + step, None, :].astype(np.float64)
+        out[lo : lo + step] = (u * V[part[lo : lo + step]].astype(np.float64)).sum(axis=2)
+    return out
+
+
 def top_k_by_factors(
     U: np.ndarray,
     V: np.ndarray,
@@ -329,6 +345,12 @@ def top_k_by_factors(
     ``lookup``, when given, is ``item_ids + [""]`` as an object array, kept by a caller that
     searches often so that no per-call copy of the id list is made.
 
+    A row's result does not depend on the other rows of the batch: BLAS computes one row with
+    a different kernel than many (gemv vs gemm), whose float32 results differ in the last bit,
+    enough to swap near-tied items. So the float32 product only preselects ``k + REFINE_MARGIN``
+    items per row; those are rescored by a float64 dot product that is the same arithmetic
+    whatever the batch, and ranked on that.
+
     Returns ``(ids (n, k) object, scores (n, k) float32)`` sorted by descending score, ties by item
     index (deterministic).
     """
@@ -341,20 +363,23 @@ def top_k_by_factors(
     if n == 0 or n_items == 0:
         return ids, scores
     kk = min(k, n_items)
+    kp = min(n_items, kk + REFINE_MARGIN)
     for start in range(0, n, chunk):
-        S = U[start : start + chunk] @ V.T
+        Uc = U[start : start + chunk]
+        S = Uc @ V.T
         if exclude is not None:
             sub = exclude if start == 0 and n <= chunk else exclude[start : start + chunk]  # no copy for one chunk
             r = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
             S[r, sub.indices] = -np.inf
-        if kk < n_items:
-            part = np.argpartition(-S, kk - 1, axis=1)[:, :kk]
+        if kp < n_items:
+            part = np.argpartition(-S, kp - 1, axis=1)[:, :kp]
         else:
             part = np.broadcast_to(np.arange(n_items), (S.shape[0], n_items))
-        ps = np.take_along_axis(S, part, axis=1)
-        order = np.lexsort((part, -ps), axis=1)
+        exact = _exact_scores(Uc, V, part)
+        ps = np.where(np.isfinite(np.take_along_axis(S, part, axis=1)), exact, -np.inf)
+        order = np.lexsort((part, -ps), axis=1)[:, :kk]
         top = np.take_along_axis(part, order, axis=1)
-        ts = np.take_along_axis(ps, order, axis=1)
+        ts = np.take_along_axis(ps, order, axis=1).astype(np.float32)
         ok = np.isfinite(ts)
         rows = slice(start, start + S.shape[0])
         scores[rows, :kk] = np.where(ok, ts, -np.inf)
