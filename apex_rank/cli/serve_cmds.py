@@ -19,7 +19,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _safe(url: str) -> str:
-    return url.split("@")[-1]
+    from apex_rank.ranking.online.store import redact_url
+
+    return redact_url(url)
 
 
 def _parse_time(value: str) -> datetime:
@@ -41,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=2000, help="records per pipelined batch")
     p.add_argument("--grace-s", type=int, default=600, help="seconds the replaced version stays readable")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-carry", action="store_true",
+                   help="do not carry songs ingested and events recorded since the bundle's cutoff")
+    p.add_argument("--carry-since", default=None,
+                   help="cutoff of the carry-over (ISO time or unix seconds; default: the end of the "
+                        "bundle's training interactions)")
     p.set_defaults(func=cmd_publish)
 
     s = sub.add_parser("serve", help="HTTP ranking service (FastAPI + uvicorn) over a published bundle")
@@ -69,10 +76,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
     cfg = OnlineConfig(namespace=args.namespace, batch_size=args.batch_size, grace_s=args.grace_s)
     engine = default_loader(args.bundle)
     store = RedisStore(args.redis, args.namespace, timeout_s=30.0)
-    res = publish(engine, store, config=cfg, progress=not args.no_progress)
+    since = _parse_time(args.carry_since).timestamp() if args.carry_since else None
+    res = publish(engine, store, config=cfg, progress=not args.no_progress,
+                  carry=not args.no_carry, carry_since_s=since)
     print(f"published {args.bundle} to {_safe(args.redis)} namespace {args.namespace!r}: version "
           f"{res.version} (was {res.previous}), {res.n_songs} songs, {res.n_users} users in "
-          f"{res.seconds:.1f} s")
+          f"{res.seconds:.1f} s; carried {res.carried_songs} ingested songs and "
+          f"{res.replayed_events} events")
     return 0
 
 

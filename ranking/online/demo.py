@@ -18,7 +18,7 @@ from .config import OnlineConfig
 from .events import ingest, record
 from .publisher import publish
 from .ranker import OnlineRanker
-from .store import InProcessStore, RedisStore, open_store
+from .store import InProcessStore, RedisStore, open_store, redact_url
 
 
 def _top(ranker: OnlineRanker, user: str, k: int) -> list[str]:
@@ -45,9 +45,9 @@ def online_demo(world: Any, predictor: Any, bundle_dir: str | Path, *,
     ns = f"demo{seed}x{int(time.time())}"
     store = open_store(redis_url, ns, timeout_s=2.0, fallback=True)
     if isinstance(store, RedisStore):
-        yield f"   store: Redis at {redis_url.split('@')[-1]}, namespace {ns!r} (deleted at the end)"
+        yield f"   store: Redis at {redact_url(redis_url)}, namespace {ns!r} (deleted at the end)"
     else:
-        yield (f"   store: NO Redis reachable at {redis_url.split('@')[-1]}: using the IN-PROCESS "
+        yield (f"   store: NO Redis reachable at {redact_url(redis_url)}: using the IN-PROCESS "
                "store (same interface, nothing shared or persisted)")
     cfg = OnlineConfig(namespace=ns, version_ttl_s=3600)
     try:

@@ -42,6 +42,12 @@ class RankingEngine(Protocol):
     @property
     def embedding_dim(self) -> int: ...
 
+    @property
+    def data_until_s(self) -> float:
+        """End of the bundle's training interactions (unix seconds): what was recorded online
+        after it is carried onto a newly published version."""
+        ...
+
     def rank_user(self, user_id: str, state: UserRecord | None, k: int,
                   exclude: Collection[str]) -> list[Item]:
         """Top-``k`` for a user state (``None``: unknown user, cold-user path)."""

@@ -27,7 +27,7 @@ from apex_rank.errors import StoreError, UnknownIdError
 from .config import OnlineConfig
 from .keys import RequestError, check_id, decode_vector, encode_song_record
 from .ranker import OnlineRanker
-from .store import OnlineStore, UserRecord
+from .store import OnlineStore, UserRecord, VersionMovedError
 
 log = logging.getLogger(__name__)
 
@@ -101,26 +101,32 @@ def record(store: OnlineStore, user_id: str, song_id: str, kind: str = "play",
     if kind not in EVENT_WEIGHTS:
         raise RequestError(f"event kind {kind!r} is not one of {sorted(EVENT_WEIGHTS)}")
     t = _check_ts(ts)
-    version = store.current_version()
-    if version is None:
-        raise StoreError(f"nothing is published under {store.keys.current}; cannot record events")
-    (rec_raw, emb_raw), = store.read_songs(version, [song_id])
-    if rec_raw is None or emb_raw is None:
-        raise UnknownIdError(f"song_id {song_id!r} is not in the catalogue of version {version}")
-    emb = decode_vector(emb_raw, f"{store.keys.emb(version)}[{song_id}]")
     weight = EVENT_WEIGHTS[kind]
-    created = False
-
-    def update(old: UserRecord | None) -> UserRecord:
-        nonlocal created
-        created = old is None
-        return apply_event(old, song_id, emb, weight, history_len=cfg.history_len,
-                           alpha=cfg.profile_alpha)
-
     fields = {"u": user_id, "s": song_id, "k": kind, "t": repr(t), "w": repr(weight)}
-    eid, new = store.record_event(version, fields, user_id, update, cfg.version_ttl_s,
-                                  cfg.events_maxlen)
-    return RecordedEvent(eid, user_id, created, len(new.history))
+    for _ in range(5):  # a publish committing in between moves the event to the new version
+        version = store.current_version()
+        if version is None:
+            raise StoreError(f"nothing is published under {store.keys.current}; cannot record events")
+        (rec_raw, emb_raw), = store.read_songs(version, [song_id])
+        if rec_raw is None or emb_raw is None:
+            raise UnknownIdError(f"song_id {song_id!r} is not in the catalogue of version {version}")
+        emb = decode_vector(emb_raw, f"{store.keys.emb(version)}[{song_id}]")
+        created = False
+
+        def update(old: UserRecord | None, emb: np.ndarray = emb) -> UserRecord:
+            nonlocal created
+            created = old is None
+            return apply_event(old, song_id, emb, weight, history_len=cfg.history_len,
+                               alpha=cfg.profile_alpha)
+
+        try:
+            eid, new = store.record_event(version, fields, user_id, update, cfg.version_ttl_s,
+                                          cfg.events_maxlen)
+        except VersionMovedError as err:
+            log.info("event of user %s: %s; retrying on the new version", user_id, err)
+            continue
+        return RecordedEvent(eid, user_id, created, len(new.history))
+    raise StoreError(f"event of user {user_id!r} not recorded: the published version kept moving")
 
 
 def export_events(store: OnlineStore, out: str | Path, *, since: datetime | float | None = None,
@@ -196,15 +202,26 @@ def ingest(ranker: OnlineRanker, song_id: str, *, embedding: np.ndarray | None =
                            f"expects {engine.embedding_dim}")
     if not np.all(np.isfinite(emb)):
         raise RequestError(f"embedding of song {song_id!r} holds NaN or inf")
-    version = ranker.version
-    if version is None:
+    if ranker.version is None:
         raise StoreError("the ranker serves no published version (store unreachable at start)")
     if engine.has_song(song_id):
-        raise RequestError(f"song_id {song_id!r} already exists in version {version}")
+        raise RequestError(f"song_id {song_id!r} already exists in version {ranker.version}")
     priors = engine.predict_priors(emb[None, :])[0].astype(np.float32)
     rec = encode_song_record(priors, popularity, 0.0, True)
     ttl = ranker.config.version_ttl_s
-    stream_id = ranker.store.add_song(version, song_id, rec, emb, ttl)
+    for _ in range(5):
+        # The song joins the store's current version (which this process may not serve yet:
+        # it switches within follow_interval_s and then loads the version's ingested songs).
+        version = ranker.store.current_version()
+        if version is None:
+            raise StoreError(f"nothing is published under {ranker.store.keys.current}")
+        try:
+            stream_id = ranker.store.add_song(version, song_id, rec, emb, ttl)
+            break
+        except VersionMovedError as err:
+            log.info("ingest of %s: %s; retrying on the new version", song_id, err)
+    else:
+        raise StoreError(f"song {song_id!r} not ingested: the published version kept moving")
     engine.add_song(song_id, emb, priors)
     log.info("ingested song %s into version %d (stream id %s)", song_id, version, stream_id)
     return IngestResult(song_id, priors, version, stream_id)

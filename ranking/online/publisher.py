@@ -8,6 +8,18 @@ grace period. A publish killed at any point leaves ``current`` untouched (its ke
 the staging TTL; a re-run takes a new version and completes). Of two publishers racing from
 the same pointer exactly one commit succeeds; the loser gets a :class:`StoreError` and its
 staged keys expire within a minute.
+
+Carry-over (``carry=True``, the default): a bundle knows the interactions up to its training
+cutoff (``engine.data_until_s``); what was recorded online since then must not vanish when its
+version replaces the old one. Before the commit, songs ingested since the cutoff (catalogue
+stream) that the bundle lacks are copied into the staged version, then events recorded since
+the cutoff (event stream) are replayed onto the staged user states with the same update as
+:func:`~.events.record`. ``record`` and ``ingest`` write only to the version that is current
+at that instant (checked inside their transaction), and the commit returns both streams'
+positions at the moment the pointer moved, so after the commit the entries between the
+pre-commit replay and that moment are replayed onto the new version too: every event and
+ingest lands in the new version exactly once. (Events replayed after the commit may land
+after a newer event of the same user in its history; the window is one round trip long.)
 """
 
 from __future__ import annotations
@@ -25,8 +37,8 @@ from apex_rank.errors import StoreError
 
 from .config import OnlineConfig
 from .engine import RankingEngine
-from .keys import KEY_SCHEMA, encode_song_record
-from .store import OnlineStore, UserRecord
+from .keys import KEY_SCHEMA, decode_vector, encode_song_record
+from .store import Event, OnlineStore, UserRecord, VersionMovedError, stream_key
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +52,14 @@ class PublishResult:
     n_songs: int
     n_users: int
     seconds: float
+    carried_songs: int = 0
+    replayed_events: int = 0
 
 
 def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig | None = None,
             progress: bool = False, on_batch: Callable[[int, int], None] | None = None,
-            extra_meta: dict[str, Any] | None = None) -> PublishResult:
+            extra_meta: dict[str, Any] | None = None, carry: bool = True,
+            carry_since_s: float | None = None) -> PublishResult:
     """Publish ``engine``'s bundle to ``store`` (see the module doc).
 
     Parameters
@@ -61,6 +76,11 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
         Called with (items written, items total) after every batch (tests, dashboards).
     extra_meta:
         Extra JSON-able fields for the version manifest.
+    carry:
+        Carry songs ingested and events recorded since the bundle's cutoff onto the new
+        version (see the module doc).
+    carry_since_s:
+        The cutoff (unix seconds, stream time); default ``engine.data_until_s``.
 
     Returns
     -------
@@ -115,6 +135,14 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
         if batch:
             store.write_users(version, batch, cfg.staging_ttl_s)
             step(len(batch))
+        since_ms = int(1000 * (engine.data_until_s if carry_since_s is None else carry_since_s))
+        carried = replayed = 0
+        if carry:
+            known = set(block.ids)
+            carried, cat_pos = carry_songs(store, version, known, _before(since_ms), None,
+                                           cfg.staging_ttl_s, require_current=False)
+            replayed, ev_pos = replay_events(store, version, _before(since_ms), None, cfg,
+                                             require_current=False)
         meta = {
             "schema": KEY_SCHEMA,
             "version": version,
@@ -128,10 +156,18 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
         }
         store.write_meta(version, meta, cfg.staging_ttl_s)
         store.expire_version(version, cfg.version_ttl_s)
-        moved, before = store.commit(version, expected)
+        moved, before, ev_mark, cat_mark = store.commit(version, expected)
     finally:
         if bar is not None:
             bar.close()
+    if moved and carry:
+        try:
+            n, _ = carry_songs(store, version, known, cat_pos, cat_mark, cfg.version_ttl_s,
+                               require_current=True)
+            m, _ = replay_events(store, version, ev_pos, ev_mark, cfg, require_current=True)
+            carried, replayed = carried + n, replayed + m
+        except VersionMovedError as err:  # a newer publish committed and carries them itself
+            log.warning("carry-over after the commit of version %d stopped: %s", version, err)
     if not moved:
         store.expire_version(version, 60)
         raise StoreError(
@@ -140,6 +176,76 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
     if before is not None:
         store.expire_version(before, cfg.grace_s)
     secs = time.perf_counter() - t0
-    log.info("version %d is current (was %s); %d songs, %d users in %.1f s", version, before,
-             n_songs, n_users, secs)
-    return PublishResult(version, before, n_songs, n_users, secs)
+    log.info("version %d is current (was %s); %d songs, %d users in %.1f s; carried %d ingested "
+             "songs and %d events", version, before, n_songs, n_users, secs, carried, replayed)
+    return PublishResult(version, before, n_songs, n_users, secs, carried, replayed)
+
+
+def _before(ms: int) -> str:
+    """The stream id just before millisecond ``ms`` (an exclusive start that includes ``ms``)."""
+    return "0-0" if ms <= 0 else f"{ms - 1}-18446744073709551615"
+
+
+def carry_songs(store: OnlineStore, version: int, known: set[str], after_id: str,
+                until_id: str | None, ttl_s: int, *, require_current: bool) -> tuple[int, str]:
+    """Copy songs announced on the catalogue stream after ``after_id`` (up to ``until_id``) into
+    ``version`` when it lacks them, from the version they were ingested into. ``known`` (the
+    version's song ids) is extended. Returns (songs copied, last stream id read)."""
+    n, last = 0, after_id
+    while True:
+        rows = store.read_catalogue(last)
+        for eid, sid, ver in rows:
+            if until_id is not None and stream_key(eid) > stream_key(until_id):
+                return n, last
+            last = eid
+            if ver == version or sid in known:
+                continue
+            (rec, emb), = store.read_songs(ver, [sid])
+            if rec is None or emb is None:
+                log.warning("song %s ingested into version %d is gone (expired?); not carried to "
+                            "version %d", sid, ver, version)
+                continue
+            vec = decode_vector(emb, f"{store.keys.emb(ver)}[{sid}]")
+            store.add_song(version, sid, rec, vec, ttl_s, require_current=require_current)
+            known.add(sid)
+            n += 1
+        if not rows:
+            return n, last
+
+
+def replay_events(store: OnlineStore, version: int, after_id: str, until_id: str | None,
+                  config: OnlineConfig, *, require_current: bool) -> tuple[int, str]:
+    """Apply the events recorded after stream id ``after_id`` (up to ``until_id``) to the user
+    states of ``version``, in stream order, with :func:`~.events.apply_event`.
+    Events naming a song ``version`` lacks are skipped (counted in a warning).
+    Returns (events applied, last stream id read)."""
+    from .events import apply_event
+
+    n, skipped, last = 0, 0, after_id
+    for batch in store.read_events(0, after_id=after_id, until_id=until_id):
+        last = batch[-1].event_id
+        by_user: dict[str, list[Event]] = {}
+        for e in batch:
+            by_user.setdefault(e.user_id, []).append(e)
+        songs = sorted({e.song_id for e in batch})
+        emb = {sid: decode_vector(raw, f"{store.keys.emb(version)}[{sid}]")
+               for sid, (_, raw) in zip(songs, store.read_songs(version, songs), strict=True)
+               if raw is not None}
+
+        usable = sum(e.song_id in emb for e in batch)
+        n, skipped = n + usable, skipped + len(batch) - usable
+
+        def update(uid: str, old: UserRecord | None, by_user: dict[str, list[Event]] = by_user,
+                   emb: dict[str, np.ndarray] = emb) -> UserRecord:
+            rec = old  # pure: a transaction retried after a concurrent write calls it again
+            for e in by_user[uid]:
+                if e.song_id in emb:
+                    rec = apply_event(rec, e.song_id, emb[e.song_id], e.weight,
+                                      history_len=config.history_len, alpha=config.profile_alpha)
+            return rec if rec is not None else UserRecord()
+
+        ttl = config.version_ttl_s if require_current else config.staging_ttl_s
+        store.update_users(version, list(by_user), update, ttl, require_current=require_current)
+    if skipped:
+        log.warning("%d replayed events name songs version %d lacks; skipped", skipped, version)
+    return n, last

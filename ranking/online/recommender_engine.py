@@ -198,6 +198,10 @@ class RecommenderEngine:
     def embedding_dim(self) -> int:
         return int(self.recommender.songs.embeddings.shape[1])
 
+    @property
+    def data_until_s(self) -> float:
+        return float(self.recommender.songs.now_s)
+
     def rank_user(self, user_id: str, state: UserRecord | None, k: int,
                   exclude: Collection[str]) -> list[Item]:
         st = state_from_record(user_id, state)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,14 +33,42 @@ from .keys import Keys, decode_history, decode_vector, encode_history, encode_ve
 log = logging.getLogger(__name__)
 
 # Compare-and-set of the pointer: move it only if it still holds the version the publisher saw
-# when it started and the new version's manifest (written last) exists. Returns {status, old}.
+# when it started and the new version's manifest (written last) exists. Returns {status, old,
+# last event id, last catalogue id}: the stream positions at the moment of the move (events and
+# ingests up to them were written to the old version, later ones to the new one).
 _COMMIT_LUA = """
+local function last(key)
+  local r = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if r[1] then return r[1][1] end
+  return '0-0'
+end
 local cur = redis.call('GET', KEYS[1])
-if (cur or '') ~= ARGV[1] then return {0, cur or ''} end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, cur or ''} end
+if (cur or '') ~= ARGV[1] then return {0, cur or '', '', ''} end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, cur or '', '', ''} end
 redis.call('SET', KEYS[1], ARGV[2])
-return {1, cur or ''}
+return {1, cur or '', last(KEYS[3]), last(KEYS[4])}
 """
+
+
+class VersionMovedError(StoreError):
+    """A write aimed at the current version found the pointer moved (a publish committed in
+    between); the caller re-reads the pointer and writes to the new version."""
+
+
+class CommitResult(NamedTuple):
+    """What :meth:`OnlineStore.commit` did: whether the pointer moved, its value before, and the
+    event and catalogue stream ids at the moment it moved (``""`` when it did not)."""
+
+    moved: bool
+    before: int | None
+    events_mark: str
+    catalogue_mark: str
+
+
+def stream_key(eid: str) -> tuple[int, int]:
+    """A stream id ``"ms-seq"`` as a comparable pair."""
+    ms, _, seq = eid.partition("-")
+    return int(ms), int(seq or 0)
 
 
 @dataclass
@@ -132,11 +160,11 @@ class OnlineStore:
     def read_meta(self, version: int) -> dict[str, Any] | None:
         raise NotImplementedError
 
-    def commit(self, version: int, expected: int | None) -> tuple[bool, int | None]:
+    def commit(self, version: int, expected: int | None) -> CommitResult:
         """Atomically point ``current`` at ``version`` if it still equals ``expected``.
 
-        Returns ``(moved, pointer_before)``. Raises :class:`StoreError` when the manifest of
-        ``version`` is missing (an incomplete publish is never made current).
+        Raises :class:`StoreError` when the manifest of ``version`` is missing (an incomplete
+        publish is never made current).
         """
         raise NotImplementedError
 
@@ -155,18 +183,31 @@ class OnlineStore:
     def record_event(self, version: int, event: dict[str, str], user_id: str,
                      update: Callable[[UserRecord | None], UserRecord], ttl_s: int,
                      maxlen: int) -> tuple[str, UserRecord]:
-        """Append ``event`` to the stream and replace the user's state by ``update(old)``,
-        atomically. Returns the stream id and the new state."""
+        """Append ``event`` to the stream and replace the user's state under ``version`` by
+        ``update(old)``, atomically and only while ``version`` is current (else
+        :class:`VersionMovedError`, nothing written). Returns the stream id and the new state."""
+        raise NotImplementedError
+
+    def update_users(self, version: int, user_ids: Sequence[str],
+                     update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int, *,
+                     require_current: bool) -> None:
+        """Replace each user's state under ``version`` by ``update(user_id, old)`` in one
+        transaction (retried if a concurrent writer touched one of them); with
+        ``require_current``, only while ``version`` is current (else :class:`VersionMovedError`)."""
         raise NotImplementedError
 
     def read_events(self, since_ms: int, until_ms: int | None = None, *,
+                    after_id: str | None = None, until_id: str | None = None,
                     batch: int = 10000) -> Iterator[list[Event]]:
-        """Batches of events with stream time in ``[since_ms, until_ms]``, oldest first."""
+        """Batches of events with stream time in ``[since_ms, until_ms]``, oldest first;
+        ``after_id`` (exclusive) and ``until_id`` (inclusive) bound by stream id instead."""
         raise NotImplementedError
 
     def add_song(self, version: int, song_id: str, record: bytes, embedding: np.ndarray,
-                 ttl_s: int) -> str:
-        """Add one ingested song to ``version`` and announce it on the catalogue stream."""
+                 ttl_s: int, *, require_current: bool = True) -> str:
+        """Add one ingested song to ``version`` and announce it on the catalogue stream, as one
+        transaction; with ``require_current``, only while ``version`` is current (else
+        :class:`VersionMovedError`). Returns the catalogue stream id."""
         raise NotImplementedError
 
     def ingested_ids(self, version: int) -> list[str]:
@@ -181,6 +222,45 @@ class OnlineStore:
 
     def close(self) -> None:
         """Release connections (no-op for the in-process store)."""
+
+
+_SECRET_QUERY = ("password", "username", "ssl_password")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for logs and messages: user and password dropped, password-like query values
+    masked, scheme kept (so a message still shows whether TLS was in use)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY else v)
+                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="/*")
+    except ValueError:
+        return "<unparsable url>"
+    return f"{parts.scheme}://{host}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _check_url(url: str) -> None:
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        keys = [k for k, _ in parse_qsl(parts.query)]
+    except ValueError as err:
+        raise StoreError(f"invalid Redis URL {redact_url(url)}: {err}") from err
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise StoreError(f"Redis URL {redact_url(url)} must start with redis://, rediss:// (TLS) "
+                         "or unix://")
+    tls = [k for k in keys if k.startswith("ssl_")]
+    if tls and parts.scheme != "rediss":
+        raise StoreError(f"Redis URL {redact_url(url)} sets TLS options ({', '.join(tls)}) but is "
+                         "not a rediss:// URL")
+
+
+def _text(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else ("" if x is None else str(x))
 
 
 def _event_from_fields(eid: str, f: dict[str, str]) -> Event:
@@ -206,6 +286,7 @@ class RedisStore(OnlineStore):
     kind = "redis"
 
     def __init__(self, url: str, namespace: str = "default", *, timeout_s: float = 5.0) -> None:
+        _check_url(url)
         self.url = url
         self.keys = Keys(namespace)
         self.timeout_s = float(timeout_s)
@@ -229,8 +310,8 @@ class RedisStore(OnlineStore):
         return self._client
 
     def _fail(self, what: str, err: Exception) -> StoreError:
-        safe_url = self.url.split("@")[-1]
-        return StoreError(f"redis at {safe_url}: {what} failed: {type(err).__name__}: {err}")
+        return StoreError(f"redis at {redact_url(self.url)}: {what} failed: "
+                          f"{type(err).__name__}: {err}")
 
     def ping(self) -> bool:
         try:
@@ -301,14 +382,15 @@ class RedisStore(OnlineStore):
             raise self._fail(f"GET {self.keys.meta(version)}", err) from err
         return json.loads(raw) if raw else None
 
-    def commit(self, version: int, expected: int | None) -> tuple[bool, int | None]:
+    def commit(self, version: int, expected: int | None) -> CommitResult:
         import redis
 
         try:
             if self._commit_script is None:
                 self._commit_script = self.client.register_script(_COMMIT_LUA)
-            status, before = self._commit_script(
-                keys=[self.keys.current, self.keys.meta(version)],
+            status, before, ev, cat = self._commit_script(
+                keys=[self.keys.current, self.keys.meta(version), self.keys.events,
+                      self.keys.catalogue],
                 args=["" if expected is None else str(expected), str(version)])
         except redis.RedisError as err:
             raise self._fail(f"commit of version {version}", err) from err
@@ -316,7 +398,7 @@ class RedisStore(OnlineStore):
         if int(status) == -1:
             raise StoreError(f"version {version} has no manifest {self.keys.meta(version)}; "
                              "refusing to make an incomplete publish current")
-        return int(status) == 1, before_v
+        return CommitResult(int(status) == 1, before_v, _text(ev), _text(cat))
 
     def expire_version(self, version: int, ttl_s: int) -> int:
         import redis
@@ -373,36 +455,85 @@ class RedisStore(OnlineStore):
     def record_event(self, version: int, event: dict[str, str], user_id: str,
                      update: Callable[[UserRecord | None], UserRecord], ttl_s: int,
                      maxlen: int) -> tuple[str, UserRecord]:
-        import redis
 
         key = self.keys.user(version, user_id)
+        new: UserRecord | None = None
+
+        def body(pipe: Any) -> None:
+            nonlocal new
+            new = update(_user_from_fields(pipe.hgetall(key), key))
+            pipe.multi()
+            pipe.delete(key)
+            pipe.hset(key, mapping=_user_to_fields(new))
+            pipe.expire(key, ttl_s)
+            pipe.xadd(self.keys.events, event, maxlen=maxlen, approximate=True)
+
+        res = self._transaction(version, [key], body, True, f"recording an event for {key}")
+        assert new is not None
+        return _text(res[-1]), new
+
+    def _transaction(self, version: int, watch: list[str], body: Callable[[Any], None],
+                     require_current: bool, what: str) -> list[Any]:
+        """Run ``body(pipe)`` (reads in immediate mode, then ``pipe.multi()`` and the writes) as
+        an optimistic transaction over ``watch`` (+ the pointer when ``require_current``)."""
+        import redis
+
         try:
             with self.client.pipeline(transaction=True) as pipe:
-                for _ in range(20):  # optimistic retries when another writer touches the user
+                for _ in range(20):  # optimistic retries when another writer touches a key
                     try:
-                        pipe.watch(key)
-                        old = _user_from_fields(pipe.hgetall(key), key)
-                        new = update(old)
-                        pipe.multi()
-                        pipe.delete(key)
-                        pipe.hset(key, mapping=_user_to_fields(new))
-                        pipe.expire(key, ttl_s)
-                        pipe.xadd(self.keys.events, event, maxlen=maxlen, approximate=True)
-                        res = pipe.execute()
-                        eid = res[-1]
-                        return (eid.decode() if isinstance(eid, bytes) else str(eid)), new
+                        keys = [*watch, *([self.keys.current] if require_current else [])]
+                        if keys:
+                            pipe.watch(*keys)
+                        if require_current:
+                            cur = pipe.get(self.keys.current)
+                            if cur is None or int(cur) != version:
+                                raise VersionMovedError(
+                                    f"{what}: version {version} is no longer current "
+                                    f"({self.keys.current} = {_text(cur) or 'unset'})")
+                        body(pipe)
+                        return list(pipe.execute())
                     except redis.WatchError:
                         continue
         except redis.RedisError as err:
-            raise self._fail(f"recording an event for {key}", err) from err
-        raise StoreError(f"user {user_id!r}: too many concurrent writers, event not recorded")
+            raise self._fail(what, err) from err
+        raise StoreError(f"{what}: too many concurrent writers, nothing written")
+
+    def update_users(self, version: int, user_ids: Sequence[str],
+                     update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int, *,
+                     require_current: bool) -> None:
+        keys = [self.keys.user(version, u) for u in user_ids]
+        if not keys:
+            return
+
+        def body(pipe: Any) -> None:
+            import redis
+
+            reader = self.client.pipeline(transaction=False)  # one round trip for all reads
+            for k in keys:
+                reader.hgetall(k)
+            try:
+                raws = reader.execute()
+            except redis.RedisError as err:
+                raise self._fail(f"reading {len(keys)} users of version {version}", err) from err
+            new = [update(u, _user_from_fields(raw, k))
+                   for u, k, raw in zip(user_ids, keys, raws, strict=True)]
+            pipe.multi()
+            for k, rec in zip(keys, new, strict=True):
+                pipe.delete(k)
+                pipe.hset(k, mapping=_user_to_fields(rec))
+                pipe.expire(k, ttl_s)
+
+        self._transaction(version, keys, body, require_current,
+                          f"updating {len(keys)} users of version {version}")
 
     def read_events(self, since_ms: int, until_ms: int | None = None, *,
+                    after_id: str | None = None, until_id: str | None = None,
                     batch: int = 10000) -> Iterator[list[Event]]:
         import redis
 
-        start = f"{int(since_ms)}-0"
-        end = "+" if until_ms is None else f"{int(until_ms)}-18446744073709551615"
+        start = f"({after_id}" if after_id else f"{int(since_ms)}-0"
+        end = until_id or ("+" if until_ms is None else f"{int(until_ms)}-18446744073709551615")
         while True:
             try:
                 rows = self.client.xrange(self.keys.events, min=start, max=end, count=batch)
@@ -418,21 +549,18 @@ class RedisStore(OnlineStore):
             start = "(" + out[-1].event_id
 
     def add_song(self, version: int, song_id: str, record: bytes, embedding: np.ndarray,
-                 ttl_s: int) -> str:
-        import redis
-
-        try:
-            pipe = self.client.pipeline(transaction=True)
+                 ttl_s: int, *, require_current: bool = True) -> str:
+        def body(pipe: Any) -> None:
+            pipe.multi()
             pipe.hset(self.keys.songs(version), song_id, record)
             pipe.hset(self.keys.emb(version), song_id, encode_vector(embedding))
             pipe.sadd(self.keys.ingested(version), song_id)
             pipe.expire(self.keys.ingested(version), ttl_s)
             pipe.xadd(self.keys.catalogue, {"s": song_id, "v": str(version)}, maxlen=100000,
                       approximate=True)
-            res = pipe.execute()
-        except redis.RedisError as err:
-            raise self._fail(f"ingesting song {song_id!r}", err) from err
-        return res[-1].decode()
+
+        res = self._transaction(version, [], body, require_current, f"ingesting song {song_id!r}")
+        return _text(res[-1])
 
     def ingested_ids(self, version: int) -> list[str]:
         import redis
@@ -534,15 +662,21 @@ class InProcessStore(OnlineStore):
     def read_meta(self, version: int) -> dict[str, Any] | None:
         return self._meta.get(version)
 
-    def commit(self, version: int, expected: int | None) -> tuple[bool, int | None]:
+    def commit(self, version: int, expected: int | None) -> CommitResult:
         with self._lock:
             before = self._current
             if before != expected:
-                return False, before
+                return CommitResult(False, before, "", "")
             if version not in self._meta:
                 raise StoreError(f"version {version} has no manifest; refusing to make it current")
             self._current = version
-            return True, before
+            return CommitResult(True, before, self._events[-1][0] if self._events else "0-0",
+                                self._catalogue[-1][0] if self._catalogue else "0-0")
+
+    def _check_current(self, version: int, what: str) -> None:
+        if self._current != version:
+            raise VersionMovedError(f"{what}: version {version} is no longer current "
+                                    f"(current is {self._current})")
 
     def expire_version(self, version: int, ttl_s: int) -> int:
         return 0
@@ -560,6 +694,7 @@ class InProcessStore(OnlineStore):
                      update: Callable[[UserRecord | None], UserRecord], ttl_s: int,
                      maxlen: int) -> tuple[str, UserRecord]:
         with self._lock:
+            self._check_current(version, f"recording an event for user {user_id!r}")
             users = self._users.setdefault(version, {})
             new = update(users.get(user_id))
             users[user_id] = new
@@ -568,18 +703,34 @@ class InProcessStore(OnlineStore):
             del self._events[: max(0, len(self._events) - maxlen)]
             return eid, new
 
+    def update_users(self, version: int, user_ids: Sequence[str],
+                     update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int, *,
+                     require_current: bool) -> None:
+        with self._lock:
+            if require_current:
+                self._check_current(version, f"updating {len(user_ids)} users")
+            users = self._users.setdefault(version, {})
+            for u in user_ids:
+                users[u] = update(u, users.get(u))
+
     def read_events(self, since_ms: int, until_ms: int | None = None, *,
+                    after_id: str | None = None, until_id: str | None = None,
                     batch: int = 10000) -> Iterator[list[Event]]:
+        lo = stream_key(after_id) if after_id else None
+        hi = stream_key(until_id) if until_id else None
         with self._lock:
             rows = [(eid, f) for eid, f in self._events
-                    if int(eid.split("-")[0]) >= since_ms
-                    and (until_ms is None or int(eid.split("-")[0]) <= until_ms)]
+                    if (stream_key(eid) > lo if lo else stream_key(eid)[0] >= since_ms)
+                    and (stream_key(eid) <= hi if hi else
+                         until_ms is None or stream_key(eid)[0] <= until_ms)]
         for i in range(0, len(rows), batch):
             yield [_event_from_fields(eid, f) for eid, f in rows[i : i + batch]]
 
     def add_song(self, version: int, song_id: str, record: bytes, embedding: np.ndarray,
-                 ttl_s: int) -> str:
+                 ttl_s: int, *, require_current: bool = True) -> str:
         with self._cv:
+            if require_current:
+                self._check_current(version, f"ingesting song {song_id!r}")
             self._songs.setdefault(version, {})[song_id] = record
             self._emb.setdefault(version, {})[song_id] = encode_vector(embedding)
             self._ingested.setdefault(version, set()).add(song_id)
@@ -592,15 +743,12 @@ class InProcessStore(OnlineStore):
         return sorted(self._ingested.get(version, set()))
 
     def read_catalogue(self, after_id: str, block_ms: int = 0) -> list[tuple[str, str, int]]:
-        def key(eid: str) -> tuple[int, int]:
-            a, b = eid.split("-")
-            return int(a), int(b)
-
+        after = stream_key(after_id)
         with self._cv:
-            rows = [r for r in self._catalogue if key(r[0]) > key(after_id)]
+            rows = [r for r in self._catalogue if stream_key(r[0]) > after]
             if not rows and block_ms:
                 self._cv.wait(block_ms / 1000)
-                rows = [r for r in self._catalogue if key(r[0]) > key(after_id)]
+                rows = [r for r in self._catalogue if stream_key(r[0]) > after]
             return rows
 
     def last_catalogue_id(self) -> str:
@@ -616,6 +764,6 @@ def open_store(url: str | None, namespace: str = "default", *, timeout_s: float 
         if store.ping():
             return store
         if not fallback:
-            raise StoreError(f"no Redis server reachable at {url.split('@')[-1]}")
-        log.warning("no Redis at %s; using an in-process store", url.split("@")[-1])
+            raise StoreError(f"no Redis server reachable at {redact_url(url)}")
+        log.warning("no Redis at %s; using an in-process store", redact_url(url))
     return InProcessStore(namespace)

@@ -64,7 +64,8 @@ def test_publish_commit_read_cycle(store: OnlineStore) -> None:
     with pytest.raises(StoreError, match="manifest"):
         store.commit(v, None)  # no manifest yet: an incomplete publish is never made current
     store.write_meta(v, {"version": v}, 60)
-    assert store.commit(v, None) == (True, None)
+    res = store.commit(v, None)
+    assert res.moved and res.before is None
     cur, rec = store.read_user(v, "u1")
     assert cur == v and rec is not None
     assert rec.history == ["a"] and np.array_equal(rec.factor, np.ones(2, np.float32))
@@ -74,12 +75,19 @@ def test_publish_commit_read_cycle(store: OnlineStore) -> None:
     # compare-and-set: a stale expectation does not move the pointer
     v2 = store.next_version()
     store.write_meta(v2, {"version": v2}, 60)
-    assert store.commit(v2, None) == (False, v)
+    assert store.commit(v2, None)[:2] == (False, v)
     assert store.current_version() == v
 
 
-def test_record_event_creates_user_and_streams(store: OnlineStore) -> None:
+def _publish_empty(store: OnlineStore) -> int:
     v = store.next_version()
+    store.write_meta(v, {"version": v}, 60)
+    assert store.commit(v, store.current_version()).moved
+    return v
+
+
+def test_record_event_creates_user_and_streams(store: OnlineStore) -> None:
+    v = _publish_empty(store)
     e = np.array([1, 0, 0, 0], np.float32)
 
     def upd(old: UserRecord | None) -> UserRecord:
@@ -94,7 +102,7 @@ def test_record_event_creates_user_and_streams(store: OnlineStore) -> None:
 
 
 def test_catalogue_announcements(store: OnlineStore) -> None:
-    v = store.next_version()
+    v = _publish_empty(store)
     start = store.last_catalogue_id()
     store.add_song(v, "s-new", encode_song_record(np.zeros(7), 0, 0, True), np.ones(4), 60)
     rows = store.read_catalogue(start, block_ms=100)
@@ -109,3 +117,56 @@ def test_history_bound_and_profile_norm() -> None:
                           history_len=3, alpha=0.1)
     assert rec is not None and rec.history == ["s2", "s3", "s4"]
     assert abs(float(np.linalg.norm(rec.profile)) - 1.0) < 1e-5
+
+
+def test_writes_to_a_replaced_version_are_refused(store: OnlineStore) -> None:
+    """record_event / add_song / update_users(require_current) write only while their version is
+    current: a publish that moved the pointer in between sends the caller to the new version."""
+    from apex_rank.ranking.online.store import VersionMovedError
+
+    old = _publish_empty(store)
+    new = _publish_empty(store)
+    e = np.array([1, 0, 0, 0], np.float32)
+
+    def upd(prev: UserRecord | None) -> UserRecord:
+        return apply_event(prev, "a", e, 1.0, history_len=3, alpha=0.1)
+
+    ev = {"u": "x", "s": "a", "k": "play", "t": "1.0", "w": "1"}
+    with pytest.raises(VersionMovedError, match=f"version {old} is no longer current"):
+        store.record_event(old, ev, "x", upd, 60, 1000)
+    with pytest.raises(VersionMovedError):
+        store.add_song(old, "s1", encode_song_record(np.zeros(7), 0, 0, True), e, 60)
+    with pytest.raises(VersionMovedError):
+        store.update_users(old, ["x"], lambda u, r: upd(r), 60, require_current=True)
+    assert store.read_user(old, "x")[1] is None and store.ingested_ids(old) == []
+    assert [ev for b in store.read_events(0) for ev in b] == []  # nothing half-written
+    # staging writes (require_current=False) go to any version
+    store.update_users(old, ["x"], lambda u, r: upd(r), 60, require_current=False)
+    assert store.read_user(old, "x")[1].history == ["a"]
+    store.add_song(old, "s1", encode_song_record(np.zeros(7), 0, 0, True), e, 60, require_current=False)
+    assert store.ingested_ids(old) == ["s1"]
+    eid, _ = store.record_event(new, ev, "x", upd, 60, 1000)
+    # the commit reports the stream positions at the moment the pointer moved
+    v3 = store.next_version()
+    store.write_meta(v3, {"version": v3}, 60)
+    res = store.commit(v3, new)
+    assert res.moved and res.events_mark == eid and res.catalogue_mark == store.last_catalogue_id()
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("rediss://app:s3cret@h:6380/1?ssl_ca_certs=/etc/ca.pem&password=s3cret",
+     "rediss://h:6380/1?ssl_ca_certs=/etc/ca.pem&password=***"),
+    ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock?db=2"),
+])
+def test_urls_in_messages_hide_credentials(url: str, shown: str) -> None:
+    from apex_rank.ranking.online.store import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_malformed_store_urls_fail_at_construction() -> None:
+    with pytest.raises(StoreError, match="not a rediss:// URL"):
+        RedisStore("redis://127.0.0.1:6379/0?ssl_ca_certs=/etc/ca.pem", "x")
+    with pytest.raises(StoreError, match="must start with redis://"):
+        RedisStore("http://127.0.0.1:6379/0", "x")
