@@ -24,6 +24,7 @@ Example
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -160,6 +161,7 @@ class OnlineRanker:
             except StoreError as err:
                 log.warning("catalogue not readable yet: %s", err)
         self._active = self._initial(bundle_dir, engine)
+        self._settle_heap()
         if follow_store is not None:
             self._follow_store = follow_store
             self._thread = threading.Thread(target=self._follow, name="apexrank-follow", daemon=True)
@@ -234,6 +236,19 @@ class OnlineRanker:
             if old.engine is not new.engine:
                 old.engine.close()  # requests still on it rank directly, without the batcher
             log.info("switched from version %s to %d", old.version, version)
+            del old
+            self._settle_heap()
+
+    def _settle_heap(self) -> None:
+        """See ``OnlineConfig.freeze_gc``: unfreeze (so a replaced engine's cycles are found),
+        collect once, freeze what is left. One pause per load instead of random ones later."""
+        if self.config.freeze_gc:
+            t0 = time.perf_counter()
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            log.info("gc: froze %d objects in %.0f ms", gc.get_freeze_count(),
+                     1000 * (time.perf_counter() - t0))
 
     def _request_switch(self, version: int) -> None:
         """A request saw a moved pointer. With a follower thread, it switches (in the

@@ -224,3 +224,43 @@ def test_password_protected_redis(engines: tuple[RecommenderEngine, RecommenderE
         assert "s3cret" not in str(info.value) and "wrong-pw" not in str(info.value)
     finally:
         own.stop()
+
+
+def test_loaded_versions_are_frozen_out_of_gc_and_a_replaced_one_is_freed(
+        engines: tuple[RecommenderEngine, RecommenderEngine], redis_url: str, redis_prefix: str) -> None:
+    """freeze_gc: after a load the bundle sits in the GC's permanent generation (a full
+    collection no longer walks it during requests); after a switch the replaced engine is
+    released, not kept alive by the freeze."""
+    import gc
+    import weakref
+
+    from apex_rank.ranking.online.ranker import engine_loader
+
+    e1, e2 = engines
+    cfg = OnlineConfig(namespace=redis_prefix, batch_size=500)
+    store = RedisStore(redis_url, redis_prefix)
+    publish(e1, store, config=cfg)
+    loaded: list[weakref.ref[RecommenderEngine]] = []
+    base = engine_loader(cfg.fallback_size)
+
+    def loader(folder: str) -> RecommenderEngine:
+        eng = base(folder)
+        loaded.append(weakref.ref(eng))
+        return eng
+
+    gc.unfreeze()
+    try:
+        plain = OnlineRanker(RedisStore(redis_url, redis_prefix), loader=loader,
+                             config=OnlineConfig(namespace=redis_prefix, freeze_gc=False))
+        assert gc.get_freeze_count() == 0
+        plain.close()
+        ranker = OnlineRanker(RedisStore(redis_url, redis_prefix), loader=loader, config=cfg)
+        assert gc.get_freeze_count() > 10_000  # the bundle's containers, at least
+        first = loaded[-1]
+        v2 = publish(e2, store, config=cfg).version
+        assert ranker.refresh() == v2 and not ranker.rank(e2.recommender.user_ids[0], k=5).degraded
+        assert first() is None  # the replaced engine was collected
+        assert loaded[-1]() is ranker.engine and gc.get_freeze_count() > 10_000
+        ranker.close()
+    finally:
+        gc.unfreeze()
