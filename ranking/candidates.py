@@ -159,6 +159,7 @@ class FactorSource(CandidateSource):
         self.factors = np.ascontiguousarray(factors, dtype=np.float32)
         self._pos = {s: i for i, s in enumerate(self.song_ids)}
         self._lookup = np.asarray(self.song_ids + [""], dtype=object)
+        self._max_norm = float(np.linalg.norm(self.factors, axis=1).max()) if len(self.factors) else 0.0
 
     def retrieve_batch(
         self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]
@@ -182,7 +183,8 @@ class FactorSource(CandidateSource):
             (np.ones(len(cols), np.float32), np.asarray(cols, np.int64), np.asarray(indptr)),
             shape=(len(rows), len(self.song_ids)),
         )
-        hits, D = top_k_by_factors(U, self.factors, self.song_ids, n, exclude=mask, lookup=self._lookup)
+        hits, D = top_k_by_factors(U, self.factors, self.song_ids, n, exclude=mask, lookup=self._lookup,
+                                   max_norm=self._max_norm)
         ids[rows], sc[rows] = hits, D
         return ids, sc
 
