@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -666,6 +666,34 @@ class Recommender:
             .drop("_o")
         )
 
+    def rank_items(
+        self, states: Sequence[UserState], k: int, excludes: Sequence[set[str]] | None = None
+    ) -> list[list[tuple[str, float, str]]]:
+        """``recommend_states`` without the frame, for serving: per state, its top-k as
+        ``(song_id, score, source)`` tuples, best first. The same arrays the frame is built
+        from, so the items equal the frame's rows."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        ex = list(excludes) if excludes is not None else [set() for _ in states]
+        out: list[list[tuple[str, float, str]]] = [[] for _ in states]
+        known = [i for i, s in enumerate(states) if not s.is_unknown]
+        if len({states[i].user_id for i in known}) < len(known):
+            raise ConfigError("rank_items: a user id appears twice among the states")
+        for start in range(0, len(known), self.config.batch_users):
+            idx = known[start : start + self.config.batch_users]
+            r = rank_arrays([states[i] for i in idx], k, self.sources, self.songs, self.reranker,
+                            self.config.candidates, excludes=[ex[i] for i in idx])
+            for u, sid, sc, src in zip(r.user.tolist(), r.song_id.tolist(), r.score.tolist(),
+                                       r.source.tolist(), strict=True):
+                out[idx[u]].append((sid, sc, SOURCE_ORDER[src]))
+        unknown = [i for i, s in enumerate(states) if s.is_unknown]
+        if unknown:
+            fb = self._fallback([states[i] for i in unknown], k, [ex[i] for i in unknown])
+            pos = {states[i].user_id: i for i in unknown}
+            for u, sid, sc, src in fb.select("user_id", "song_id", "score", "source").iter_rows():
+                out[pos[u]].append((sid, sc, src))
+        return out
+
     def _fallback(self, states: Sequence[UserState], k: int, excludes: Sequence[set[str]]) -> pl.DataFrame:
         """Popularity-and-quality ranking for users without a state (source ``fallback``)."""
         hits, D = self.fallback_source.retrieve_batch(states, k, [e | set(s.history) for s, e in zip(states, excludes)])
@@ -838,7 +866,21 @@ def _attach_song_columns(frame: pl.DataFrame, table: SongTable) -> pl.DataFrame:
     return out.select(keep).cast({c: d for c, d in RESULT_SCHEMA.items() if c in out.columns})
 
 
-def rank_states(
+class RankedArrays(NamedTuple):
+    """Top-k of a batch as arrays, one row per recommended song, users in user-id order and
+    best first within a user: ``user`` (position in ``states``), ``song_id`` (object),
+    ``song`` (song-table index), ``score`` (float64), ``source`` (index into ``SOURCE_ORDER``),
+    ``rank`` (1-based int32)."""
+
+    user: np.ndarray
+    song_id: np.ndarray
+    song: np.ndarray
+    score: np.ndarray
+    source: np.ndarray
+    rank: np.ndarray
+
+
+def rank_arrays(
     states: Sequence[UserState],
     k: int,
     sources: Sequence[CandidateSource],
@@ -847,19 +889,18 @@ def rank_states(
     candidate_config: CandidateConfig,
     *,
     excludes: Sequence[set[str]] | None = None,
-) -> pl.DataFrame:
+) -> RankedArrays:
     """The pure per-user path: candidates → features → reranker scores → top-k per user.
 
     Runs on arrays (:func:`~apex_rank.ranking.candidates.candidate_arrays`,
     :func:`~apex_rank.ranking.features.feature_array`, ``Reranker.score_matrix``): the same
     functions ``generate_candidates`` / ``build_feature_frame`` wrap, without building frames.
-
-    Returns ``user_id`` + ``RESULT_SCHEMA`` columns, best first per user (ties by song_id), users in
-    user-id order.
+    Ties within a user go to the smaller song id. :func:`rank_states` is its frame form.
     """
     rows, ids, best, R = candidate_arrays(states, sources, candidate_config, excludes=excludes, min_per_source=k)
     if len(rows) == 0:
-        return pl.DataFrame(schema={"user_id": pl.String, **RESULT_SCHEMA})
+        e = np.zeros(0, np.int64)
+        return RankedArrays(e, np.zeros(0, object), e, np.zeros(0), np.zeros(0, np.int8), np.zeros(0, np.int32))
     s = song_table.index_of(ids.tolist())
     if (s < 0).any():
         raise SchemaError(f"candidate song_id {ids[int(np.flatnonzero(s < 0)[0])]!r} is not in the catalogue")
@@ -877,19 +918,37 @@ def rank_states(
     start = np.r_[0, np.flatnonzero(np.diff(user_key)) + 1]
     pos = np.arange(len(order)) - np.repeat(start, np.diff(np.r_[start, len(order)]))
     keep = order[pos < k]
-    rank = (pos[pos < k] + 1).astype(np.int32)
-    si = s[keep]
+    return RankedArrays(rows[keep], ids[keep], s[keep], scores[keep].astype(np.float64), best[keep],
+                        (pos[pos < k] + 1).astype(np.int32))
+
+
+def rank_states(
+    states: Sequence[UserState],
+    k: int,
+    sources: Sequence[CandidateSource],
+    song_table: SongTable,
+    reranker: Reranker,
+    candidate_config: CandidateConfig,
+    *,
+    excludes: Sequence[set[str]] | None = None,
+) -> pl.DataFrame:
+    """:func:`rank_arrays` as a frame: ``user_id`` + ``RESULT_SCHEMA`` columns, best first per
+    user (ties by song_id), users in user-id order."""
+    r = rank_arrays(states, k, sources, song_table, reranker, candidate_config, excludes=excludes)
+    if len(r.user) == 0:
+        return pl.DataFrame(schema={"user_id": pl.String, **RESULT_SCHEMA})
+    uids = np.asarray([st.user_id for st in states], dtype=object)
     names = np.asarray(SOURCE_ORDER, dtype=object)
     cols: dict[str, pl.Series] = {
-        "user_id": pl.Series(uids[rows[keep]].tolist(), dtype=pl.String),
-        "song_id": pl.Series(ids[keep].tolist(), dtype=pl.String),
-        "score": pl.Series(scores[keep], dtype=pl.Float64),
-        "source": pl.Series(names[best[keep]].tolist(), dtype=pl.String),
-        "rank": pl.Series(rank, dtype=pl.Int32),
-        "is_cold": pl.Series(~song_table.warm[si], dtype=pl.Boolean),
+        "user_id": pl.Series(uids[r.user].tolist(), dtype=pl.String),
+        "song_id": pl.Series(r.song_id.tolist(), dtype=pl.String),
+        "score": pl.Series(r.score, dtype=pl.Float64),
+        "source": pl.Series(names[r.source].tolist(), dtype=pl.String),
+        "rank": pl.Series(r.rank, dtype=pl.Int32),
+        "is_cold": pl.Series(~song_table.warm[r.song], dtype=pl.Boolean),
     }
     for j, t in enumerate(APEX_TASKS):
-        cols[t] = pl.Series(t, song_table.priors[si, j], dtype=pl.Float32, nan_to_null=True)
+        cols[t] = pl.Series(t, song_table.priors[r.song, j], dtype=pl.Float32, nan_to_null=True)
     return pl.DataFrame(cols)
 
 

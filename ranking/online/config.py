@@ -43,6 +43,9 @@ class OnlineConfig:
         Request-size limit of the HTTP service.
     max_batch:
         Most concurrent requests one engine call ranks together (1 disables micro-batching).
+        Keep it under 20: FAISS searches 20 or more queries through BLAS, whose float results
+        differ in the last bit from the one-query path, so a batch would no longer equal
+        single calls bit for bit.
     freeze_gc:
         After loading a version, collect once and ``gc.freeze()`` what is loaded, so that the
         cyclic GC never walks the bundle's ~300k containers during a request (a full collection
@@ -64,7 +67,7 @@ class OnlineConfig:
     fallback_size: int = 1000
     follow_interval_s: float = 0.5
     max_body_bytes: int = 64 * 1024
-    max_batch: int = 32
+    max_batch: int = 16
     freeze_gc: bool = True
 
     def __post_init__(self) -> None:

@@ -104,7 +104,7 @@ def default_loader(bundle_dir: str) -> RankingEngine:
     return RecommenderEngine.load(bundle_dir)
 
 
-def engine_loader(fallback_size: int, max_batch: int = 32) -> EngineLoader:
+def engine_loader(fallback_size: int, max_batch: int = 16) -> EngineLoader:
     """A loader building :class:`RecommenderEngine` with the given fallback length and
     micro-batch bound."""
 
@@ -234,7 +234,7 @@ class OnlineRanker:
             self._active = new  # one reference assignment: a request sees old or new, never both
             self.stats["switches"] += 1
             if old.engine is not new.engine:
-                old.engine.close()  # requests still on it rank directly, without the batcher
+                old.engine.close()  # requests still on it finish normally
             log.info("switched from version %s to %d", old.version, version)
             del old
             self._settle_heap()

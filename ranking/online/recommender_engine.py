@@ -3,29 +3,31 @@
 The online path and the offline path are the same code: a :class:`~apex_rank.ranking.state.
 UserState` is rebuilt from the stored user record (CF factor, content profile, history,
 activity; float32 bytes decode to the exact arrays that were published) and handed to
-``Recommender.recommend_states``, which runs ``generate_candidates`` →
-``build_feature_frame`` → ``Reranker.score`` → top-k exactly as ``Recommender.recommend``
-does. Hence ``OnlineRanker.rank(u) == Recommender.recommend(u)`` for an unchanged state.
+``Recommender.rank_items``, which runs ``rank_arrays`` (candidates → features → reranker →
+top-k), the function whose frame form ``Recommender.recommend`` returns. Hence
+``OnlineRanker.rank(u) == Recommender.recommend(u)`` for an unchanged state.
 
 The Recommender mutates its song table and indexes when songs are added, so ranking and
 adding are guarded by a readers-writer lock: many concurrent rankings, one exclusive add.
 
-Micro-batching: concurrent ``rank_user`` calls are queued and a worker ranks whatever is
-queued in one ``recommend_states`` call (up to ``max_batch`` users with the same ``k``).
-The per-request cost of this path is mostly fixed per call (polars query overhead), so a batch
-of 8 costs little more than one; results are identical because every feature and score is
-row-wise (batch equals the concatenation of single-user results). A lone request never waits:
-the worker takes what is queued, it does not hold a window open.
+Micro-batching without a worker thread: a request arriving while no other is being ranked
+ranks itself in its own thread (no handoff: at concurrency 1 a thread switch cost ~1.4 ms of
+a ~5 ms request). Requests arriving meanwhile wait; the ranking thread ("leader") takes up to
+``max_batch`` waiting requests with the same ``k`` into one ``rank_items`` call until its own
+request is answered, then steps down and a waiting request takes over. Part of the cost is
+fixed per call (many small numpy and FAISS calls), so a batch of 8 costs well under 8 single
+calls; results are identical because every candidate, feature and score is computed per row
+(a batch equals the concatenation of single-user results). Nobody waits for a batch to fill.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
 from collections.abc import Collection, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,14 @@ def record_from_state(state: UserState) -> UserRecord:
     return UserRecord(f, p, list(state.history), float(state.activity))
 
 
+@dataclass
+class _Request:
+    state: UserState
+    k: int
+    exclude: frozenset[str]
+    future: Future[list[Item]]
+
+
 class RecommenderEngine:
     """A loaded Recommender bundle serving the online ranker (see the module doc).
 
@@ -109,10 +119,12 @@ class RecommenderEngine:
         Folder it was loaded from (named in the published manifest).
     fallback_size:
         Length of the degraded-mode list (the Recommender's popularity-and-quality score).
+    max_batch:
+        Most concurrent requests ranked in one call (1: every request alone).
     """
 
     def __init__(self, recommender: Recommender, bundle_dir: str | Path, *,
-                 fallback_size: int = 1000, max_batch: int = 32) -> None:
+                 fallback_size: int = 1000, max_batch: int = 16) -> None:
         self.recommender = recommender
         self.bundle_dir = str(Path(bundle_dir).resolve())
         self.fingerprint = bundle_fingerprint(bundle_dir)
@@ -121,78 +133,44 @@ class RecommenderEngine:
         self._fallback = FallbackList(list(t.song_ids), np.asarray(t.quality, dtype=np.float64),
                                       fallback_size)
         self.max_batch = int(max_batch)
-        self._queue: queue.Queue[tuple[UserState, int, frozenset[str], Future[list[Item]]] | None] = \
-            queue.Queue()
-        self._closed = threading.Event()
-        self._worker: threading.Thread | None = None
-        if self.max_batch > 1:
-            self._worker = threading.Thread(target=self._serve_batches, name="apexrank-batch",
-                                            daemon=True)
-            self._worker.start()
+        self._pending: list[_Request] = []
+        self._cond = threading.Condition()
+        self._leading = False  # a request thread is ranking the pending requests
 
     @classmethod
     def load(cls, bundle_dir: str | Path, *, device: str = "cpu", fallback_size: int = 1000,
-             max_batch: int = 32) -> RecommenderEngine:
+             max_batch: int = 16) -> RecommenderEngine:
         """Load the bundle folder (FAISS index, CF, reranker, APEX predictor) in this process."""
         return cls(load_recommender(bundle_dir, device=device), bundle_dir,
                    fallback_size=fallback_size, max_batch=max_batch)
 
     def close(self) -> None:
-        """Stop the batching worker (later calls rank directly); queued requests are answered."""
-        if self._worker is not None and not self._closed.is_set():
-            self._closed.set()
-            self._queue.put(None)
-            self._worker.join(timeout=30)
+        """Nothing to release: requests are ranked by the calling threads themselves."""
 
     def _rank_states(self, states: list[UserState], k: int,
                      excludes: list[frozenset[str]]) -> dict[str, list[Item]]:
         self._lock.acquire_read()
         try:
-            df = self.recommender.recommend_states(states, k, excludes=[set(e) for e in excludes])
+            items = self.recommender.rank_items(states, k, [set(e) for e in excludes])
         finally:
             self._lock.release_read()
-        out: dict[str, list[Item]] = {s.user_id: [] for s in states}
-        for u, sid, sc, src in zip(df["user_id"].to_list(), df["song_id"].to_list(),
-                                   df["score"].to_list(), df["source"].to_list(), strict=True):
-            out[u].append((sid, sc, src))
-        return out
+        return {s.user_id: it for s, it in zip(states, items, strict=True)}
 
-    def _serve_batches(self) -> None:
-        pending: list[tuple[UserState, int, frozenset[str], Future[list[Item]]]] = []
-        while True:
-            if not pending:
-                item = self._queue.get()
-                if item is None:
-                    return
-                pending.append(item)
-            while len(pending) < 4 * self.max_batch:  # take what is queued, never wait
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # stop after answering what is pending
-                    break
-                pending.append(nxt)
-            # one call per k; a user id at most once per call (results are keyed by user id)
-            k0 = pending[0][1]
-            batch: list[tuple[UserState, int, frozenset[str], Future[list[Item]]]] = []
-            rest: list[tuple[UserState, int, frozenset[str], Future[list[Item]]]] = []
-            seen: set[str] = set()
-            for it in pending:
-                if it[1] == k0 and it[0].user_id not in seen and len(batch) < self.max_batch:
-                    batch.append(it)
-                    seen.add(it[0].user_id)
-                else:
-                    rest.append(it)
-            pending = rest
-            try:
-                res = self._rank_states([b[0] for b in batch], k0, [b[2] for b in batch])
-                for st, _, _, fut in batch:
-                    fut.set_result(res[st.user_id])
-            except BaseException as err:  # noqa: BLE001 - handed to every waiting caller
-                for _, _, _, fut in batch:
-                    fut.set_exception(err)
+    def _take_batch(self) -> list[_Request]:
+        """Up to ``max_batch`` pending requests with the first one's ``k``, a user id at most
+        once (results are keyed by user id); removed from the pending list. Hold ``_cond``."""
+        k0 = self._pending[0].k
+        batch: list[_Request] = []
+        rest: list[_Request] = []
+        seen: set[str] = set()
+        for r in self._pending:
+            if r.k == k0 and r.state.user_id not in seen and len(batch) < self.max_batch:
+                batch.append(r)
+                seen.add(r.state.user_id)
+            else:
+                rest.append(r)
+        self._pending = rest
+        return batch
 
     @property
     def embedding_dim(self) -> int:
@@ -204,13 +182,38 @@ class RecommenderEngine:
 
     def rank_user(self, user_id: str, state: UserRecord | None, k: int,
                   exclude: Collection[str]) -> list[Item]:
+        """Rank one user; concurrent callers are ranked together (see the module doc)."""
         st = state_from_record(user_id, state)
         excl = frozenset(exclude)
-        if self._worker is None or self._closed.is_set():
+        if self.max_batch <= 1:
             return self._rank_states([st], k, [excl])[user_id]
-        fut: Future[list[Item]] = Future()
-        self._queue.put((st, k, excl, fut))
-        return fut.result()
+        me = _Request(st, k, excl, Future())
+        with self._cond:
+            self._pending.append(me)
+            while not me.future.done() and self._leading:
+                self._cond.wait()  # the leader ranks us, or steps down and one of us leads
+            if me.future.done():
+                return me.future.result()
+            self._leading = True
+        try:
+            while not me.future.done():  # lead until our own request is answered
+                with self._cond:
+                    batch = self._take_batch()
+                try:
+                    res = self._rank_states([r.state for r in batch], batch[0].k,
+                                            [r.exclude for r in batch])
+                    for r in batch:
+                        r.future.set_result(res[r.state.user_id])
+                except BaseException as err:  # noqa: BLE001 - handed to every caller of the batch
+                    for r in batch:
+                        r.future.set_exception(err)
+                with self._cond:
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._leading = False
+                self._cond.notify_all()
+        return me.future.result()
 
     def fallback(self, k: int, exclude: Collection[str]) -> list[Item]:
         return self._fallback.top(k, exclude)
