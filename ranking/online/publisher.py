@@ -168,6 +168,10 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
             carried, replayed = carried + n, replayed + m
         except VersionMovedError as err:  # a newer publish committed and carries them itself
             log.warning("carry-over after the commit of version %d stopped: %s", version, err)
+        except StoreError as err:  # the version is live: report, do not fail the publish
+            log.error("version %d is current but the carry-over after its commit failed (%s); "
+                      "events recorded during the publish are in the stream, a re-publish "
+                      "carries them", version, err)
     if not moved:
         store.expire_version(version, 60)
         raise StoreError(
