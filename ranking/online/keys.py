@@ -13,6 +13,10 @@ key                                 type      holds
                                               versions; never expires, trimmed by length)
 ``apexrank:{NS}:catalogue``         stream    announcements of ingested songs: ``s`` song, ``v``
                                               version (other ranker processes follow it)
+``apexrank:{NS}:metrics``           hash      ``serve`` worker (``hostname-pid``) -> JSON snapshot
+                                              of its request metrics and the Redis time it was
+                                              written (every ``metrics_flush_s``; a snapshot older
+                                              than 5 periods is a dead worker's and is dropped)
 ``apexrank:{NS}:v{V}:meta``         string    JSON manifest of version ``V``; written last, so its
                                               presence marks a complete publish
 ``apexrank:{NS}:v{V}:songs``        hash      song id -> song record (``SONG_RECORD`` below)
@@ -102,6 +106,10 @@ class Keys:
     @property
     def catalogue(self) -> str:
         return f"{self.root}:catalogue"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.root}:metrics"
 
     def version_prefix(self, version: int) -> str:
         return f"{self.root}:v{int(version)}:"

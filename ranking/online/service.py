@@ -8,7 +8,11 @@ Validation errors are 4xx with a reason (``{"detail": ...}``), never 5xx; bodies
 
 Several uvicorn workers each build their own ranker from the environment
 (:func:`app_from_env`) and share one Redis; the catalogue stream keeps their song sets equal.
-Metrics are per worker process.
+``GET /metrics`` reports the sum over all live workers of the namespace: each worker writes a
+snapshot of its own registry to the hash ``apexrank:{NS}:metrics`` every ``metrics_flush_s``
+seconds, stamped with the Redis server's clock (so hosts' clocks do not matter), and adds the
+others' latest snapshots to its own live numbers; a snapshot older than five periods is a dead
+worker's and is dropped.
 
 ``apex-rank serve`` runs uvicorn with :class:`NoDelayHTTPProtocol`: with ``--workers`` > 1
 uvicorn binds the listening socket itself without ``IPPROTO_TCP``, asyncio then leaves Nagle's
@@ -19,13 +23,15 @@ workers against 1 ms with one).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -39,6 +45,7 @@ from .config import OnlineConfig
 from .events import ingest, record
 from .keys import ID_PATTERN, RequestError
 from .ranker import OnlineRanker
+from .store import RedisStore
 
 log = logging.getLogger(__name__)
 _ID = ID_PATTERN.pattern
@@ -110,6 +117,9 @@ class RecommendOut(BaseModel):
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+Snapshot = dict[str, Any]  # {"requests": [[route, status, n], ...], "hist", "sums", "degraded"}
+
+
 class Metrics:
     """Tiny thread-safe Prometheus registry: request counters and latency histograms."""
 
@@ -130,43 +140,195 @@ class Metrics:
             h[-1] += 1
             self.sums[route] = self.sums.get(route, 0.0) + seconds
 
-    def render(self) -> str:
+    def snapshot(self) -> Snapshot:
+        """A JSON-ready copy of the registry (what a worker writes to Redis)."""
+        with self._lock:
+            return {"requests": [[r, s, n] for (r, s), n in self.requests.items()],
+                    "hist": {r: list(h) for r, h in self.hist.items()},
+                    "sums": dict(self.sums), "degraded": self.degraded}
+
+    def render(self, others: Sequence[Snapshot] = ()) -> str:
+        """Prometheus text of this registry plus ``others`` (other workers' snapshots, already
+        checked by :func:`parse_snapshot`); ``apexrank_workers`` counts the registries summed."""
+        requests: dict[tuple[str, int], int] = {}
+        hist: dict[str, list[int]] = {}
+        sums: dict[str, float] = {}
+        degraded = 0
+        for snap in (self.snapshot(), *others):
+            for route, status, n in snap["requests"]:
+                requests[(route, status)] = requests.get((route, status), 0) + n
+            for route, h in snap["hist"].items():
+                acc = hist.setdefault(route, [0] * (len(_BUCKETS) + 1))
+                hist[route] = [a + b for a, b in zip(acc, h, strict=True)]
+            for route, x in snap["sums"].items():
+                sums[route] = sums.get(route, 0.0) + x
+            degraded += snap["degraded"]
+
         lines = ["# HELP apexrank_requests_total HTTP requests by route and status.",
                  "# TYPE apexrank_requests_total counter"]
-        with self._lock:
-            for (route, status), n in sorted(self.requests.items()):
-                lines.append(f'apexrank_requests_total{{route="{route}",status="{status}"}} {n}')
-            lines += ["# HELP apexrank_errors_total HTTP responses with status >= 400.",
-                      "# TYPE apexrank_errors_total counter"]
-            errs: dict[str, int] = {}
-            for (route, status), n in self.requests.items():
-                if status >= 400:
-                    errs[route] = errs.get(route, 0) + n
-            for route, n in sorted(errs.items()):
-                lines.append(f'apexrank_errors_total{{route="{route}"}} {n}')
-            lines += ["# HELP apexrank_degraded_total Rankings answered from the fallback list.",
-                      "# TYPE apexrank_degraded_total counter",
-                      f"apexrank_degraded_total {self.degraded}",
-                      "# HELP apexrank_request_seconds Request latency.",
-                      "# TYPE apexrank_request_seconds histogram"]
-            for route, h in sorted(self.hist.items()):
-                for b, n in zip(_BUCKETS, h, strict=False):
-                    lines.append(f'apexrank_request_seconds_bucket{{route="{route}",le="{b}"}} {n}')
-                lines.append(f'apexrank_request_seconds_bucket{{route="{route}",le="+Inf"}} {h[-1]}')
-                lines.append(f'apexrank_request_seconds_sum{{route="{route}"}} {self.sums[route]:.6f}')
-                lines.append(f'apexrank_request_seconds_count{{route="{route}"}} {h[-1]}')
+        for (route, status), n in sorted(requests.items()):
+            lines.append(f'apexrank_requests_total{{route="{route}",status="{status}"}} {n}')
+        lines += ["# HELP apexrank_errors_total HTTP responses with status >= 400.",
+                  "# TYPE apexrank_errors_total counter"]
+        errs: dict[str, int] = {}
+        for (route, status), n in requests.items():
+            if status >= 400:
+                errs[route] = errs.get(route, 0) + n
+        for route, n in sorted(errs.items()):
+            lines.append(f'apexrank_errors_total{{route="{route}"}} {n}')
+        lines += ["# HELP apexrank_degraded_total Rankings answered from the fallback list.",
+                  "# TYPE apexrank_degraded_total counter",
+                  f"apexrank_degraded_total {degraded}",
+                  "# HELP apexrank_request_seconds Request latency.",
+                  "# TYPE apexrank_request_seconds histogram"]
+        for route, h in sorted(hist.items()):
+            for b, n in zip(_BUCKETS, h, strict=False):
+                lines.append(f'apexrank_request_seconds_bucket{{route="{route}",le="{b}"}} {n}')
+            lines.append(f'apexrank_request_seconds_bucket{{route="{route}",le="+Inf"}} {h[-1]}')
+            lines.append(f'apexrank_request_seconds_sum{{route="{route}"}} {sums.get(route, 0.0):.6f}')
+            lines.append(f'apexrank_request_seconds_count{{route="{route}"}} {h[-1]}')
+        lines += ["# HELP apexrank_workers Worker processes whose metrics are summed here.",
+                  "# TYPE apexrank_workers gauge",
+                  f"apexrank_workers {1 + len(others)}"]
         return "\n".join(lines) + "\n"
 
 
-def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None) -> FastAPI:
-    """The FastAPI application serving ``ranker`` (see the module doc)."""
+def parse_snapshot(raw: bytes | str) -> Snapshot | None:
+    """A snapshot read back from Redis, or ``None`` if it is not one this version can add
+    (malformed JSON, wrong types, another histogram layout)."""
+    try:
+        d = json.loads(raw)
+        snap: Snapshot = {
+            "requests": [[str(r), int(s), int(n)] for r, s, n in d["requests"]],
+            "hist": {str(r): [int(x) for x in h] for r, h in d["hist"].items()},
+            "sums": {str(r): float(x) for r, x in d["sums"].items()},
+            "degraded": int(d["degraded"]),
+            "at": float(d.get("at", 0.0)),
+        }
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if any(len(h) != len(_BUCKETS) + 1 for h in snap["hist"].values()):
+        return None
+    return snap
+
+
+def _redis_now(client: Any) -> float:
+    sec, usec = client.time()
+    return float(sec) + usec / 1e6
+
+
+class MetricsFlusher:
+    """Shares one worker's :class:`Metrics` through Redis (see the module doc).
+
+    A daemon thread writes the registry's snapshot into the hash ``apexrank:{NS}:metrics``
+    (field: the worker) every ``flush_s`` seconds; :meth:`others` reads the other workers'
+    snapshots written within the last ``5 * flush_s`` seconds (one HGETALL, no key scan).
+    Redis failures are logged and never raised: ``/metrics`` then shows this worker's numbers
+    only.
+    """
+
+    def __init__(self, metrics: Metrics, store: RedisStore, *, flush_s: float = 2.0,
+                 worker: str | None = None) -> None:
+        if flush_s <= 0:
+            raise ValueError(f"flush_s must be > 0, got {flush_s}")
+        self.metrics = metrics
+        self.store = store
+        self.flush_s = float(flush_s)
+        self.worker = worker or f"{socket.gethostname()}-{os.getpid()}"
+        self.key = store.keys.metrics
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="apexrank-metrics", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and remove this worker's snapshot (its numbers leave the sum now
+        rather than when they grow stale)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.flush_s + 5.0)
+            self._thread = None
+        with contextlib.suppress(Exception):
+            self.store.client.hdel(self.key, self.worker)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            self.flush_now()
+
+    def flush_now(self) -> bool:
+        """Write the snapshot now; ``False`` (logged) if Redis did not take it."""
+        try:
+            client = self.store.client
+            snap = {**self.metrics.snapshot(), "at": _redis_now(client)}
+            client.hset(self.key, self.worker, json.dumps(snap, separators=(",", ":")))
+        except Exception as err:  # noqa: BLE001 - metrics must never take the worker down
+            if not self._failing:
+                log.warning("cannot write metrics to %s: %s: %s", self.key, type(err).__name__, err)
+            self._failing = True
+            return False
+        self._failing = False
+        return True
+
+    def others(self) -> list[Snapshot]:
+        """The latest snapshots of the other live workers; ``[]`` if Redis is unreachable."""
+        try:
+            client = self.store.client
+            pipe = client.pipeline(transaction=False)
+            pipe.time()
+            pipe.hgetall(self.key)
+            (sec, usec), raws = pipe.execute()
+        except Exception as err:  # noqa: BLE001 - render the local numbers instead
+            log.debug("cannot read other workers' metrics: %s: %s", type(err).__name__, err)
+            return []
+        now, out, stale = sec + usec / 1e6, [], []
+        for field, raw in raws.items():
+            worker = field.decode() if isinstance(field, bytes) else field
+            if worker == self.worker:
+                continue
+            snap = parse_snapshot(raw)
+            if snap is None or now - snap["at"] > 5 * self.flush_s:
+                stale.append(field)  # a dead worker's (or unreadable): dropped from the sum
+            else:
+                out.append(snap)
+        if stale:
+            with contextlib.suppress(Exception):
+                client.hdel(self.key, *stale)
+        return out
+
+
+def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
+               metrics_flush_s: float = 2.0, worker_id: str | None = None) -> FastAPI:
+    """The FastAPI application serving ``ranker`` (see the module doc).
+
+    With a Redis store, ``app.state.metrics_flusher`` (a :class:`MetricsFlusher`, ``None`` for
+    the in-process store) shares the metrics every ``metrics_flush_s`` seconds while the app
+    runs (started and stopped by its lifespan) under ``worker_id`` (default ``hostname-pid``).
+    """
     cfg = config or ranker.config
     metrics = Metrics()
+    flusher = (MetricsFlusher(metrics, ranker.store, flush_s=metrics_flush_s, worker=worker_id)
+               if isinstance(ranker.store, RedisStore) else None)
 
-    app = FastAPI(title="apex-rank", version="0.1.0",
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if flusher is not None:
+            flusher.start()
+        try:
+            yield
+        finally:
+            if flusher is not None:
+                flusher.stop()
+
+    app = FastAPI(title="apex-rank", version="0.1.0", lifespan=lifespan,
                   description="Online ranking of AI-generated music (APEX priors + CF + LightGBM)")
     app.state.ranker = ranker
     app.state.metrics = metrics
+    app.state.metrics_flusher = flusher
 
     @app.middleware("http")
     async def limit_and_measure(request: Request,
@@ -265,7 +427,8 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None) -> F
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def get_metrics() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        others = flusher.others() if flusher is not None else []
+        return PlainTextResponse(metrics.render(others), media_type="text/plain; version=0.0.4")
 
     return app
 
