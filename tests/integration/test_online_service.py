@@ -86,6 +86,49 @@ def test_oversized_bodies_are_413(client) -> None:  # type: ignore[no-untyped-de
     r = client.post("/events", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
 
+    def small():  # type: ignore[no-untyped-def]  # chunked and under the limit: handled normally
+        yield b'{"events": [{"user_id": "u-chunked", '
+        yield ('"song_id": "%s"}]}' % client.engine.recommender.songs.song_ids[0]).encode()
+
+    r = client.post("/events", content=small(), headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["recorded"] == 1
+
+
+def test_malformed_length_is_400_and_a_crash_is_a_plain_500(client) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    app = client.app
+    sent: list[dict] = []
+
+    async def call(scope: dict) -> None:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(msg: dict) -> None:
+            sent.append(msg)
+
+        await app(scope, receive, send)
+
+    scope = {"type": "http", "method": "POST", "path": "/events", "raw_path": b"/events",
+             "query_string": b"", "headers": [(b"content-length", b"12abc")], "http_version": "1.1",
+             "scheme": "http", "server": ("t", 80), "client": ("t", 1), "root_path": "",
+             "app": app}
+    asyncio.run(call(scope))
+    assert sent[0]["status"] == 400 and b"Content-Length" in sent[1]["body"]
+
+    ranker = app.state.ranker
+
+    def boom(*a, **kw):  # type: ignore[no-untyped-def]
+        raise RuntimeError("bug")
+
+    ranker.rank, real = boom, ranker.rank
+    try:
+        r = client.get("/recommend", params={"user_id": "u1"})
+    finally:
+        ranker.rank = real
+    assert r.status_code == 500 and r.json() == {"detail": "internal error"}
+    assert 'apexrank_requests_total{route="/recommend",status="500"} 1' in client.get("/metrics").text
+
 
 def test_songs_endpoint(client) -> None:  # type: ignore[no-untyped-def]
     d = client.engine.embedding_dim
