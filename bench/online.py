@@ -129,6 +129,106 @@ def build_bundle(n_songs: int, n_users: int, out: Path) -> dict[str, float]:
     return {"world_s": round(t1 - t0, 1), "build_s": round(t2 - t1, 1),
             "save_s": round(time.perf_counter() - t2, 1), "interactions": inter.height}
 
+def _http_phase(args: argparse.Namespace, bundle: Path, ns: str, users: list[str],
+                table: list[dict[str, Any]], n_req: int, load_s: float) -> dict[str, Any]:
+    """``apex-rank serve`` (2 workers, loopback): HTTP latency per level of ``table`` (added to
+    its rows), then the fixed-rate load; returns the load summary. Stops the server."""
+    port = _free_port()
+    env = dict(os.environ, APEX_RANK_THREADS="1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "apex_rank.cli.main", "serve", "--bundle", str(bundle), "--redis",
+         args.redis, "--namespace", ns, "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "2", "--budget-ms", "200"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        import httpx
+
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("the service did not start within 300 s")
+        local = threading.local()
+
+        degraded = [0]
+
+        def http(u: str) -> None:
+            cl = getattr(local, "c", None)
+            if cl is None:
+                cl = local.c = httpx.Client(base_url=base, timeout=10)
+            r = cl.get("/recommend", params={"user_id": u, "k": args.k})
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}")
+            if r.json()["degraded"]:
+                degraded[0] += 1  # an answer, but from the fallback list: reported separately
+
+        for u in users[:20]:
+            http(u)
+        for row in table:
+            degraded[0] = 0
+            hl, he = _run_concurrent(http, users, row["concurrency"], n_req, 120)
+            row["http"] = {**_summ(hl), "degraded": degraded[0]}
+            row["errors"] += he
+            if hl and row["floor"].get("n"):
+                row["http_ratio_p50"] = round(row["http"]["p50_ms"] / row["floor"]["p50_ms"], 1)
+            print(json.dumps({"concurrency": row["concurrency"], "http": row["http"],
+                              "errors": he}), flush=True)
+
+        # fixed-rate load: one request every 1/rate s, bounded by load_s and count
+        degraded[0] = 0
+        n_load = int(args.rate * load_s)
+        interval = 1.0 / args.rate
+        lat: list[float] = []
+        errs = [0]
+        mem: list[int] = [_rss_kb(server.pid)]
+        lock = threading.Lock()
+
+        def fire(u: str) -> None:
+            t0 = time.perf_counter()
+            try:
+                http(u)
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - counted
+                with lock:
+                    errs[0] += 1
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for i in range(n_load):
+                target = start + i * interval
+                now = time.monotonic()
+                if target > now:
+                    time.sleep(target - now)
+                if now - start > load_s + 5:
+                    break
+                pool.submit(fire, users[(i * 7919) % len(users)])
+                if i % max(1, int(args.rate * 5)) == 0:
+                    mem.append(_rss_kb(server.pid))
+        mem.append(_rss_kb(server.pid))
+        load = {"rate_per_s": args.rate, "degraded": degraded[0],
+                          "seconds": round(time.monotonic() - start, 1),
+                          "sent": n_load, "ok": len(lat), "errors": errs[0], **_summ(lat),
+                          "rss_mb_start": round(mem[1] / 1024, 1) if len(mem) > 1 else None,
+                          "rss_mb_end": round(mem[-1] / 1024, 1),
+                          "rss_mb_max": round(max(mem) / 1024, 1)}
+        print("load:", json.dumps(load), flush=True)
+        return load
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
@@ -167,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="apexrank-bench-online-"))
     bundle = Path(args.bundle) if args.bundle else tmp / "bundle"
     client = redis.Redis.from_url(args.redis)
-    server: subprocess.Popen[bytes] | None = None
     try:
         if (bundle / "manifest.json").exists():
             result["build"] = {"reused": str(bundle)}
@@ -220,100 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         ranker.close()
         result["levels"] = table
         if not args.skip_http:
-            port = _free_port()
-            env = dict(os.environ, APEX_RANK_THREADS="1")
-            server = subprocess.Popen(
-                [sys.executable, "-m", "apex_rank.cli.main", "serve", "--bundle", str(bundle), "--redis",
-                 args.redis, "--namespace", ns, "--host", "127.0.0.1", "--port", str(port),
-                 "--workers", "2", "--budget-ms", "200"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-            import httpx
-
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(base + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
-            else:
-                raise RuntimeError("the service did not start within 300 s")
-            local = threading.local()
-
-            degraded = [0]
-
-            def http(u: str) -> None:
-                cl = getattr(local, "c", None)
-                if cl is None:
-                    cl = local.c = httpx.Client(base_url=base, timeout=10)
-                r = cl.get("/recommend", params={"user_id": u, "k": args.k})
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}")
-                if r.json()["degraded"]:
-                    degraded[0] += 1  # an answer, but from the fallback list: reported separately
-
-            for u in users[:20]:
-                http(u)
-            for row in table:
-                degraded[0] = 0
-                hl, he = _run_concurrent(http, users, row["concurrency"], n_req, 120)
-                row["http"] = {**_summ(hl), "degraded": degraded[0]}
-                row["errors"] += he
-                if hl and row["floor"].get("n"):
-                    row["http_ratio_p50"] = round(row["http"]["p50_ms"] / row["floor"]["p50_ms"], 1)
-                print(json.dumps({"concurrency": row["concurrency"], "http": row["http"],
-                                  "errors": he}), flush=True)
-            result["levels"] = table
-
-            # fixed-rate load: one request every 1/rate s, bounded by load_s and count
-            degraded[0] = 0
-            n_load = int(args.rate * load_s)
-            interval = 1.0 / args.rate
-            lat: list[float] = []
-            errs = [0]
-            mem: list[int] = [_rss_kb(server.pid)]
-            lock = threading.Lock()
-
-            def fire(u: str) -> None:
-                t0 = time.perf_counter()
-                try:
-                    http(u)
-                    with lock:
-                        lat.append(time.perf_counter() - t0)
-                except Exception:  # noqa: BLE001 - counted
-                    with lock:
-                        errs[0] += 1
-
-            from concurrent.futures import ThreadPoolExecutor
-
-            start = time.monotonic()
-            with ThreadPoolExecutor(max_workers=16) as pool:
-                for i in range(n_load):
-                    target = start + i * interval
-                    now = time.monotonic()
-                    if target > now:
-                        time.sleep(target - now)
-                    if now - start > load_s + 5:
-                        break
-                    pool.submit(fire, users[(i * 7919) % len(users)])
-                    if i % max(1, int(args.rate * 5)) == 0:
-                        mem.append(_rss_kb(server.pid))
-            mem.append(_rss_kb(server.pid))
-            result["load"] = {"rate_per_s": args.rate, "degraded": degraded[0],
-                              "seconds": round(time.monotonic() - start, 1),
-                              "sent": n_load, "ok": len(lat), "errors": errs[0], **_summ(lat),
-                              "rss_mb_start": round(mem[1] / 1024, 1) if len(mem) > 1 else None,
-                              "rss_mb_end": round(mem[-1] / 1024, 1),
-                              "rss_mb_max": round(max(mem) / 1024, 1)}
-            print("load:", json.dumps(result["load"]), flush=True)
+            result["load"] = _http_phase(args, bundle, ns, users, table, n_req, load_s)
     finally:
-        if server is not None and server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
         batch = list(client.scan_iter(match=f"apexrank:{ns}:*", count=5000))
         for i in range(0, len(batch), 5000):
             client.delete(*batch[i : i + 5000])

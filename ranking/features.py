@@ -55,6 +55,16 @@ def _rowdot(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", A, B, optimize=False).astype(np.float32)
 
 
+def _stack_present(vectors: Sequence[np.ndarray | None], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(which vectors are present (n,) bool, the vectors as (n, width) float32, zeros where absent)."""
+    present = np.asarray([v is not None for v in vectors], dtype=bool)
+    out = np.zeros((len(vectors), width), dtype=np.float32)
+    for i, v in enumerate(vectors):
+        if v is not None:
+            out[i] = v
+    return present, out
+
+
 def feature_array(
     states: Sequence[UserState], users: np.ndarray, songs: np.ndarray, ranks: np.ndarray, song_table: SongTable
 ) -> np.ndarray:
@@ -81,18 +91,8 @@ def feature_array(
     n = len(u)
     st = song_table
 
-    f = st.cf_factors.shape[1]
-    has_cf = np.asarray([x.cf_factor is not None for x in states], dtype=bool)
-    U = np.zeros((len(states), f), dtype=np.float32)
-    for i, x in enumerate(states):
-        if x.cf_factor is not None:
-            U[i] = x.cf_factor
-    d = st.embeddings.shape[1]
-    has_prof = np.asarray([x.profile is not None for x in states], dtype=bool)
-    P = np.zeros((len(states), d), dtype=np.float32)
-    for i, x in enumerate(states):
-        if x.profile is not None:
-            P[i] = x.profile
+    has_cf, U = _stack_present([x.cf_factor for x in states], st.cf_factors.shape[1])
+    has_prof, P = _stack_present([x.profile for x in states], st.embeddings.shape[1])
     # mean priors over each user's known history
     hist_mean = np.full((len(states), len(APEX_TASKS)), np.nan, dtype=np.float32)
     for i, x in enumerate(states):

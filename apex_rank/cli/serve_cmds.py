@@ -18,12 +18,6 @@ DEFAULT_REDIS = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _safe(url: str) -> str:
-    from apex_rank.ranking.online.store import redact_url
-
-    return redact_url(url)
-
-
 def _parse_time(value: str) -> datetime:
     try:
         if value.replace(".", "", 1).isdigit():
@@ -72,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_publish(args: argparse.Namespace) -> int:
     from apex_rank.ranking.online import OnlineConfig, RedisStore, publish
     from apex_rank.ranking.online.ranker import default_loader
+    from apex_rank.ranking.online.store import redact_url
 
     cfg = OnlineConfig(namespace=args.namespace, batch_size=args.batch_size, grace_s=args.grace_s)
     engine = default_loader(args.bundle)
@@ -79,7 +74,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     since = _parse_time(args.carry_since).timestamp() if args.carry_since else None
     res = publish(engine, store, config=cfg, progress=not args.no_progress,
                   carry=not args.no_carry, carry_since_s=since)
-    print(f"published {args.bundle} to {_safe(args.redis)} namespace {args.namespace!r}: version "
+    print(f"published {args.bundle} to {redact_url(args.redis)} namespace {args.namespace!r}: version "
           f"{res.version} (was {res.previous}), {res.n_songs} songs, {res.n_users} users in "
           f"{res.seconds:.1f} s; carried {res.carried_songs} ingested songs and "
           f"{res.replayed_events} events")
@@ -90,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
+
+    from apex_rank.ranking.online.store import redact_url
 
     if args.host not in LOOPBACK:
         logging.getLogger(__name__).warning(
@@ -102,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ["APEX_RANK_BUDGET_MS"] = str(args.budget_ms)
     if args.bundle:
         os.environ["APEX_RANK_BUNDLE"] = args.bundle
-    print(f"serving namespace {args.namespace!r} from {_safe(args.redis)} on "
+    print(f"serving namespace {args.namespace!r} from {redact_url(args.redis)} on "
           f"http://{args.host}:{args.port} with {args.workers} worker(s)")
     from apex_rank.ranking.online.service import HTTP_PROTOCOL
 

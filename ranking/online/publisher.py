@@ -197,23 +197,27 @@ def carry_songs(store: OnlineStore, version: int, known: set[str], after_id: str
     version's song ids) is extended. Returns (songs copied, last stream id read)."""
     n, last = 0, after_id
     while True:
-        rows = store.read_catalogue(last)
-        for eid, sid, ver in rows:
-            if until_id is not None and stream_key(eid) > stream_key(until_id):
-                return n, last
-            last = eid
-            if ver == version or sid in known:
-                continue
-            (rec, emb), = store.read_songs(ver, [sid])
-            if rec is None or emb is None:
-                log.warning("song %s ingested into version %d is gone (expired?); not carried to "
-                            "version %d", sid, ver, version)
-                continue
-            vec = decode_vector(emb, f"{store.keys.emb(ver)}[{sid}]")
-            store.add_song(version, sid, rec, vec, ttl_s, require_current=require_current)
-            known.add(sid)
-            n += 1
-        if not rows:
+        page = store.read_catalogue(last)
+        rows = [r for r in page if until_id is None or stream_key(r[0]) <= stream_key(until_id)]
+        wanted: dict[int, dict[str, None]] = {}  # version ingested into -> song ids, in order
+        for _, sid, ver in rows:
+            if ver != version and sid not in known:
+                wanted.setdefault(ver, {})[sid] = None
+        for ver, sids in wanted.items():  # one read per source version and page
+            for sid, (rec, emb) in zip(sids, store.read_songs(ver, list(sids)), strict=True):
+                if sid in known:
+                    continue
+                if rec is None or emb is None:
+                    log.warning("song %s ingested into version %d is gone (expired?); not carried "
+                                "to version %d", sid, ver, version)
+                    continue
+                vec = decode_vector(emb, f"{store.keys.emb(ver)}[{sid}]")
+                store.add_song(version, sid, rec, vec, ttl_s, require_current=require_current)
+                known.add(sid)
+                n += 1
+        if rows:
+            last = rows[-1][0]
+        if not rows or len(rows) < len(page):
             return n, last
 
 
