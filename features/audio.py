@@ -33,9 +33,11 @@ from typing import Literal
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 
+from apex_rank.compat import torchaudio_functional
 from apex_rank.errors import AudioError, ConfigError
+
+AF = torchaudio_functional()  # a mismatched torch/torchaudio pair fails here with one clear line
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,13 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torchaudio.functional as AF
 
+from apex_rank.compat import torchaudio_functional
 from apex_rank.config import from_dict, to_dict
 from apex_rank.device import resolve_device
 from apex_rank.errors import CheckpointError, ConfigError, MissingDependencyError
+
+AF = torchaudio_functional()  # a mismatched torch/torchaudio pair fails here with one clear line
 
 log = logging.getLogger(__name__)
 
