@@ -31,6 +31,7 @@ import scipy.sparse as sp
 
 from apex_rank.errors import ConfigError, SchemaError
 from apex_rank.offline_eval.metrics import top_k_from_scores
+from apex_rank.ranking.cf import ALS_GRID as CF_ALS_GRID
 from apex_rank.schemas import embedding_matrix
 
 log = logging.getLogger(__name__)
@@ -320,10 +321,7 @@ class HybridRanker(Ranker):
 
 
 # Small grids tuned on the validation split (NDCG@10). Keys are the CF wrapper's parameters.
-ALS_GRID: tuple[dict[str, Any], ...] = tuple(
-    {"factors": f, "regularization": r, "alpha": a, "iterations": 15}
-    for f in (32, 64) for r, a in ((5.0, 2.0), (20.0, 2.0), (50.0, 5.0))
-)
+ALS_GRID: tuple[dict[str, Any], ...] = CF_ALS_GRID  # the grid the Recommender's build searches too
 BPR_GRID: tuple[dict[str, Any], ...] = (
     {"factors": 32, "learning_rate": 0.01, "regularization": 0.01, "iterations": 100},
     {"factors": 64, "learning_rate": 0.01, "regularization": 0.01, "iterations": 100},

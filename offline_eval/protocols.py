@@ -8,7 +8,8 @@ Ranking protocol (:func:`evaluate_ranking`)
    training songs: popularity targets from training counts (``streams`` = training users,
    ``likes`` = training ratings ≥ 4 when a ``rating`` column exists) and, when ratings exist,
    the mean training rating as the auxiliary quality label (``musicality`` column, 1-5).
-3. ALS and BPR are tuned on the validation split over a small grid (NDCG@10 on ``all``).
+3. ALS and BPR are tuned on the validation split over a small grid (NDCG@10 on ``all``). The
+   hybrid's CF takes the tuned ALS settings whether or not ``als`` itself is in the run.
 4. For every test user (a user with training history), each model ranks the full catalogue
    minus the user's training history; the metrics of :mod:`~apex_rank.offline_eval.metrics`
    are computed per slice:
@@ -18,7 +19,7 @@ Ranking protocol (:func:`evaluate_ranking`)
    - ``cold``: relevant = the user's test items in the cold set, ranked in the full catalogue;
    - ``cold_only``: relevant = the same cold items, ranking restricted to cold items.
 
-   ``cold``/``cold_only`` exist only for the ``item-cold`` split. A user with no relevant item
+   ``cold``/``cold_only`` exist only for the ``item-cold`` and ``new-releases`` splits. A user with no relevant item
    in a slice is left out of it; ``n_users`` and ``n_users_skipped`` say how many.
 5. Paired significance over users of hybrid vs every baseline (per slice, NDCG at the first
    k), Holm-corrected (:mod:`~apex_rank.offline_eval.significance`).
@@ -64,15 +65,16 @@ class RankingEvalConfig:
 
     Attributes
     ----------
-    split: ``random``, ``temporal`` or ``item-cold``. seed: seeds the split, models and tests.
+    split: one of :data:`~apex_rank.offline_eval.splits.SPLIT_KINDS`. seed: seeds the split,
+        models and tests.
     ks: cut-offs. models: which of :data:`~apex_rank.offline_eval.baselines.MODELS` to run.
     train_share, cold_share: split proportions.
     tune: tune ALS/BPR on the validation split (else the first grid point is used).
     als_grid, bpr_grid: candidate hyper-parameter dicts for the CF wrapper.
     apex_epochs: epochs for the APEX head trained on the training songs.
     hybrid: keyword overrides for the Recommender's config (``RecommenderConfig`` fields).
-    hybrid_grid: candidate ``hybrid`` overrides tuned on the validation split (empty: no
-        tuning; ``None``: :data:`HYBRID_GRID` for ``item-cold``, none otherwise).
+    hybrid_grid: candidate ``hybrid`` overrides tuned on the validation split (empty, the
+        default: none; the Recommender makes its own choices inside ``build``).
     n_permutations, n_bootstrap: sizes of the randomization test and the bootstrap.
     """
 
@@ -87,7 +89,7 @@ class RankingEvalConfig:
     bpr_grid: tuple[dict[str, Any], ...] = bl.BPR_GRID
     apex_epochs: int = 25
     hybrid: dict[str, Any] = field(default_factory=dict)
-    hybrid_grid: tuple[dict[str, Any], ...] | None = None
+    hybrid_grid: tuple[dict[str, Any], ...] = ()
     n_permutations: int = 10000
     n_bootstrap: int = 2000
 
@@ -97,12 +99,7 @@ class RankingEvalConfig:
         bl.model_names(self.models)
 
 
-# The reranker's cold simulation (how, and for which share of songs) decides how far cold songs
-# rise; tuned on validation for item-cold (5 builds of the Recommender).
-HYBRID_GRID: tuple[dict[str, Any], ...] = (
-    *({"cold_sim": "features", "reranker": {"cold_sim_share": x}} for x in (0.2, 0.5, 0.8)),
-    *({"cold_sim": "holdout", "reranker": {"cold_sim_share": x}} for x in (0.1, 0.2)),
-)
+COLD_SPLITS = ("item-cold", "new-releases")
 
 
 class Timer:
@@ -251,6 +248,7 @@ def hybrid_params(cfg: RankingEvalConfig, als_params: dict[str, Any] | None) -> 
     out = dict(cfg.hybrid)
     if "cf" not in out and als_params:
         out["cf"] = {"model": "als", **als_params, "seed": cfg.seed}
+        out.setdefault("cf_grid", [])  # tuned here, on the validation split: no second search in build
     if "seed" not in out:
         out["seed"] = cfg.seed
     out.setdefault("drop_ts", cfg.split == "random")
@@ -287,17 +285,17 @@ def evaluate_ranking(
     say = progress or (lambda msg: log.info("%s", msg))
     ks = tuple(sorted(int(k) for k in cfg.ks))
     timer = Timer()
-    cold = cfg.split == "item-cold"
+    cold = cfg.split in COLD_SPLITS
     slices = SLICES if cold else ("all", "warm")
-    hybrid_grid = cfg.hybrid_grid if cfg.hybrid_grid is not None else (HYBRID_GRID if cold else ())
-    if "hybrid" not in cfg.models or not cfg.tune:
-        hybrid_grid = ()
+    hybrid_grid = cfg.hybrid_grid if "hybrid" in cfg.models and cfg.tune else ()
+    # the hybrid's CF takes the tuned ALS settings, whichever baselines are in the run
+    tune_cf = {"als": "als" in cfg.models or "hybrid" in cfg.models, "bpr": "bpr" in cfg.models}
     with timer.stage("split"):
         split = make_split(data.interactions, cfg.split, seed=cfg.seed, train_share=cfg.train_share,
                            cold_share=cfg.cold_share)
         ctx = bl.build_context(data.songs, data.embeddings, split.train, split.cold_items, seed=cfg.seed)
         targets = build_targets(ctx, split.test, cold_slices=cold)
-        need_val = cfg.tune and any(m in cfg.models for m in ("als", "bpr")) or bool(hybrid_grid)
+        need_val = cfg.tune and any(tune_cf.values()) or bool(hybrid_grid)
         if need_val:
             vsplit = validation_split(split, train_share=cfg.train_share, cold_share=cfg.cold_share)
             vctx = bl.build_context(data.songs, data.embeddings, vsplit.train,
@@ -313,7 +311,7 @@ def evaluate_ranking(
     params: dict[str, dict[str, Any]] = {m: {} for m in cfg.models}
     tuning: dict[str, Any] = {}
     for name, grid in (("als", cfg.als_grid), ("bpr", cfg.bpr_grid)):
-        if name not in cfg.models:
+        if not tune_cf[name]:
             continue
         if cfg.tune and len(grid) > 1:
             with timer.stage(f"tune_{name}"):

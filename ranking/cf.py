@@ -68,6 +68,15 @@ class CFConfig:
             raise ConfigError("cf.regularization must be >= 0, cf.alpha and cf.learning_rate > 0")
 
 
+# The ALS settings ``Recommender.build`` chooses among on its own validation slice, and the
+# offline evaluation tunes its ALS baseline over: one grid, so both search the same space.
+ALS_GRID: tuple[dict[str, float | int], ...] = tuple(
+    {"factors": f, "regularization": r, "alpha": a, "iterations": 15}
+    for f in (32, 64)
+    for r, a in ((5.0, 2.0), (20.0, 2.0), (50.0, 5.0))
+)
+
+
 def interactions_to_csr(
     interactions: pl.DataFrame,
     *,

@@ -6,8 +6,11 @@ Columns (``FEATURES``, in this order, float32 with null = missing):
 - ``pseudo_cf_score``: u·V̂ (content→CF pseudo factor; every song)
 - ``content_sim``: cosine of the user's content profile and the song embedding
 - the seven APEX priors (``APEX_TASKS``)
-- ``log_popularity``: log1p of train interactions (null for cold songs)
-- ``age_days``: days between release and the table's reference time (null if unknown or cold)
+- ``log_popularity``: log of the song's interaction count over the mean count of warm songs
+  (null for cold songs). Relative, so the reranker reads it the same way on the training side
+  (CF data without the label slice) as when serving (refitted on every interaction).
+- ``age_days``: days between release and the table's reference time (null if unknown); cold
+  songs too: a song released yesterday and a song nobody played in a year are different bets
 - ``is_cold``: 1 for songs without a CF factor
 - ``rank_als``, ``rank_content``, ``rank_pseudo_cf``, ``rank_fresh``: source ranks
 - ``user_activity``: log1p of the user's interaction count
@@ -47,7 +50,6 @@ FEATURES: tuple[str, ...] = (
     "user_activity",
     *GAP_COLUMNS,
 )
-COLD_MASKED = ("als_score", "log_popularity", "age_days", "rank_als")  # what a cold song lacks
 
 
 def _rowdot(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -123,12 +125,8 @@ def feature_array(
     pri = st.priors[s]
     for k, t in enumerate(APEX_TASKS):
         X[:, col[t]] = pri[:, k]
-    X[:, col["log_popularity"]] = np.where(warm, np.log1p(st.popularity[s]), np.nan)
-    # age only for warm songs: for a never-played song it would just restate "cold" (and the
-    # natural cold songs of the training slice are all brand new, which would teach "new = bad")
-    X[:, col["age_days"]] = np.where(warm, np.maximum(0.0, st.now_s - st.created_s[s]) / 86400.0, np.nan).astype(
-        np.float32
-    )
+    X[:, col["log_popularity"]] = np.where(warm, np.log((1.0 + st.popularity[s]) / st.popularity_scale), np.nan)
+    X[:, col["age_days"]] = (np.maximum(0.0, st.now_s - st.created_s[s]) / 86400.0).astype(np.float32)
     X[:, col["is_cold"]] = (~warm).astype(np.float32)
     R = np.asarray(ranks, dtype=np.float32).reshape(n, len(RANK_COLUMNS))
     for k, c in enumerate(RANK_COLUMNS):

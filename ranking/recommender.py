@@ -45,6 +45,7 @@ from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdE
 from apex_rank.manifest import read_manifest, write_manifest
 from apex_rank.predictor import ApexPredictor
 from apex_rank.ranking.candidates import (
+    RANK_COLUMNS,
     SOURCE_ORDER,
     CandidateConfig,
     CandidateSource,
@@ -55,7 +56,7 @@ from apex_rank.ranking.candidates import (
     generate_candidates,
     sorted_codes,
 )
-from apex_rank.ranking.cf import CFConfig, CFModel
+from apex_rank.ranking.cf import ALS_GRID, CFConfig, CFModel
 from apex_rank.ranking.content_map import ContentToCF
 from apex_rank.ranking.features import build_feature_frame, feature_array
 from apex_rank.ranking.index import CandidateIndex, l2_normalize
@@ -67,7 +68,9 @@ from apex_rank.tasks import APEX_TASKS
 log = logging.getLogger(__name__)
 
 KIND = "apex-recommender"
-SCHEMA = 1
+# 2: relative log_popularity, age for cold songs, build-time cold simulation (schema-1 rerankers
+# read those features differently, so schema-1 bundles are refused with a "rebuild" message)
+SCHEMA = 2
 RESULT_SCHEMA: dict[str, Any] = {
     "song_id": pl.String,
     "score": pl.Float64,
@@ -106,19 +109,21 @@ class RecommenderConfig:
     ----------
     cf, index, candidates, reranker, apex: nested component configs.
     content_map_regularization: ridge λ of the content→CF map.
-    rerank_share: the latest share of interactions (by ``ts``; random rows without ``ts``)
-        that labels the reranker's training groups.
+    rerank_share: each user's latest share of interactions (by ``ts``; seeded random rows
+        without ``ts``) labels the reranker's training groups; the earlier rest is the fit part.
     half_life_days: recency half-life of the content profile.
     refit_on_all: refit CF, the map and user states on all interactions for serving.
     batch_users: users per chunk in batch scoring.
-    seed: seeds the row split without ``ts``.
-    cold_sim: how reranker training makes warm songs look cold (share ``reranker.cold_sim_share``):
-        ``features`` nulls their CF features in the training groups after candidate generation
-        (DropoutNet-style masking); ``holdout`` picks the songs before anything is fitted and
-        moves all their earlier interactions into the label slice, so that the training-side CF,
-        content map, user states, candidates and features see them as truly cold (no factor, no
-        popularity, out-of-sample pseudo factors, served by pseudo_cf/fresh, absent from als),
-        like the cold songs of an item-cold split whose every play lies in the future.
+    seed: seeds the label rows without ``ts`` and the simulated new songs.
+    cold_sim_share: share of the songs played in the fit part that are made new for reranker
+        training: their fit-part plays are dropped from everything fitted on the training side
+        (CF, content map, user states, popularity), their label-slice plays stay as labels.
+        They reach the training groups exactly as a new song reaches a served user: no CF
+        factor, out-of-sample pseudo factor, from the ``pseudo_cf``/``fresh``/``content``
+        sources, at the base rate of plays a song has in one period (0 disables).
+    cf_grid: ALS settings (overrides of ``cf``) tried on the training side; the one with the best
+        NDCG@10 of plain ALS on the label slice is kept for both sides (empty: ``cf`` as given;
+        only for ``cf.model == "als"``).
     """
 
     cf: CFConfig = field(default_factory=CFConfig)
@@ -132,15 +137,21 @@ class RecommenderConfig:
     refit_on_all: bool = True
     batch_users: int = 1000
     seed: int = 0
-    cold_sim: str = "features"
+    cold_sim_share: float = 0.2
+    cf_grid: tuple[dict[str, Any], ...] = ALS_GRID
 
     def __post_init__(self) -> None:
-        if self.cold_sim not in ("features", "holdout"):
-            raise ConfigError(f"cold_sim must be 'features' or 'holdout', got {self.cold_sim!r}")
+        if not 0.0 <= self.cold_sim_share < 1.0:
+            raise ConfigError(f"cold_sim_share must be in [0, 1), got {self.cold_sim_share}")
         if not 0.0 < self.rerank_share < 1.0:
             raise ConfigError(f"rerank_share must be in (0, 1), got {self.rerank_share}")
         if self.batch_users < 1:
             raise ConfigError(f"batch_users must be >= 1, got {self.batch_users}")
+        for point in self.cf_grid:
+            try:
+                replace(self.cf, **point)
+            except TypeError as err:
+                raise ConfigError(f"cf_grid entry {point!r} is not a set of cf settings: {err}") from None
 
 
 def _to_seconds(s: pl.Series) -> np.ndarray:
@@ -204,6 +215,101 @@ def _user_arrays(inter: pl.DataFrame, table: SongTable, half_life_days: float) -
     return _Users(users, np.ascontiguousarray(prof), has, indptr, h["_s"].to_numpy().astype(np.int64), act)
 
 
+def _label_rows(inter: pl.DataFrame, ts_s: np.ndarray, cfg: RecommenderConfig) -> np.ndarray:
+    """(n,) bool: each user's latest ``rerank_share`` of rows label the reranker's groups.
+
+    "Latest" is by ``ts`` (ties by row order) or, when a timestamp is missing, a seeded random
+    order: per user, as the test period of a leave-latest-out protocol, so every user with a few
+    interactions contributes a group (a global time cut keeps only the users active after it,
+    with little history before it).
+    """
+    n = inter.height
+    key = ts_s if np.isfinite(ts_s).all() else np.random.default_rng(cfg.seed).random(n)
+    df = (
+        pl.DataFrame({"u": inter["user_id"], "t": key, "r": np.arange(n, dtype=np.int64)})
+        .sort(["u", "t", "r"])
+        .with_columns(pl.int_range(pl.len()).over("u").alias("pos"), pl.len().over("u").alias("n_u"))
+    )
+    n_fit = np.floor(df["n_u"].to_numpy() * (1.0 - cfg.rerank_share) + 0.5)
+    out = np.zeros(n, dtype=bool)
+    out[df["r"].to_numpy()] = df["pos"].to_numpy() >= n_fit
+    return out
+
+
+def _simulated_new_songs(fit_part: pl.DataFrame, cfg: RecommenderConfig) -> np.ndarray:
+    """A seeded ``cold_sim_share`` of the songs played in the fit part (sorted song positions)."""
+    played = np.sort(fit_part["_s"].unique().to_numpy())
+    if cfg.cold_sim_share <= 0 or played.size < 2:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(cfg.seed)
+    n = int(round(cfg.cold_sim_share * played.size))
+    return np.sort(rng.choice(played, n, replace=False)).astype(np.int64)
+
+
+def _choose_cf(
+    fit: pl.DataFrame, label: pl.DataFrame, cfg: RecommenderConfig, *, k: int = 10, max_users: int = 2000
+) -> tuple[RecommenderConfig, list[dict[str, Any]]]:
+    """Try ``cfg.cf_grid`` on the training side: NDCG@k of plain ALS on the label slice; keep the best.
+
+    Relevant = a user's label-slice songs outside its fit history (binary); at most ``max_users``
+    seeded users. Returns the config with the chosen ``cf`` and the trials for the build report.
+    """
+    if not cfg.cf_grid or cfg.cf.model != "als":
+        return cfg, []
+    seen = fit.select("user_id", "song_id").unique()
+    rel = label.select("user_id", "song_id").unique().join(seen, on=["user_id", "song_id"], how="anti")
+    rel = rel.filter(pl.col("user_id").is_in(seen["user_id"].unique().implode()))
+    users = sorted(rel["user_id"].unique().to_list())
+    if len(users) < 2:
+        return cfg, []
+    if len(users) > max_users:
+        users = sorted(np.random.default_rng(cfg.seed).choice(np.asarray(users, dtype=object), max_users,
+                                                            replace=False).tolist())
+    rel_sets = {u: set(g) for u, g in zip(*rel.group_by("user_id").agg(pl.col("song_id")).to_dict().values())}
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    trials: list[dict[str, Any]] = []
+    for point in cfg.cf_grid:
+        cf = CFModel(replace(cfg.cf, **point)).fit(fit)
+        hits, _ = cf.recommend_batch(users, k)
+        ndcg = []
+        for u, row in zip(users, hits):
+            r = rel_sets[u]
+            gain = np.asarray([x in r for x in row.tolist()], dtype=np.float64)
+            ndcg.append(float(gain @ discount) / float(discount[: min(len(r), k)].sum()))
+        trials.append({"params": dict(point), f"ndcg@{k}": float(np.mean(ndcg))})
+        log.info("build: cf %s -> label-slice ndcg@%d %.4f", point, k, trials[-1][f"ndcg@{k}"])
+    best = max(trials, key=lambda t: t[f"ndcg@{k}"])["params"]
+    return replace(cfg, cf=replace(cfg.cf, **best)), trials
+
+
+def _out_of_sample_priors(E: np.ndarray, priors: np.ndarray, held_out: np.ndarray, fit_on: np.ndarray) -> np.ndarray:
+    """Priors with the ``held_out`` rows replaced by a ridge map E → priors fitted on ``fit_on``.
+
+    The APEX predictor may have been trained on the simulated new songs' own popularity (it is,
+    when build trains it on the way from interaction counts, and in the offline evaluation): its
+    prior for them is then in-sample, far closer to their true popularity than the prior a real
+    new song gets. A model distilled from the predictor on the other songs gives the held-out
+    songs a prior as uninformed by their own plays as a new song's.
+    """
+    out = priors.copy()
+    cols = np.flatnonzero(np.isfinite(priors[fit_on]).all(axis=0))
+    if len(held_out) == 0 or len(cols) == 0 or fit_on.sum() < 2:
+        return out
+    ridge = ContentToCF(1.0).fit(E[fit_on], priors[fit_on][:, cols])
+    out[np.ix_(held_out, cols)] = ridge.predict(E[held_out])
+    return out
+
+
+def _candidate_recall(frame: pl.DataFrame, n_positive: int) -> dict[str, float]:
+    """Share of the label slice's recommendable positives that each source, and the union, returned."""
+    pos = frame.filter(pl.col("label") > 0)
+    out = {"union": pos.height / max(n_positive, 1)}
+    for c in RANK_COLUMNS:
+        out[c.removeprefix("rank_")] = pos[c].is_not_null().sum() / max(n_positive, 1)
+    out["n_positive_pairs"] = n_positive
+    return out
+
+
 class Recommender:
     """Hybrid cold-start recommender (see module doc).
 
@@ -236,6 +342,7 @@ class Recommender:
         reranker: Reranker,
         apex: ApexPredictor,
         report: dict[str, Any] | None = None,
+        rankable: np.ndarray | None = None,
     ) -> None:
         self.config = config
         self.songs = songs
@@ -247,6 +354,7 @@ class Recommender:
         self.reranker = reranker
         self.apex = apex
         self.report: dict[str, Any] = report or {}
+        self._rankable = rankable  # training side only: songs that may be candidates (None: all)
         self._make_sources()
 
     # ------------------------------------------------------------------ build
@@ -320,16 +428,8 @@ class Recommender:
         timings["apex"] = time.perf_counter() - t0
         E = l2_normalize(E_raw)
 
-        # 2. time split
-        if has_ts and np.isfinite(ts_s).all():
-            t_cut = float(np.quantile(ts_s, 1.0 - cfg.rerank_share))
-            is_label = ts_s >= t_cut
-            now_fit, now_all = t_cut, float(np.nanmax(ts_s))
-        else:
-            is_label = np.random.default_rng(cfg.seed).random(inter.height) < cfg.rerank_share
-            now_fit = now_all = (
-                float(np.nanmax(ts_s)) if np.isfinite(ts_s).any() else float(np.nanmax(created, initial=0.0))
-            )
+        # 2. reranker labels: each user's latest rows; the earlier rest is the fit part
+        is_label = _label_rows(inter, ts_s, cfg)
         fit_part = inter.filter(pl.Series(~is_label))
         label_part = inter.filter(pl.Series(is_label))
         report.update(n_fit_rows=fit_part.height, n_label_rows=label_part.height)
@@ -338,60 +438,71 @@ class Recommender:
                 f"interactions cannot be split for reranker training ({fit_part.height} earlier rows, "
                 f"{label_part.height} later rows); give more interactions or change rerank_share"
             )
+        finite = ts_s[np.isfinite(ts_s)]
+        now_all = float(finite.max()) if finite.size else float(np.nanmax(created, initial=0.0))
+        # ages on the training side are taken at the start of the label period
+        now_fit = float(np.quantile(finite, 1.0 - cfg.rerank_share)) if finite.size == ts_s.size else now_all
 
-        # 3. training side
+        # 3. training side: simulated new songs, CF settings chosen on the label slice, groups
         t0 = time.perf_counter()
-        cf_a, table_a, map_a = cls._fit_side(fit_part, ids, E, priors, created, now_fit, pmean, pstd, cfg)
-        timings["cf_fit_train_side"] = cf_a.fit_seconds
-        users_a = _user_arrays(fit_part, table_a, cfg.half_life_days)
-        timings["train_side_total"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fit_cfg = cfg.reranker
-        table_t, cf_t, map_t, users_t = table_a, cf_a, map_a, users_a
-        if cfg.cold_sim == "holdout" and cfg.reranker.cold_sim_share > 0:
-            warm_idx = np.flatnonzero(table_a.warm)
-            rng = np.random.default_rng(cfg.reranker.seed)
-            sim = warm_idx[rng.random(len(warm_idx)) < cfg.reranker.cold_sim_share]
-            in_sim = pl.col("_s").is_in(pl.Series(sim, dtype=pl.Int64).implode())
-            fit_t = fit_part.filter(~in_sim)
-            if fit_t.height and len(sim):
-                label_part = pl.concat([label_part, fit_part.filter(in_sim)])
-                cf_t, table_t, map_t = cls._fit_side(fit_t, ids, E, priors, created, now_fit, pmean, pstd, cfg)
-                users_t = _user_arrays(fit_t, table_t, cfg.half_life_days)
-                report["n_simulated_cold_songs"] = int(len(sim))
-                fit_cfg = replace(cfg.reranker, cold_sim_share=0.0)  # already cold: no masking on top
-        tmp = cls(
+        sim = _simulated_new_songs(fit_part, cfg)
+        in_sim = pl.col("_s").is_in(pl.Series(sim, dtype=pl.Int64).implode())
+        fit_t = fit_part.filter(~in_sim)
+        sim_seen = fit_part.filter(in_sim).group_by("user_id").agg(pl.col("song_id").unique())
+        excludes = dict(zip(sim_seen["user_id"].to_list(), (set(x) for x in sim_seen["song_id"].to_list())))
+        cfg, report["cf_tuning"] = _choose_cf(fit_t, label_part, cfg)
+        others = np.zeros(len(ids), dtype=bool)
+        others[fit_t["_s"].unique().to_numpy()] = True
+        priors_t = _out_of_sample_priors(E, priors, sim, others)
+        cf_t, table_t, map_t = cls._fit_side(fit_t, ids, E, priors_t, created, now_fit, pmean, pstd, cfg)
+        timings["cf_fit_train_side"] = cf_t.fit_seconds
+        users_t = _user_arrays(fit_t, table_t, cfg.half_life_days)
+        # a song nobody played in the build data says nothing about how new songs fare (it may
+        # not be released yet): it is left out of the training groups, not taught as a negative
+        played = np.zeros(len(ids), dtype=bool)
+        played[inter["_s"].unique().to_numpy()] = True
+        train_side = cls(
             config=cfg,
             songs=table_t,
             users=users_t,
             cf=cf_t,
             content_map=map_t,
-            content_index=cls._content_index(table_t, cfg),
-            pseudo_index=cls._pseudo_index(table_t, cfg),
+            content_index=cls._content_index(table_t, cfg, subset=played),
+            pseudo_index=cls._pseudo_index(table_t, cfg, subset=played),
             reranker=Reranker(cfg.reranker),
             apex=apex,
+            rankable=played,
         )
-        frame = tmp._training_frame(label_part, cfg)
+        frame, recall = train_side._training_frame(label_part, cfg, {})
+        report.update(
+            n_fit_songs=int(fit_part["_s"].n_unique()),
+            n_simulated_new_songs=int(len(sim)),
+            n_naturally_new_songs=int((played & ~table_t.warm).sum() - len(sim)),
+            n_never_played_songs=int((~played).sum()),
+            candidate_recall=recall,
+        )
         timings["rerank_frame"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        reranker = Reranker(fit_cfg).fit(frame, label_col="label")
-        reranker.config = cfg.reranker
+        reranker = Reranker(cfg.reranker).fit(frame, label_col="label")
         timings["reranker_fit"] = time.perf_counter() - t0
         report.update(
             n_rerank_rows=frame.height,
             reranker_best_iteration=reranker.best_iteration,
             reranker_val_ndcg=reranker.best_score,
+            als_order_val_ndcg=reranker.als_order_score,
             n_rerank_positives=int((frame["label"] > 0).sum()),
         )
 
         # 4. serving side
         t0 = time.perf_counter()
-        if cfg.refit_on_all:
-            cf_b, table_b, map_b = cls._fit_side(inter, ids, E, priors, created, now_all, pmean, pstd, cfg)
-            users_b = _user_arrays(inter, table_b, cfg.half_life_days)
+        if cfg.refit_on_all or len(sim):
+            src = inter if cfg.refit_on_all else fit_part
+            cf_b, table_b, map_b = cls._fit_side(src, ids, E, priors, created, now_all if cfg.refit_on_all else now_fit,
+                                                 pmean, pstd, cfg)
+            users_b = _user_arrays(src, table_b, cfg.half_life_days)
             timings["cf_fit_serving_side"] = cf_b.fit_seconds
         else:
-            cf_b, table_b, map_b, users_b = cf_a, table_a, map_a, users_a
+            cf_b, table_b, map_b, users_b = cf_t, table_t, map_t, users_t
         content_index = cls._content_index(table_b, cfg)
         pseudo_index = cls._pseudo_index(table_b, cfg)
         timings["serving_side_total"] = time.perf_counter() - t0
@@ -431,8 +542,13 @@ class Recommender:
                 .fill_null(0.0)
                 .to_numpy()
             )
-            counts = {"streams": n, "likes": n}
-            log.info("songs table lacks streams/likes: APEX popularity labels from training interaction counts")
+            # a song nobody played yet has an unknown popularity, not a popularity of zero: only
+            # played songs are labelled (training on zeros for the catalogue's new songs would
+            # teach APEX that exactly those songs are unpopular)
+            songs = songs.filter(pl.Series(n > 0))
+            counts = {"streams": n[n > 0], "likes": n[n > 0]}
+            log.info("songs table lacks streams/likes: APEX popularity labels from the interaction counts of the "
+                     "%d played songs", songs.height)
         data = build_apex_dataset(songs, embeddings, seed=cfg.seed, popularity_counts=counts)
         tc = TrainConfig(
             epochs=cfg.apex.epochs,
@@ -489,7 +605,9 @@ class Recommender:
         return cf, table, cmap
 
     @staticmethod
-    def _content_index(table: SongTable, cfg: RecommenderConfig, device: str = "auto") -> CandidateIndex:
+    def _content_index(
+        table: SongTable, cfg: RecommenderConfig, device: str = "auto", subset: np.ndarray | None = None
+    ) -> CandidateIndex:
         idx = CandidateIndex(
             table.embeddings.shape[1],
             cfg.index.content_factory,
@@ -497,11 +615,14 @@ class Recommender:
             ef_search=cfg.index.ef_search,
             device=device,
         )
-        idx.add(table.song_ids, table.embeddings)
+        keep = np.arange(len(table)) if subset is None else np.flatnonzero(subset)
+        idx.add([table.song_ids[i] for i in keep], table.embeddings[keep])
         return idx
 
     @staticmethod
-    def _pseudo_index(table: SongTable, cfg: RecommenderConfig, device: str = "auto") -> CandidateIndex:
+    def _pseudo_index(
+        table: SongTable, cfg: RecommenderConfig, device: str = "auto", subset: np.ndarray | None = None
+    ) -> CandidateIndex:
         idx = CandidateIndex(
             table.pseudo_factors.shape[1],
             cfg.index.pseudo_factory,
@@ -510,7 +631,7 @@ class Recommender:
             ef_search=cfg.index.ef_search,
             device=device,
         )
-        cold = np.flatnonzero(~table.warm)
+        cold = np.flatnonzero(~table.warm & (True if subset is None else subset))
         if len(cold):
             idx.add([table.song_ids[i] for i in cold], table.pseudo_factors[cold])
         return idx
@@ -518,7 +639,7 @@ class Recommender:
     def _make_sources(self) -> None:
         t = self.songs
         warm = np.flatnonzero(t.warm)
-        cold = np.flatnonzero(~t.warm)
+        cold = np.flatnonzero(~t.warm & (True if self._rankable is None else self._rankable))
         mo = self.config.candidates.max_overfetch
         self.sources: list[CandidateSource] = [
             FactorSource([t.song_ids[i] for i in warm], t.cf_factors[warm]),
@@ -528,8 +649,15 @@ class Recommender:
         ]
         self.fallback_source = RankedListSource("popular", t.song_ids, t.quality, max_overfetch=mo)
 
-    def _training_frame(self, label_part: pl.DataFrame, cfg: RecommenderConfig) -> pl.DataFrame:
-        """Candidates + features + graded labels for users with a state and later interactions."""
+    def _training_frame(
+        self, label_part: pl.DataFrame, cfg: RecommenderConfig, excludes: dict[str, set[str]]
+    ) -> tuple[pl.DataFrame, dict[str, float]]:
+        """Candidates + features + graded labels for users with a state and later interactions,
+        and each source's recall of the label positives it could return (for the build report).
+
+        ``excludes`` holds, per user, played songs missing from the state's history (the
+        simulated new songs): like history, they are neither candidates nor negatives.
+        """
         lab = label_part.group_by(["user_id", "song_id"]).agg(pl.col("weight").sum().alias("_w"))
         users = sorted(set(lab["user_id"].unique().to_list()) & set(self._users.user_ids))
         rng = np.random.default_rng(cfg.reranker.seed)
@@ -537,16 +665,22 @@ class Recommender:
         if len(users) > cap:
             users = sorted(rng.choice(np.asarray(users, dtype=object), cap, replace=False).tolist())
         frames = []
+        n_positive = 0
         for start in range(0, len(users), cfg.batch_users):
             states = [self.user_state(u) for u in users[start : start + cfg.batch_users]]
-            cands = generate_candidates(states, self.sources, cfg.candidates)
+            ex = [excludes.get(st.user_id, set()) for st in states]
+            cands = generate_candidates(states, self.sources, cfg.candidates, excludes=ex)
             frames.append(build_feature_frame(states, cands, self.songs))
+            hidden = {(st.user_id, x) for st, e in zip(states, ex) for x in e | set(st.history)}
+            chunk = lab.filter(pl.col("user_id").is_in(pl.Series([st.user_id for st in states]).implode()))
+            n_positive += sum((u, x) not in hidden for u, x in chunk.select("user_id", "song_id").iter_rows())
         if not frames:
             raise SchemaError("no user has both earlier and later interactions: cannot train the reranker")
         frame = pl.concat(frames)
         frame = frame.join(lab, on=["user_id", "song_id"], how="left", maintain_order="left")
         labels = grade_labels(frame["_w"].fill_null(0.0).to_numpy(), cfg.reranker.max_grade)
-        return frame.drop("_w").with_columns(pl.Series("label", labels, dtype=pl.Int32))
+        frame = frame.drop("_w").with_columns(pl.Series("label", labels, dtype=pl.Int32))
+        return frame, _candidate_recall(frame, n_positive)
 
     # ------------------------------------------------------------------ per-user state
     @property
@@ -960,6 +1094,11 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
     """
     folder = Path(folder)
     man = read_manifest(folder, kind=KIND, max_schema=SCHEMA)
+    if man["schema"] < SCHEMA:
+        raise ArtifactError(
+            f"{folder}/manifest.json: bundle schema {man['schema']} was built by an older apex-rank whose reranker "
+            f"features differ from this version's (schema {SCHEMA}); rebuild it with `apex-rank build`"
+        )
     try:
         cfg = from_dict(RecommenderConfig, man["config"])
     except (KeyError, ConfigError) as err:

@@ -5,9 +5,11 @@ Training groups are users (rows must be contiguous per user), labels are graded 
 2^g − 1 for the label range. Validation is a seeded share of users; training stops early on
 validation NDCG@``eval_at``. Queries longer than ``max_query_rows`` (LightGBM's lambdarank
 limit is 10000 rows) are split into consecutive groups of at most that many rows, and the
-split is logged. Cold-start simulation (the DropoutNet idea): before training, a seeded share
-of warm songs is made to look cold in every group (``COLD_MASKED`` features nulled,
-``is_cold`` = 1), so that the model learns to rank songs without CF evidence.
+split is logged. New songs in the training groups come from the Recommender's build, which
+holds a share of played songs out of the training side (``RecommenderConfig.cold_sim_share``);
+masking the CF features of warm candidates here instead (the DropoutNet idea, this module's
+former ``cold_sim_share``) taught the model that songs without CF evidence are as likely to be
+played as the popular warm songs ALS had put among the candidates.
 
 The model is saved as LightGBM text; feature importance is exported as a polars frame.
 
@@ -28,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from apex_rank.errors import ArtifactError, ConfigError, NotFittedError, SchemaError
-from apex_rank.ranking.features import COLD_MASKED, FEATURES, feature_matrix
+from apex_rank.ranking.features import FEATURES, feature_matrix
 from apex_rank.threads import thread_count
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,13 @@ class RerankerConfig:
     n_estimators: maximum boosting rounds. early_stopping_rounds: patience on validation NDCG.
     eval_at: NDCG cut-off for early stopping. max_grade: highest label grade.
     val_share: share of users held out for early stopping.
-    cold_sim_share: share of warm songs made to look cold in training groups (0 disables).
     max_query_rows: longer queries are split into groups of at most this many rows.
     max_train_users: at most this many users (seeded sample) build training groups.
     negatives_per_query: keep every positive and at most this many sampled negatives per training
         group (0 keeps all); lambdarank's cost grows with pairs per query, so this bounds build time.
-    seed: seeds the user split, the cold simulation and LightGBM.
+    als_prior: weight of the ALS rank in the base score the trees start from (see
+        :func:`base_score`; 0: trees start from zero).
+    seed: seeds the user split, the negative sample and LightGBM.
     """
 
     num_leaves: int = 31
@@ -63,15 +66,13 @@ class RerankerConfig:
     eval_at: int = 10
     max_grade: int = 4
     val_share: float = 0.2
-    cold_sim_share: float = 0.5
     max_query_rows: int = 10000
     max_train_users: int = 5000
     negatives_per_query: int = 100
+    als_prior: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.cold_sim_share < 1.0:
-            raise ConfigError(f"reranker.cold_sim_share must be in [0, 1), got {self.cold_sim_share}")
         if not 0.0 < self.val_share < 1.0:
             raise ConfigError(f"reranker.val_share must be in (0, 1), got {self.val_share}")
         if not 1 <= self.max_query_rows <= LGB_QUERY_LIMIT:
@@ -95,26 +96,46 @@ def grade_labels(weight: np.ndarray, max_grade: int) -> np.ndarray:
     return np.clip(g, 0, max_grade).astype(np.int32)
 
 
-def simulate_cold(frame: pl.DataFrame, share: float, seed: int) -> pl.DataFrame:
-    """Make a seeded share of warm songs look cold in every row that names them (DropoutNet)."""
-    if share <= 0 or frame.height == 0:
-        return frame
-    songs = frame.filter(pl.col("is_cold") == 0)["song_id"].unique().sort()
-    rng = np.random.default_rng(seed)
-    chosen = songs.filter(pl.Series(rng.random(len(songs)) < share))
-    hit = pl.col("song_id").is_in(chosen.implode())
-    return frame.with_columns(
-        *[pl.when(hit).then(None).otherwise(pl.col(c)).alias(c) for c in COLD_MASKED],
-        pl.when(hit).then(1.0).otherwise(pl.col("is_cold")).cast(pl.Float32).alias("is_cold"),
-    )
-
-
 def sample_negatives(frame: pl.DataFrame, label_col: str, n_neg: int, seed: int) -> pl.DataFrame:
     """Keep every positive row and a seeded sample of at most ``n_neg`` negatives per user."""
     key = pl.Series("_key", np.random.default_rng(seed).random(frame.height))
     f = frame.with_columns(key)
     neg_rank = pl.col("_key").rank("ordinal").over(["user_id", pl.col(label_col) > 0])
     return f.filter((pl.col(label_col) > 0) | (neg_rank <= n_neg)).drop("_key")
+
+
+ALS_PRIOR_RANK_CAP = 100  # ranks beyond (and songs ALS did not return) share the base score of rank cap + 1
+
+
+def base_score(X: np.ndarray, weight: float) -> np.ndarray:
+    """The score the boosted trees start from: ``-weight · log2(1 + rank_als)`` (rank capped at
+    ``ALS_PRIOR_RANK_CAP``; songs outside the ALS list, cold songs among them, at cap + 1).
+
+    With it the trees learn corrections to the ALS order rather than an order from scratch, so a
+    feature that does not help on validation leaves ALS's order in place (LightGBM's
+    ``init_score``; it is not stored in the model file, so serving adds it here too).
+    """
+    r = X[:, FEATURES.index("rank_als")].astype(np.float64)
+    r = np.where(np.isfinite(r), np.clip(r, 1.0, ALS_PRIOR_RANK_CAP), ALS_PRIOR_RANK_CAP + 1)
+    return -weight * np.log2(1.0 + r)
+
+
+def group_ndcg(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int) -> float:
+    """Mean NDCG@k over consecutive groups (gain 2^label − 1, LightGBM's; all-zero groups count 1)."""
+    out = []
+    start = 0
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    for n in groups.tolist():
+        y = labels[start : start + n].astype(np.float64)
+        sc = scores[start : start + n]
+        start += n
+        ideal = np.sort(2.0**y - 1.0)[::-1][:k]
+        if ideal.sum() <= 0:
+            out.append(1.0)
+            continue
+        top = np.lexsort((np.arange(n), -sc))[:k]
+        out.append(float((2.0 ** y[top] - 1.0) @ disc[: len(top)]) / float(ideal @ disc[: len(ideal)]))
+    return float(np.mean(out)) if out else float("nan")
 
 
 def query_groups(user_ids: pl.Series, max_rows: int) -> np.ndarray:
@@ -147,6 +168,7 @@ class Reranker:
         self.booster: Any = None
         self.best_iteration = 0
         self.best_score: float = float("nan")
+        self.als_order_score: float = float("nan")
 
     def fit(self, frame: pl.DataFrame, *, label_col: str = "label") -> Reranker:
         """Train on a feature frame holding ``user_id``, ``FEATURES`` and an integer ``label_col``."""
@@ -155,7 +177,6 @@ class Reranker:
         cfg = self.config
         if label_col not in frame.columns:
             raise SchemaError(f"feature frame lacks the label column {label_col!r}")
-        frame = simulate_cold(frame, cfg.cold_sim_share, cfg.seed)
         # keep users that have at least one positive and one negative
         stats = frame.group_by("user_id").agg((pl.col(label_col) > 0).sum().alias("p"), pl.len().alias("n"))
         users = stats.filter((pl.col("p") > 0) & (pl.col("p") < pl.col("n")))["user_id"].sort()
@@ -172,8 +193,10 @@ class Reranker:
             is_val[-1] = False
         split = pl.DataFrame({"user_id": users, "_val": is_val})
         f = frame.join(split, on="user_id", how="inner")
-        if cfg.negatives_per_query > 0:
-            f = sample_negatives(f, label_col, cfg.negatives_per_query, cfg.seed)
+        if cfg.negatives_per_query > 0:  # training groups only: validation sees every candidate, as serving does
+            val_rows = f.filter(pl.col("_val"))
+            f = pl.concat([sample_negatives(f.filter(~pl.col("_val")), label_col, cfg.negatives_per_query, cfg.seed),
+                           val_rows])
         f = f.sort(["user_id"], maintain_order=True)
         params = {
             "objective": "lambdarank",
@@ -195,8 +218,10 @@ class Reranker:
             part = f.filter(pl.col("_val") == flag)
             y = np.clip(part[label_col].to_numpy(), 0, cfg.max_grade).astype(np.int32)
             sets.append((feature_matrix(part), y, query_groups(part["user_id"], cfg.max_query_rows)))
-        dtrain = lgb.Dataset(sets[0][0], sets[0][1], group=sets[0][2], feature_name=list(FEATURES), free_raw_data=True)
-        dval = lgb.Dataset(sets[1][0], sets[1][1], group=sets[1][2], reference=dtrain)
+        dtrain = lgb.Dataset(sets[0][0], sets[0][1], group=sets[0][2], feature_name=list(FEATURES), free_raw_data=True,
+                             init_score=base_score(sets[0][0], cfg.als_prior))
+        dval = lgb.Dataset(sets[1][0], sets[1][1], group=sets[1][2], reference=dtrain,
+                           init_score=base_score(sets[1][0], cfg.als_prior))
         evals: dict[str, dict[str, list[float]]] = {}
         self.booster = lgb.train(
             params,
@@ -209,14 +234,18 @@ class Reranker:
         self.best_iteration = int(self.booster.best_iteration or cfg.n_estimators)
         hist = evals.get("val", {}).get(f"ndcg@{cfg.eval_at}", [])
         self.best_score = float(hist[self.best_iteration - 1]) if hist else float("nan")
+        # the same validation groups ordered by the ALS source alone: what the reranker must beat
+        r_als = sets[1][0][:, FEATURES.index("rank_als")]
+        self.als_order_score = group_ndcg(sets[1][1], -np.nan_to_num(r_als, nan=np.inf), sets[1][2], cfg.eval_at)
         log.info(
-            "reranker: %d train / %d val users, %d rows, best iteration %d, val NDCG@%d %.4f",
+            "reranker: %d train / %d val users, %d rows, best iteration %d, val NDCG@%d %.4f (ALS order %.4f)",
             int((~is_val).sum()),
             int(is_val.sum()),
             f.height,
             self.best_iteration,
             cfg.eval_at,
             self.best_score,
+            self.als_order_score,
         )
         return self
 
@@ -238,14 +267,11 @@ class Reranker:
             raise NotFittedError("Reranker is not fitted; call fit() or load()")
         if X.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
-        return np.asarray(
-            self.booster.predict(
-                np.ascontiguousarray(X, dtype=np.float32),
-                num_iteration=self.best_iteration,
-                num_threads=1 if X.shape[0] < SMALL_PREDICT_ROWS else thread_count(),
-            ),
-            dtype=np.float64,
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        trees = self.booster.predict(
+            X, num_iteration=self.best_iteration, num_threads=1 if X.shape[0] < SMALL_PREDICT_ROWS else thread_count()
         )
+        return np.asarray(trees, dtype=np.float64) + base_score(X, self.config.als_prior)
 
     def feature_importance(self) -> pl.DataFrame:
         """``feature``, ``gain``, ``split`` per feature, by descending gain."""

@@ -87,12 +87,16 @@ class SongTable:
     prior_std: np.ndarray
     _pos: dict[str, int] = field(default_factory=dict, repr=False)
     _frame: pl.DataFrame | None = field(default=None, repr=False)
+    popularity_scale: float = field(default=1.0, init=False)
 
     def __post_init__(self) -> None:
         self.reindex()
 
     def reindex(self) -> None:
+        """Rebuild the id lookups and ``popularity_scale`` (1 + the mean count of warm songs)."""
         self._pos = {s: i for i, s in enumerate(self.song_ids)}
+        w = np.asarray(self.warm, dtype=bool)
+        self.popularity_scale = 1.0 + (float(np.mean(self.popularity[w])) if w.any() else 0.0)
         self._frame = pl.DataFrame(
             {
                 "song_id": pl.Series(self.song_ids, dtype=pl.String),

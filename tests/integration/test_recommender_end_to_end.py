@@ -119,12 +119,12 @@ def test_save_load_parity(tmp_path: Path) -> None:
     assert back.recommend_batch(users, k=10).equals(rec.recommend_batch(users, k=10))
     assert back.similar_songs(rec.songs.song_ids[0], 5).equals(rec.similar_songs(rec.songs.song_ids[0], 5))
     man = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert man["kind"] == "apex-recommender" and man["schema"] == 1 and "lightgbm" in man["versions"]
+    assert man["kind"] == "apex-recommender" and man["schema"] == 2 and "lightgbm" in man["versions"]
     assert "config" in man and "reranker.txt" in man["files"]
     assert {d["feature"] for d in man["feature_importance"]} == set(FEATURES)
 
 
-def test_bundle_from_newer_schema_or_missing_file(tmp_path: Path) -> None:
+def test_bundle_from_another_schema_or_missing_file(tmp_path: Path) -> None:
     rec = recommender()
     b = rec.save(tmp_path / "b")
     newer = tmp_path / "newer"
@@ -133,6 +133,10 @@ def test_bundle_from_newer_schema_or_missing_file(tmp_path: Path) -> None:
     man["schema"] = 99
     (newer / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ArtifactError, match="schema version 99 is newer"):
+        load_recommender(newer)
+    man["schema"] = 1  # a bundle of the previous feature set: refused with a rebuild message
+    (newer / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="bundle schema 1 was built by an older apex-rank.*rebuild"):
         load_recommender(newer)
     (b / "reranker.txt").unlink()
     with pytest.raises(ArtifactError, match="reranker.txt"):

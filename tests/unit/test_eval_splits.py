@@ -1,4 +1,4 @@
-"""Splits: per-user stratification, the time cut, cold items held out entirely, seeding."""
+"""Splits: per-user stratification, the time cut, cold items at their natural test share, new releases, seeding."""
 
 from __future__ import annotations
 
@@ -37,19 +37,39 @@ def test_temporal_split_cuts_once_in_time() -> None:
     assert sp.train["ts"].max() < sp.test["ts"].min()
 
 
-def test_item_cold_holds_out_all_interactions_of_cold_items() -> None:
+def test_item_cold_keeps_the_natural_share_of_cold_test_rows() -> None:
     inter = _inter()
     sp = make_split(inter, "item-cold", seed=1)
     n_items = inter["song_id"].n_unique()
     assert len(sp.cold_items) == round(0.2 * n_items)
-    assert not sp.train["song_id"].is_in(list(sp.cold_items)).any()
-    cold_rows = inter.filter(pl.col("song_id").is_in(list(sp.cold_items)))
-    test_cold = sp.test.filter(pl.col("song_id").is_in(list(sp.cold_items)))
-    known_users = set(sp.train["user_id"].to_list())
-    assert test_cold.height == cold_rows.filter(pl.col("user_id").is_in(list(known_users))).height
-    warm_test = sp.test.filter(~pl.col("song_id").is_in(list(sp.cold_items)))
-    assert sp.train["ts"].max() < warm_test["ts"].min()
+    cold = pl.col("song_id").is_in(list(sp.cold_items))
+    assert not sp.train.filter(cold).height
+    # every user's test rows are its latest quarter, cold or warm: no cold row of the training period
+    last_train = sp.train.group_by("user_id").agg(pl.col("ts").max().alias("t_train"))
+    first_test = sp.test.group_by("user_id").agg(pl.col("ts").min().alias("t_test"))
+    both = last_train.join(first_test, on="user_id")
+    assert both.height and (both["t_train"] <= both["t_test"]).all()
+    assert (sp.test.group_by("user_id").len()["len"] == 5).all()  # 20 - round(0.75 * 20)
+    # cold rows: about 20 % of test rows (the cold share of items), not all of them
+    share = sp.info["test_cold_share"]
+    assert share == pytest.approx(sp.test.filter(cold).height / sp.test.height)
+    assert 0.1 < share < 0.35
+    dropped = inter.height - sp.train.height - sp.test.height
+    assert dropped == inter.filter(cold).height - sp.test.filter(cold).height
     assert make_split(inter, "item-cold", seed=1).cold_items == sp.cold_items
+
+
+def test_new_releases_cold_items_are_first_seen_after_the_cut() -> None:
+    inter = _inter(n_items=400)
+    sp = make_split(inter, "new-releases")
+    assert sp.train["ts"].max() < sp.test["ts"].min()
+    first = inter.group_by("song_id").agg(pl.col("ts").min().alias("t0"))
+    cut = sp.test["ts"].min()
+    expected = set(first.filter(pl.col("t0") >= cut)["song_id"].to_list())
+    in_test = set(sp.test["song_id"].to_list())
+    assert sp.cold_items and set(sp.cold_items) == expected & in_test
+    assert not sp.train["song_id"].is_in(list(sp.cold_items)).any()
+    assert 0 < sp.info["test_cold_share"] < 1
 
 
 def test_validation_split_comes_from_train_only() -> None:

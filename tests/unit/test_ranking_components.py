@@ -17,8 +17,8 @@ from apex_rank.ranking.reranker import (
     Reranker,
     RerankerConfig,
     grade_labels,
+    base_score,
     query_groups,
-    simulate_cold,
 )
 
 
@@ -65,24 +65,25 @@ def _frame(n_users: int = 60, per: int = 30) -> pl.DataFrame:
     )
 
 
-def test_simulate_cold_masks_whole_songs() -> None:
-    f = simulate_cold(_frame(), 0.5, seed=0)
-    cold = f.filter(pl.col("is_cold") == 1)
-    assert cold["als_score"].null_count() == cold.height and cold["log_popularity"].null_count() == cold.height
-    per_song = f.group_by("song_id").agg(pl.col("is_cold").n_unique())
-    assert (per_song["is_cold"] == 1).all()  # a song is cold in every group or none
-    assert 0.2 < cold["song_id"].n_unique() / 30 < 0.8
+def test_base_score_follows_the_als_rank_and_puts_unranked_songs_last() -> None:
+    from apex_rank.ranking.features import FEATURES
+
+    X = np.zeros((4, len(FEATURES)), np.float32)
+    X[:, FEATURES.index("rank_als")] = [1.0, 7.0, 500.0, np.nan]
+    b = base_score(X, 1.0)
+    assert b[0] > b[1] > b[2] > b[3]  # rank 500 is capped at 100, a song outside the list sits below it
+    assert b[0] == pytest.approx(-1.0) and b[3] == pytest.approx(-np.log2(102.0))
+    np.testing.assert_array_equal(base_score(X, 0.0), 0.0)
 
 
 def test_reranker_learns_and_roundtrips(tmp_path: Path) -> None:
     f = _frame()
-    rr = Reranker(
-        RerankerConfig(n_estimators=40, early_stopping_rounds=10, min_data_in_leaf=5, cold_sim_share=0.2)
-    ).fit(f)
+    cfg = RerankerConfig(n_estimators=40, early_stopping_rounds=10, min_data_in_leaf=5, als_prior=0.0)
+    rr = Reranker(cfg).fit(f)
     assert rr.best_score > 0.5
     imp = rr.feature_importance()
     assert imp["feature"][0] in ("content_sim", "als_score", "rank_content")
-    back = Reranker.load(rr.save(tmp_path / "m.txt"))
+    back = Reranker.load(rr.save(tmp_path / "m.txt"), cfg)  # the base score's weight lives in the config
     np.testing.assert_array_equal(back.score(f), rr.score(f))
     # row-wise: scoring a slice equals slicing the scores
     np.testing.assert_array_equal(rr.score(f[100:130]), rr.score(f)[100:130])
