@@ -266,8 +266,8 @@ class HybridRanker(Ranker):
 
     name = "hybrid"
     #: evaluation-side keys (not RecommenderConfig fields): ``drop_ts`` builds on interactions
-    #: without ``ts``.
-    EVAL_KEYS = ("drop_ts",)
+    #: without ``ts``; ``cold_share`` is passed to every ranking (exposure control).
+    EVAL_KEYS = ("drop_ts", "cold_share")
 
     def __init__(self, params: dict[str, Any]) -> None:
         self._params = dict(params)
@@ -304,7 +304,8 @@ class HybridRanker(Ranker):
         if allowed is not None:
             excl = {s for s, a in zip(self.ctx.item_ids, allowed, strict=True) if not a}
         states = [self.rec.user_state(u) for u in uid]
-        df = self.rec.recommend_states(states, k, excludes=[excl] * len(states))
+        df = self.rec.recommend_states(states, k, excludes=[excl] * len(states),
+                                       cold_share=self._params.get("cold_share"))
         out = np.full((len(users), k), -1, dtype=np.int64)
         if df.height == 0:
             return out

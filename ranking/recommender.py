@@ -448,8 +448,10 @@ class Recommender:
         sim = _simulated_new_songs(fit_part, cfg)
         in_sim = pl.col("_s").is_in(pl.Series(sim, dtype=pl.Int64).implode())
         fit_t = fit_part.filter(~in_sim)
-        sim_seen = fit_part.filter(in_sim).group_by("user_id").agg(pl.col("song_id").unique())
-        excludes = dict(zip(sim_seen["user_id"].to_list(), (set(x) for x in sim_seen["song_id"].to_list())))
+        # A user who played a simulated new song in the fit part stays able to get it as a
+        # candidate, labelled by whether they play it again: new songs of an item-cold split (and
+        # songs whose early plays were lost) meet such users too. Hiding these pairs made new
+        # songs look twice as often played in training as in the test (31% of top-10 slots).
         cfg, report["cf_tuning"] = _choose_cf(fit_t, label_part, cfg)
         others = np.zeros(len(ids), dtype=bool)
         others[fit_t["_s"].unique().to_numpy()] = True
@@ -473,7 +475,7 @@ class Recommender:
             apex=apex,
             rankable=played,
         )
-        frame, recall = train_side._training_frame(label_part, cfg, {})
+        frame, recall = train_side._training_frame(label_part, cfg)
         report.update(
             n_fit_songs=int(fit_part["_s"].n_unique()),
             n_simulated_new_songs=int(len(sim)),
@@ -650,14 +652,10 @@ class Recommender:
         self.fallback_source = RankedListSource("popular", t.song_ids, t.quality, max_overfetch=mo)
 
     def _training_frame(
-        self, label_part: pl.DataFrame, cfg: RecommenderConfig, excludes: dict[str, set[str]]
+        self, label_part: pl.DataFrame, cfg: RecommenderConfig
     ) -> tuple[pl.DataFrame, dict[str, float]]:
         """Candidates + features + graded labels for users with a state and later interactions,
-        and each source's recall of the label positives it could return (for the build report).
-
-        ``excludes`` holds, per user, played songs missing from the state's history (the
-        simulated new songs): like history, they are neither candidates nor negatives.
-        """
+        and each source's recall of the label positives outside their history (build report)."""
         lab = label_part.group_by(["user_id", "song_id"]).agg(pl.col("weight").sum().alias("_w"))
         users = sorted(set(lab["user_id"].unique().to_list()) & set(self._users.user_ids))
         rng = np.random.default_rng(cfg.reranker.seed)
@@ -668,10 +666,9 @@ class Recommender:
         n_positive = 0
         for start in range(0, len(users), cfg.batch_users):
             states = [self.user_state(u) for u in users[start : start + cfg.batch_users]]
-            ex = [excludes.get(st.user_id, set()) for st in states]
-            cands = generate_candidates(states, self.sources, cfg.candidates, excludes=ex)
+            cands = generate_candidates(states, self.sources, cfg.candidates)
             frames.append(build_feature_frame(states, cands, self.songs))
-            hidden = {(st.user_id, x) for st, e in zip(states, ex) for x in e | set(st.history)}
+            hidden = {(st.user_id, x) for st in states for x in st.history}
             chunk = lab.filter(pl.col("user_id").is_in(pl.Series([st.user_id for st in states]).implode()))
             n_positive += sum((u, x) not in hidden for u, x in chunk.select("user_id", "song_id").iter_rows())
         if not frames:
@@ -736,23 +733,33 @@ class Recommender:
         )
 
     # ------------------------------------------------------------------ recommending
-    def recommend(self, user_id: str, k: int = 20, exclude: Iterable[str] | None = None) -> pl.DataFrame:
+    def recommend(
+        self, user_id: str, k: int = 20, exclude: Iterable[str] | None = None, *, cold_share: float | None = None
+    ) -> pl.DataFrame:
         """Top-k songs for one user (columns ``RESULT_SCHEMA``); unknown users get the fallback.
 
         Fewer than k rows come back when fewer songs are rankable (k larger than the catalogue,
         or a history covering it: an empty frame).
+
+        ``cold_share`` (exposure control for new songs): None, the default, lets the reranker's
+        scores decide how many new (``is_cold``) songs the list holds; a number in [0, 1] gives
+        ``round(cold_share · k)`` slots to the user's best-scored new songs, kept in score order
+        among the rest (:func:`select_top_k`). Too few new candidates: warm songs fill the
+        slots and the shortfall is logged (``is_cold`` counts what was served).
         """
-        out = self.recommend_states([self.user_state(user_id)], k, excludes=[set(exclude) if exclude else set()])
+        out = self.recommend_states([self.user_state(user_id)], k, excludes=[set(exclude) if exclude else set()],
+                                    cold_share=cold_share)
         out.drop_in_place("user_id")  # eager: a lazy drop costs a query per request
         return out
 
-    def recommend_batch(self, user_ids: Sequence[str], k: int = 20) -> pl.DataFrame:
+    def recommend_batch(self, user_ids: Sequence[str], k: int = 20, *, cold_share: float | None = None) -> pl.DataFrame:
         """Long frame (``user_id`` + ``RESULT_SCHEMA``), users in input order; a user id repeated in
-        the batch is answered once (the repeat is logged). Equals per-user ``recommend``."""
+        the batch is answered once (the repeat is logged). Equals per-user ``recommend``
+        (``cold_share`` as there)."""
         seen: dict[str, None] = dict.fromkeys(user_ids)
         if len(seen) < len(user_ids):
             log.info("recommend_batch: %d duplicate user ids answered once", len(user_ids) - len(seen))
-        return self.recommend_states([self.user_state(u) for u in seen], k)
+        return self.recommend_states([self.user_state(u) for u in seen], k, cold_share=cold_share)
 
     def recommend_states(
         self,
@@ -761,10 +768,12 @@ class Recommender:
         *,
         excludes: Sequence[set[str]] | None = None,
         progress: bool = False,
+        cold_share: float | None = None,
     ) -> pl.DataFrame:
         """Rank for explicit states (the path an online ranker shares): candidates → features → rerank."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
+        check_cold_share(cold_share)
         ex = list(excludes) if excludes is not None else [set() for _ in states]
         out = []
         order = {s.user_id: i for i, s in enumerate(states)}
@@ -787,11 +796,19 @@ class Recommender:
                     self.reranker,
                     self.config.candidates,
                     excludes=[ex[i] for i in idx],
+                    cold_share=cold_share,
                 )
             )
         if unknown:
             out.append(self._fallback([states[i] for i in unknown], k, [ex[i] for i in unknown]))
         res = pl.concat(out) if out else pl.DataFrame(schema={"user_id": pl.String, **RESULT_SCHEMA})
+        if cold_share is not None and known:
+            served = res.filter(pl.col("source") != "fallback").group_by("user_id").agg(pl.col("is_cold").sum())
+            short = np.maximum(0, round(cold_share * k) - served["is_cold"].to_numpy())
+            if short.any():
+                log.warning("cold_share=%.2f: %d of %d users got fewer new songs than asked (%d slots short, "
+                            "too few new candidates; warm songs fill them)", cold_share, int((short > 0).sum()),
+                            len(known), int(short.sum()))
         if len(states) == 1:  # one user: already in rank order
             return res
         return (
@@ -801,13 +818,18 @@ class Recommender:
         )
 
     def rank_items(
-        self, states: Sequence[UserState], k: int, excludes: Sequence[set[str]] | None = None
+        self,
+        states: Sequence[UserState],
+        k: int,
+        excludes: Sequence[set[str]] | None = None,
+        cold_share: float | None = None,
     ) -> list[list[tuple[str, float, str]]]:
         """``recommend_states`` without the frame, for serving: per state, its top-k as
         ``(song_id, score, source)`` tuples, best first. The same arrays the frame is built
         from, so the items equal the frame's rows."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
+        check_cold_share(cold_share)
         ex = list(excludes) if excludes is not None else [set() for _ in states]
         out: list[list[tuple[str, float, str]]] = [[] for _ in states]
         known = [i for i, s in enumerate(states) if not s.is_unknown]
@@ -816,7 +838,7 @@ class Recommender:
         for start in range(0, len(known), self.config.batch_users):
             idx = known[start : start + self.config.batch_users]
             r = rank_arrays([states[i] for i in idx], k, self.sources, self.songs, self.reranker,
-                            self.config.candidates, excludes=[ex[i] for i in idx])
+                            self.config.candidates, excludes=[ex[i] for i in idx], cold_share=cold_share)
             for u, sid, sc, src in zip(r.user.tolist(), r.song_id.tolist(), r.score.tolist(),
                                        r.source.tolist(), strict=True):
                 out[idx[u]].append((sid, sc, SOURCE_ORDER[src]))
@@ -1023,8 +1045,11 @@ def rank_arrays(
     candidate_config: CandidateConfig,
     *,
     excludes: Sequence[set[str]] | None = None,
+    cold_share: float | None = None,
 ) -> RankedArrays:
     """The pure per-user path: candidates → features → reranker scores → top-k per user.
+
+    ``cold_share`` (exposure control, see :func:`select_top_k`): None lets the scores decide.
 
     Runs on arrays (:func:`~apex_rank.ranking.candidates.candidate_arrays`,
     :func:`~apex_rank.ranking.features.feature_array`, ``Reranker.score_matrix``): the same
@@ -1048,12 +1073,65 @@ def rank_arrays(
     _, code = sorted_codes(ids)
     user_key = urank[rows]
     order = np.lexsort((code, -scores, user_key))
-    user_key = user_key[order]
-    start = np.r_[0, np.flatnonzero(np.diff(user_key)) + 1]
-    pos = np.arange(len(order)) - np.repeat(start, np.diff(np.r_[start, len(order)]))
-    keep = order[pos < k]
-    return RankedArrays(rows[keep], ids[keep], s[keep], scores[keep].astype(np.float64), best[keep],
-                        (pos[pos < k] + 1).astype(np.int32))
+    keep, rank = select_top_k(user_key[order], ~song_table.warm[s[order]], k, cold_share)
+    keep = order[keep]
+    return RankedArrays(rows[keep], ids[keep], s[keep], scores[keep].astype(np.float64), best[keep], rank)
+
+
+def check_cold_share(cold_share: float | None) -> None:
+    """None or a real number in [0, 1]; anything else is a :class:`ConfigError` naming it."""
+    if cold_share is None:
+        return
+    if isinstance(cold_share, bool) or not isinstance(cold_share, (int, float)) or not 0.0 <= cold_share <= 1.0:
+        raise ConfigError(f"cold_share must be a number in [0, 1] or None, got {cold_share!r}")
+
+
+def cold_shortfall(song_table: SongTable, song_ids: Sequence[str], k: int, cold_share: float | None) -> int:
+    """New-song slots asked for by ``cold_share`` that a served list could not fill."""
+    if cold_share is None:
+        return 0
+    idx = song_table.index_of(song_ids)
+    served = int((~song_table.warm[idx[idx >= 0]]).sum())
+    return max(0, round(cold_share * k) - served)
+
+
+def select_top_k(
+    user_key: np.ndarray, is_cold: np.ndarray, k: int, cold_share: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of a (user, best score first) sorted candidate list make each user's top-k.
+
+    ``cold_share`` None: the first k. A float in [0, 1]: ``round(cold_share · k)`` slots go to
+    the user's best-scored new (cold) songs and the rest to its best-scored warm songs; the k
+    chosen keep their score order, so a new song sits where its score puts it, not appended at
+    the bottom. A user with too few new candidates gets warm songs in the free slots (and the
+    other way round), so lists stay k long where k songs are rankable.
+
+    Returns ``(positions of the kept rows in the input order, their 1-based ranks)``.
+    """
+    n = len(user_key)
+    start = np.r_[0, np.flatnonzero(np.diff(user_key)) + 1] if n else np.zeros(0, np.int64)
+    lens = np.diff(np.r_[start, n])
+    pos = np.arange(n) - np.repeat(start, lens)
+    if cold_share is None:
+        keep = np.flatnonzero(pos < k)
+        return keep, (pos[keep] + 1).astype(np.int32)
+    check_cold_share(cold_share)
+    user = np.repeat(np.arange(len(start)), lens)
+    cold = np.asarray(is_cold, dtype=bool)
+    n_cold = np.bincount(user, weights=cold, minlength=len(start)).astype(np.int64)
+    n_warm = lens - n_cold
+    want = int(round(float(cold_share) * k))
+    take_cold = np.minimum(want, n_cold)
+    take_warm = np.minimum(k - take_cold, n_warm)
+    take_cold = np.minimum(n_cold, k - take_warm)  # too few warm songs: more new ones
+    # position of each row among its user's cold (warm) rows
+    c_pos = np.cumsum(cold) - 1 - np.repeat(np.r_[0, np.cumsum(cold)][start], lens)
+    w_pos = np.cumsum(~cold) - 1 - np.repeat(np.r_[0, np.cumsum(~cold)][start], lens)
+    keep = np.flatnonzero(np.where(cold, c_pos < take_cold[user], w_pos < take_warm[user]))
+    u_kept = user[keep]
+    first = np.r_[0, np.flatnonzero(np.diff(u_kept)) + 1] if len(keep) else np.zeros(0, np.int64)
+    rank = np.arange(len(keep)) - np.repeat(first, np.diff(np.r_[first, len(keep)])) + 1
+    return keep, rank.astype(np.int32)
 
 
 def rank_states(
@@ -1065,10 +1143,12 @@ def rank_states(
     candidate_config: CandidateConfig,
     *,
     excludes: Sequence[set[str]] | None = None,
+    cold_share: float | None = None,
 ) -> pl.DataFrame:
     """:func:`rank_arrays` as a frame: ``user_id`` + ``RESULT_SCHEMA`` columns, best first per
     user (ties by song_id), users in user-id order."""
-    r = rank_arrays(states, k, sources, song_table, reranker, candidate_config, excludes=excludes)
+    r = rank_arrays(states, k, sources, song_table, reranker, candidate_config, excludes=excludes,
+                    cold_share=cold_share)
     if len(r.user) == 0:
         return pl.DataFrame(schema={"user_id": pl.String, **RESULT_SCHEMA})
     uids = np.asarray([st.user_id for st in states], dtype=object)

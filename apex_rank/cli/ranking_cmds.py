@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     r.add_argument("--bundle", required=True, help="bundle folder written by 'apex-rank build'")
     r.add_argument("--user", required=True, help="user id (unknown users get the popularity-and-quality fallback)")
     r.add_argument("-k", type=int, default=20, help="number of songs")
+    r.add_argument("--cold-share", type=float, default=None,
+                   help="share of the k slots given to new songs, 0..1 (default: the model decides)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.set_defaults(func=cmd_recommend)
 
@@ -64,7 +66,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from apex_rank.ranking.recommender import load_recommender
 
     rec = load_recommender(args.bundle, device=args.device)
-    out = rec.recommend(args.user, k=args.k)
+    out = rec.recommend(args.user, k=args.k, cold_share=args.cold_share)
     if not rec.has_user(args.user):
         print(f"user {args.user!r} is unknown to the bundle: popularity-and-quality fallback")
     with pl.Config(tbl_rows=max(args.k, 10), tbl_cols=-1, tbl_width_chars=200, float_precision=3):

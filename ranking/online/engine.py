@@ -49,8 +49,13 @@ class RankingEngine(Protocol):
         ...
 
     def rank_user(self, user_id: str, state: UserRecord | None, k: int,
-                  exclude: Collection[str]) -> list[Item]:
-        """Top-``k`` for a user state (``None``: unknown user, cold-user path)."""
+                  exclude: Collection[str], cold_share: float | None = None) -> list[Item]:
+        """Top-``k`` for a user state (``None``: unknown user, cold-user path); ``cold_share`` as in
+        ``Recommender.recommend`` (None: the scores decide)."""
+        ...
+
+    def cold_shortfall(self, song_ids: Collection[str], k: int, cold_share: float | None) -> int:
+        """New-song slots ``cold_share`` asked for that the list could not fill."""
         ...
 
     def fallback(self, k: int, exclude: Collection[str]) -> list[Item]:

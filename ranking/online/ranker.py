@@ -70,15 +70,19 @@ class Ranking:
     items: list[RankedItem]
     cold_user: bool = False
     reason: str | None = None
+    cold_shortfall: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "user_id": self.user_id,
             "model_version": self.model_version,
             "degraded": self.degraded,
             "items": [{"song_id": i.song_id, "score": i.score, "source": i.source}
                       for i in self.items],
         }
+        if self.cold_shortfall is not None:
+            out["cold_shortfall"] = self.cold_shortfall
+        return out
 
 
 @dataclass
@@ -318,7 +322,8 @@ class OnlineRanker:
         ver = "fallback" if active.version is None else str(active.version)
         return Ranking(user_id, ver, True, items, reason=reason)
 
-    def rank(self, user_id: str, k: int = 20, exclude: Collection[str] | None = None) -> Ranking:
+    def rank(self, user_id: str, k: int = 20, exclude: Collection[str] | None = None,
+             cold_share: float | None = None) -> Ranking:
         """Top-``k`` songs for ``user_id``, never raising on store failures.
 
         Parameters
@@ -329,6 +334,9 @@ class OnlineRanker:
             1..``config.max_k``.
         exclude:
             Song ids not to return (in addition to the user's history).
+        cold_share:
+            Exposure control for new songs, as in ``Recommender.recommend`` (None: the scores
+            decide); the answer's ``cold_shortfall`` counts the slots it could not fill.
 
         Raises
         ------
@@ -338,6 +346,9 @@ class OnlineRanker:
         check_id(user_id, "user_id")
         k = check_k(k, self.config.max_k)
         excl = frozenset(check_id(s, "excluded song id") for s in (exclude or ()))
+        if cold_share is not None and (isinstance(cold_share, bool) or not isinstance(cold_share, (int, float))
+                                       or not 0.0 <= cold_share <= 1.0):
+            raise RequestError(f"cold_share must be a number in [0, 1], got {cold_share!r}")
         self.stats["requests"] += 1
         active = self._active
         now = time.monotonic()
@@ -361,9 +372,11 @@ class OnlineRanker:
             self._request_switch(cur)
         if rec is None:
             self.stats["cold_users"] += 1
-        items = active.engine.rank_user(user_id, rec, k, excl)
+        items = active.engine.rank_user(user_id, rec, k, excl, cold_share)
+        short = None if cold_share is None else active.engine.cold_shortfall([s for s, _, _ in items], k, cold_share)
         return Ranking(user_id, str(active.version), False,
-                       [RankedItem(s, sc, src) for s, sc, src in items], cold_user=rec is None)
+                       [RankedItem(s, sc, src) for s, sc, src in items], cold_user=rec is None,
+                       cold_shortfall=short)
 
     def close(self) -> None:
         """Stop the follower thread and close the store connections."""

@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 
 from apex_rank.errors import ArtifactError
-from apex_rank.ranking.recommender import Recommender, load_recommender
+from apex_rank.ranking.recommender import Recommender, cold_shortfall, load_recommender
 from apex_rank.ranking.state import UserState
 
 from .engine import FallbackList, Item, SongBlock
@@ -105,6 +105,7 @@ class _Request:
     state: UserState
     k: int
     exclude: frozenset[str]
+    cold_share: float | None
     future: Future[list[Item]]
 
 
@@ -147,24 +148,25 @@ class RecommenderEngine:
     def close(self) -> None:
         """Nothing to release: requests are ranked by the calling threads themselves."""
 
-    def _rank_states(self, states: list[UserState], k: int,
-                     excludes: list[frozenset[str]]) -> dict[str, list[Item]]:
+    def _rank_states(self, states: list[UserState], k: int, excludes: list[frozenset[str]],
+                     cold_share: float | None = None) -> dict[str, list[Item]]:
         self._lock.acquire_read()
         try:
-            items = self.recommender.rank_items(states, k, [set(e) for e in excludes])
+            items = self.recommender.rank_items(states, k, [set(e) for e in excludes], cold_share)
         finally:
             self._lock.release_read()
         return {s.user_id: it for s, it in zip(states, items, strict=True)}
 
     def _take_batch(self) -> list[_Request]:
-        """Up to ``max_batch`` pending requests with the first one's ``k``, a user id at most
-        once (results are keyed by user id); removed from the pending list. Hold ``_cond``."""
-        k0 = self._pending[0].k
+        """Up to ``max_batch`` pending requests with the first one's ``k`` and ``cold_share``, a
+        user id at most once (results are keyed by user id); removed from the pending list. Hold
+        ``_cond``."""
+        k0, c0 = self._pending[0].k, self._pending[0].cold_share
         batch: list[_Request] = []
         rest: list[_Request] = []
         seen: set[str] = set()
         for r in self._pending:
-            if r.k == k0 and r.state.user_id not in seen and len(batch) < self.max_batch:
+            if r.k == k0 and r.cold_share == c0 and r.state.user_id not in seen and len(batch) < self.max_batch:
                 batch.append(r)
                 seen.add(r.state.user_id)
             else:
@@ -181,13 +183,13 @@ class RecommenderEngine:
         return float(self.recommender.songs.now_s)
 
     def rank_user(self, user_id: str, state: UserRecord | None, k: int,
-                  exclude: Collection[str]) -> list[Item]:
+                  exclude: Collection[str], cold_share: float | None = None) -> list[Item]:
         """Rank one user; concurrent callers are ranked together (see the module doc)."""
         st = state_from_record(user_id, state)
         excl = frozenset(exclude)
         if self.max_batch <= 1:
-            return self._rank_states([st], k, [excl])[user_id]
-        me = _Request(st, k, excl, Future())
+            return self._rank_states([st], k, [excl], cold_share)[user_id]
+        me = _Request(st, k, excl, cold_share, Future())
         with self._cond:
             self._pending.append(me)
             while not me.future.done() and self._leading:
@@ -201,7 +203,7 @@ class RecommenderEngine:
                     batch = self._take_batch()
                 try:
                     res = self._rank_states([r.state for r in batch], batch[0].k,
-                                            [r.exclude for r in batch])
+                                            [r.exclude for r in batch], batch[0].cold_share)
                     for r in batch:
                         r.future.set_result(res[r.state.user_id])
                 except BaseException as err:  # noqa: BLE001 - handed to every caller of the batch
@@ -217,6 +219,9 @@ class RecommenderEngine:
 
     def fallback(self, k: int, exclude: Collection[str]) -> list[Item]:
         return self._fallback.top(k, exclude)
+
+    def cold_shortfall(self, song_ids: Collection[str], k: int, cold_share: float | None) -> int:
+        return cold_shortfall(self.recommender.songs, list(song_ids), k, cold_share)
 
     def has_song(self, song_id: str) -> bool:
         return bool(self.recommender.songs.index_of([song_id])[0] >= 0)

@@ -112,6 +112,7 @@ class RecommendOut(BaseModel):
     model_version: str
     degraded: bool
     items: list[Item]
+    cold_shortfall: int | None = None
 
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -430,10 +431,13 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
     def recommend(user_id: str = Query(min_length=1, max_length=128, pattern=_ID),
                   k: int = Query(20, ge=1, le=cfg.max_k),
                   exclude: str | None = Query(None, max_length=16384,
-                                              description="comma-separated song ids")
+                                              description="comma-separated song ids"),
+                  cold_share: float | None = Query(None, ge=0.0, le=1.0,
+                                                   description="share of the k slots for new songs "
+                                                   "(default: the model decides)")
                   ) -> Response:
         excl = [s for s in exclude.split(",") if s] if exclude else []
-        res = ranker.rank(user_id, k, excl)
+        res = ranker.rank(user_id, k, excl, cold_share)
         if res.degraded:
             with metrics._lock:  # noqa: SLF001
                 metrics.degraded += 1

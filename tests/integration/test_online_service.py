@@ -36,6 +36,8 @@ def client(redis_url: str, redis_prefix: str):  # type: ignore[no-untyped-def]
     ({"user_id": "u{1}*"}, 422), ({}, 422), ({"user_id": "u1", "k": 0}, 422),
     ({"user_id": "u1", "k": -3}, 422), ({"user_id": "u1", "k": 10**9}, 422),
     ({"user_id": "u1", "k": "ten"}, 422), ({"user_id": "u1", "exclude": "ok,bad id"}, 422),
+    ({"user_id": "u1", "cold_share": 1.5}, 422), ({"user_id": "u1", "cold_share": -0.1}, 422),
+    ({"user_id": "u1", "cold_share": "some"}, 422), ({"user_id": "u1", "cold_share": "nan"}, 422),
 ])
 def test_bad_recommend_requests_are_4xx(client, params: dict, status: int) -> None:  # type: ignore[no-untyped-def]
     r = client.get("/recommend", params=params)
@@ -49,6 +51,18 @@ def test_k_at_the_limit_and_unknown_user(client) -> None:  # type: ignore[no-unt
     body = r.json()
     assert len(body["items"]) == 200 and body["degraded"] is False
     assert {i["source"] for i in body["items"]} == {"fallback"}  # cold-user path
+
+
+def test_cold_share_over_http_equals_the_recommender(client) -> None:  # type: ignore[no-untyped-def]
+    rec = client.engine.recommender
+    u = rec.user_ids[0]
+    r = client.get("/recommend", params={"user_id": u, "k": 10, "cold_share": 0.3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = rec.recommend(u, k=10, cold_share=0.3)
+    assert [i["song_id"] for i in body["items"]] == want["song_id"].to_list()
+    assert int(want["is_cold"].sum()) == 3 and body["cold_shortfall"] == 0
+    assert "cold_shortfall" not in client.get("/recommend", params={"user_id": u, "k": 10}).json()
 
 
 def test_bad_events_and_unknown_song(client) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 
 from tests.integration.test_recommender_fixtures import ndcg_at, recommender, train_interactions, world
 
@@ -69,3 +70,41 @@ def test_build_simulates_new_songs_and_reports_candidate_recall() -> None:
     assert 0 < rc["als"] <= rc["union"] <= 1 and 0 < rc["pseudo_cf"] <= rc["union"]
     assert r["n_rerank_positives"] <= rc["n_positive_pairs"]
     assert r["n_rerank_positives"] == round(rc["union"] * rc["n_positive_pairs"])
+
+
+def test_cold_share_gives_new_songs_their_slots_in_score_order() -> None:
+    rec = recommender()
+    users, targets, cold, _ = _targets()
+    for share in (0.0, 0.3, 0.6):
+        b = rec.recommend_batch(users, k=10, cold_share=share)
+        per_user = b.group_by("user_id").agg(pl.col("is_cold").mean().alias("c"), pl.len().alias("n"))
+        assert (per_user["n"] == 10).all()
+        assert abs(per_user["c"].mean() - share) <= 0.2 * share + 1e-9  # within ±20 % of the asked share
+        # placed by score, not appended: every list is in descending score order
+        assert b.group_by("user_id").agg((pl.col("score").diff().drop_nulls() <= 0).all().alias("ok"))["ok"].all()
+        assert b.equals(pl.concat([rec.recommend(u, k=10, cold_share=share).select(
+            pl.lit(u).alias("user_id"), pl.all()) for u in users]))
+    # the new-song slots hold the user's best-scored new songs
+    u = users[0]
+    best_cold = rec.recommend(u, k=10, cold_share=1.0)["song_id"].head(3).to_list()  # same candidates (same k)
+    assert rec.recommend(u, k=10, cold_share=0.3).filter(pl.col("is_cold"))["song_id"].to_list() == best_cold
+    # cold targets are ranked at least as well as with the model's own choice
+    lists = {u: df["song_id"].to_list() for (u,), df in rec.recommend_batch(users, k=10, cold_share=0.3)
+             .group_by("user_id")}
+    assert np.mean([ndcg_at(lists[u], targets[u]) for u in users]) > 0.01
+
+
+def test_cold_share_shortfall_fills_with_warm_songs_and_is_logged(caplog) -> None:  # type: ignore[no-untyped-def]
+    from apex_rank.errors import ConfigError
+
+    rec = recommender()
+    u = rec.user_ids[0]
+    n_cold = int((~rec.songs.warm).sum())
+    k = n_cold + 40  # more slots asked for new songs than there are new songs
+    with caplog.at_level("WARNING"):
+        out = rec.recommend(u, k=k, cold_share=1.0)
+    assert out.height == k and 0 < int(out["is_cold"].sum()) <= n_cold
+    assert "fewer new songs than asked" in caplog.text
+    for bad in (1.5, -0.1, float("nan"), True, "0.3"):
+        with pytest.raises(ConfigError, match="cold_share must be a number in"):
+            rec.recommend(u, k=10, cold_share=bad)  # type: ignore[arg-type]

@@ -1,17 +1,16 @@
 """MovieLens-100K (from the recbole wheel) through the offline evaluation, with floors.
 
 Cheaper than ``apex-rank evaluate`` so CI stays near three minutes: no validation grids (the
-CF and reranker settings are the ones the full runs picked on their validation splits, see
-``offline_eval/baselines.py`` and the full reports), fewer permutations and only the models a
-floor is asserted on. (The APEX fit keeps its full 25 epochs: with 10, the hybrid's priors
-are worse and its random-split NDCG@10 drops from 0.459 to 0.418.) Floors sit below the
-numbers of the full runs (seed 42) with a margin for thread-count noise:
+ALS settings are a point of the grid the full runs pick from, see ``ranking/cf.py``), fewer
+permutations and only the models a floor is asserted on. Floors sit below the seed-42 numbers
+measured with these settings, with a margin for thread-count noise:
 
 - random (Recommenders protocol): hybrid NDCG@10 > 0.442 (published BPR) and ALS > 0.45;
-- item-cold: hybrid on ``cold_only`` > 1.5 × popularity (random order among cold songs) and
-  > content; hybrid on ``cold`` > 2 × popularity (which cannot rank cold songs at all);
-- item-cold, ``cold_sim="holdout"``: hybrid on ``cold`` > 2.5 × apex_prior, on ``cold_only``
-  > apex_prior + 0.05.
+- item-cold with the natural share of cold test rows (~20%): the hybrid keeps >= 95% of ALS on
+  warm targets and on the whole list, orders new songs among themselves better than content
+  and apex_prior (``cold_only``), and with ``cold_share=0.3`` serves 0.3 ± 20% new songs and
+  beats content on cold targets in the full list;
+- new-releases: the same warm/all floors; ``cold_only`` above both content and apex_prior.
 """
 
 from __future__ import annotations
@@ -64,26 +63,38 @@ def test_random_split_beats_published_bpr(ml100k) -> None:  # type: ignore[no-un
     assert r["significance"]["all"]["popularity"]["significant"]
 
 
-def test_item_cold_hybrid_ranks_cold_songs(ml100k) -> None:  # type: ignore[no-untyped-def]
-    cfg = RankingEvalConfig(split="item-cold", models=("popularity", "content", "hybrid"), als_grid=(ALS,),
-                            hybrid={"reranker": {"cold_sim_share": 0.5}}, **CHEAP)
+def test_item_cold_natural_share_hybrid_keeps_als_on_warm_and_ranks_new_songs(ml100k) -> None:  # type: ignore[no-untyped-def]
+    cfg = RankingEvalConfig(split="item-cold", models=("als", "content", "apex_prior", "hybrid"), als_grid=(ALS,),
+                            **CHEAP)
     r = evaluate_ranking(ml100k, cfg)
     m = r["models"]
+    print({k: {s: round(v["ndcg@10"], 4) for s, v in res.items()} for k, res in m.items()})
     assert r["split"]["n_cold_items"] == 336
-    assert m["popularity"]["cold"]["ndcg@10"] == 0.0
-    assert m["hybrid"]["cold"]["ndcg@10"] > 2 * m["popularity"]["cold"]["ndcg@10"]
-    assert m["hybrid"]["cold"]["ndcg@10"] > 0.01
-    assert m["hybrid"]["cold_only"]["ndcg@10"] > 1.5 * m["popularity"]["cold_only"]["ndcg@10"]
-    assert m["hybrid"]["cold_only"]["ndcg@10"] > m["content"]["cold_only"]["ndcg@10"]
-
-
-def test_item_cold_holdout_simulation_beats_apex_prior_on_cold(ml100k) -> None:  # type: ignore[no-untyped-def]
-    # cold_sim="holdout" at 0.1 is the point the full item-cold run picks on its validation split
-    # (val NDCG@10 0.209 vs 0.151 for features masking at 0.5); test: cold 0.350, cold_only 0.356
-    # vs apex_prior 0.102 / 0.245. The warm slice collapses (0.002): it ranks cold songs first.
-    cfg = RankingEvalConfig(split="item-cold", models=("apex_prior", "hybrid"), als_grid=(ALS,),
-                            hybrid={"cold_sim": "holdout", "reranker": {"cold_sim_share": 0.1}}, **CHEAP)
+    assert 0.15 < r["split"]["test_cold_share"] < 0.25  # the natural share, not 81 %
+    assert m["als"]["cold"]["ndcg@10"] == 0.0  # ALS cannot rank a song without plays
+    assert m["hybrid"]["warm"]["ndcg@10"] >= 0.95 * m["als"]["warm"]["ndcg@10"]
+    assert m["hybrid"]["all"]["ndcg@10"] >= 0.95 * m["als"]["all"]["ndcg@10"]
+    for base in ("content", "apex_prior"):
+        assert m["hybrid"]["cold_only"]["ndcg@10"] > m[base]["cold_only"]["ndcg@10"] + 0.02
+    # exposure control: 30 % of the slots for new songs
+    cfg = RankingEvalConfig(split="item-cold", models=("content", "hybrid"), als_grid=(ALS,),
+                            hybrid={"cold_share": 0.3}, **CHEAP)
     m = evaluate_ranking(ml100k, cfg)["models"]
-    print({s: (m["hybrid"][s]["ndcg@10"], m["apex_prior"][s]["ndcg@10"]) for s in ("cold", "cold_only", "warm")})
-    assert m["hybrid"]["cold"]["ndcg@10"] > 2.5 * m["apex_prior"]["cold"]["ndcg@10"]
-    assert m["hybrid"]["cold_only"]["ndcg@10"] > m["apex_prior"]["cold_only"]["ndcg@10"] + 0.05
+    print({k: {s: round(v["ndcg@10"], 4) for s, v in res.items()} for k, res in m.items()},
+          m["hybrid"]["all"]["cold_share@10"])
+    assert abs(m["hybrid"]["all"]["cold_share@10"] - 0.3) <= 0.06
+    assert m["hybrid"]["cold"]["ndcg@10"] > m["content"]["cold"]["ndcg@10"]
+
+
+def test_new_releases_hybrid_keeps_als_and_orders_new_releases(ml100k) -> None:  # type: ignore[no-untyped-def]
+    cfg = RankingEvalConfig(split="new-releases", models=("als", "content", "apex_prior", "hybrid"),
+                            als_grid=(ALS,), **CHEAP)
+    r = evaluate_ranking(ml100k, cfg)
+    m = r["models"]
+    print(r["split"]["test_cold_share"],
+          {k: {s: round(v["ndcg@10"], 4) for s, v in res.items()} for k, res in m.items()})
+    assert r["split"]["n_cold_items"] > 0 and 0 < r["split"]["test_cold_share"] < 0.05
+    assert m["hybrid"]["warm"]["ndcg@10"] >= 0.95 * m["als"]["warm"]["ndcg@10"]
+    assert m["hybrid"]["all"]["ndcg@10"] >= 0.95 * m["als"]["all"]["ndcg@10"]
+    for base in ("content", "apex_prior"):
+        assert m["hybrid"]["cold_only"]["ndcg@10"] > m[base]["cold_only"]["ndcg@10"]

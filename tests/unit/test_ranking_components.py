@@ -16,8 +16,8 @@ from apex_rank.ranking.reranker import (
     LGB_QUERY_LIMIT,
     Reranker,
     RerankerConfig,
-    grade_labels,
     base_score,
+    grade_labels,
     query_groups,
 )
 
@@ -100,3 +100,20 @@ def test_recommender_config_toml(tmp_path: Path) -> None:
         load_config(p, RecommenderConfig)
     with pytest.raises(ConfigError, match="'svd' is not one of"):
         from_dict(RecommenderConfig, {"cf": {"model": "svd"}})
+
+
+def test_select_top_k_reserves_new_song_slots_in_score_order() -> None:
+    from apex_rank.ranking.recommender import select_top_k
+
+    # two users, rows already sorted best first; user 0: w w c w c c, user 1: c only (2 rows)
+    user = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    cold = np.array([0, 0, 1, 0, 1, 1, 1, 1], dtype=bool)
+    keep, rank = select_top_k(user, cold, 4, None)
+    assert keep.tolist() == [0, 1, 2, 3, 6, 7] and rank.tolist() == [1, 2, 3, 4, 1, 2]
+    keep, rank = select_top_k(user, cold, 4, 0.5)  # 2 new + 2 warm, kept in score order
+    assert keep.tolist() == [0, 1, 2, 4, 6, 7] and rank.tolist() == [1, 2, 3, 4, 1, 2]
+    keep, _ = select_top_k(user, cold, 4, 0.0)  # no new song while warm ones remain
+    assert keep.tolist()[:4] == [0, 1, 3, 2]  or keep.tolist()[:4] == [0, 1, 2, 3]
+    assert not cold[keep[:4][np.isin(keep[:4], [0, 1, 3])]].any()
+    keep, _ = select_top_k(user, cold, 4, 1.0)  # 3 new exist, the 4th slot goes to a warm song
+    assert sorted(keep.tolist()[:4]) == [0, 2, 4, 5]
