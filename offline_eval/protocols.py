@@ -378,6 +378,35 @@ def evaluate_ranking(
     return report
 
 
+def evaluate_ranking_seeds(
+    data: EvalDataset, config: RankingEvalConfig, seeds: Sequence[int],
+    *, progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate_ranking` once per seed (split, tuning and models all reseeded).
+
+    The report is the first seed's, with ``models`` replaced by the mean over seeds and
+    ``models_sd`` (sample sd, ddof=1), ``per_seed`` ({seed: models}) and ``seeds`` added;
+    ``significance`` stays the first seed's (per-user pairs do not pool across splits).
+    """
+    if not seeds:
+        raise ConfigError("seeds: give at least one seed")
+    reports = [evaluate_ranking(data, replace(config, seed=int(s)), progress=progress) for s in seeds]
+    out = dict(reports[0])
+    mean: dict[str, dict[str, dict[str, float]]] = {}
+    sd: dict[str, dict[str, dict[str, float]]] = {}
+    for m, res in reports[0]["models"].items():
+        mean[m], sd[m] = {}, {}
+        for s, vals in res.items():
+            runs = [r["models"][m][s] for r in reports if s in r["models"].get(m, {})]
+            mean[m][s] = {k: float(np.mean([r[k] for r in runs])) for k in vals}
+            sd[m][s] = {k: float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+                        for k in vals if k != "n_users"}
+    out.update(models=mean, models_sd=sd, seeds=[int(s) for s in seeds],
+               per_seed={str(s): r["models"] for s, r in zip(seeds, reports, strict=True)},
+               split_per_seed={str(s): r["split"] for s, r in zip(seeds, reports, strict=True)})
+    return out
+
+
 def with_overrides(cfg: RankingEvalConfig, **kw: Any) -> RankingEvalConfig:
     """``dataclasses.replace`` that skips ``None`` values (CLI overrides)."""
     return replace(cfg, **{k: v for k, v in kw.items() if v is not None})

@@ -71,7 +71,9 @@ def ranking_tables(report: dict[str, Any]) -> str:
             if st:
                 mark = ("*" if st.get("significant") else "") + (
                     "▲" if st["mean_diff"] > 0 else "▼") + f" p={st['p_holm']:.3g}"
-            lines.append(f"| {m} | " + " | ".join(_fmt(res[s].get(c, float("nan"))) for c in cols) + f" | {mark} |")
+            sd = report.get("models_sd", {}).get(m, {}).get(s, {})
+            cells = [_fmt(res[s].get(c, float("nan"))) + (f" ± {sd[c]:.4f}" if c in sd else "") for c in cols]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {mark} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -161,6 +163,9 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
         for j, k in enumerate(ks):
             vals = [models[m].get("all", {}).get(f"cold_share@{k}", np.nan) for m in names]
             ax.bar(np.arange(len(names)) + j * 0.8 / len(ks) - 0.4 + 0.4 / len(ks), vals, 0.8 / len(ks), label=f"k={k}")
+        base = report.get("split", {}).get("test_cold_share")
+        if base is not None:  # the base rate: the share of test rows on cold songs
+            ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"test rows: {base:.2f}")
         ax.set_xticks(np.arange(len(names)), names, rotation=30)
         ax.set_ylabel("share of cold songs in top-k")
         ax.set_title("Cold share in top-k (slice all)")

@@ -23,10 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--interactions", help="interactions parquet (user_id, song_id, ts, weight)")
     src.add_argument("--songs", help="songs parquet")
     src.add_argument("--embeddings", help="embeddings parquet")
-    p.add_argument("--split", default="random", help="random, temporal or item-cold (default random)")
+    p.add_argument("--split", default="random",
+                   help="random, temporal, item-cold or new-releases (default random)")
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 50], help="cut-offs (default 10 20 50)")
     p.add_argument("--models", nargs="+", help="subset of popularity als bpr content apex_prior hybrid")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", type=int, default=3,
+                   help="run with seeds seed, seed+1, ... and report mean ± sd (default 3)")
     p.add_argument("--no-tune", action="store_true", help="skip the ALS/BPR validation grid (first grid point)")
     p.add_argument("--hybrid-config", help="JSON object of RecommenderConfig overrides for the hybrid")
     p.add_argument("--apex-epochs", type=int, help="epochs of the APEX head trained on the training songs")
@@ -48,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predictions", required=True, help="predictions parquet (song_id + the APEX task columns)")
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", type=int, default=3,
+                   help="run with seeds seed, seed+1, ... and report mean ± sd (default 3)")
     p.add_argument("--out", required=True, help="output folder (preference_report.json, preference_report.md)")
     p.set_defaults(func=cmd_evaluate_preference)
 
@@ -66,7 +71,7 @@ def format_ranking(report: dict[str, Any]) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from apex_rank.offline_eval.datasets import load_dataset, load_parquet_dataset
-    from apex_rank.offline_eval.protocols import RankingEvalConfig, evaluate_ranking
+    from apex_rank.offline_eval.protocols import RankingEvalConfig, evaluate_ranking_seeds
     from apex_rank.offline_eval.report import write_report
 
     t0 = time.perf_counter()
@@ -94,7 +99,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         kw["models"] = tuple(args.models)
     if args.apex_epochs:
         kw["apex_epochs"] = args.apex_epochs
-    report = evaluate_ranking(data, RankingEvalConfig(**kw), progress=lambda m: print(m, flush=True))
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    report = evaluate_ranking_seeds(data, RankingEvalConfig(**kw), [args.seed + i for i in range(args.seeds)],
+                                    progress=lambda m: print(m, flush=True))
     report["timings_s"] = {"load": round(load_s, 3), **report["timings_s"],
                            "total": round(time.perf_counter() - t0, 3)}
     paths = write_report(report, args.out)

@@ -24,9 +24,9 @@ def test_concurrent_callers_share_calls_and_get_their_own_answers() -> None:
     calls: list[int] = []
     inner = rec.rank_items
 
-    def counting(states_, k, excludes=None):  # type: ignore[no-untyped-def]
+    def counting(states_, k, excludes=None, cold_share=None):  # type: ignore[no-untyped-def]
         calls.append(len(states_))
-        return inner(states_, k, excludes)
+        return inner(states_, k, excludes, cold_share)
 
     rec.rank_items = counting  # type: ignore[method-assign]
     got: dict[str, list[tuple[str, float, str]]] = {}

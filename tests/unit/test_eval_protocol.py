@@ -119,10 +119,16 @@ def test_cli_on_parquet_tables(tmp_path: Path, data: EvalDataset, capsys: pytest
     data.embeddings.write_parquet(tmp_path / "e.parquet")
     rc = main(["evaluate", "--interactions", str(tmp_path / "i.parquet"), "--songs", str(tmp_path / "s.parquet"),
                "--embeddings", str(tmp_path / "e.parquet"), "--split", "temporal", "--k", "5", "10",
-               "--models", "popularity", "content", "--out", str(tmp_path / "out")])
+               "--models", "popularity", "content", "--seed", "5", "--out", str(tmp_path / "out")])
     assert rc == 0
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["split"]["kind"] == "temporal" and rep["k"] == [5, 10] and "load" in rep["timings_s"]
+    # three seeds by default: mean ± sd of the per-seed numbers
+    assert rep["seeds"] == [5, 6, 7] and set(rep["per_seed"]) == {"5", "6", "7"}
+    runs = [rep["per_seed"][s]["content"]["all"]["ndcg@10"] for s in ("5", "6", "7")]
+    assert rep["models"]["content"]["all"]["ndcg@10"] == pytest.approx(np.mean(runs))
+    assert rep["models_sd"]["content"]["all"]["ndcg@10"] == pytest.approx(np.std(runs, ddof=1))
+    assert "±" in (tmp_path / "out" / "report.md").read_text()
     assert "popularity" in capsys.readouterr().out
     bad = data.interactions.with_columns(pl.lit("nope").alias("song_id"))
     bad.write_parquet(tmp_path / "bad.parquet")
