@@ -4,6 +4,9 @@ Columns (``FEATURES``, in this order, float32 with null = missing):
 
 - ``als_score``: u·v (null for cold songs or users without a CF factor)
 - ``pseudo_cf_score``: u·V̂ (content→CF pseudo factor; every song)
+- ``recent_cf_sim``: the song's CF factor (pseudo factor for cold songs) dotted with the mean CF
+  factor of the user's ``RECENT`` latest history songs: where the user's taste is heading, which
+  a user factor fitted on the whole history averages away
 - ``content_sim``: cosine of the user's content profile and the song embedding
 - the seven APEX priors (``APEX_TASKS``)
 - ``log_popularity``: log of the song's interaction count over the mean count of warm songs
@@ -37,10 +40,12 @@ from apex_rank.ranking.candidates import RANK_COLUMNS
 from apex_rank.ranking.state import SongTable, UserState
 from apex_rank.tasks import APEX_TASKS
 
+RECENT = 10  # latest history songs behind ``recent_cf_sim``
 GAP_COLUMNS = tuple(f"gap_{t}" for t in APEX_TASKS)
 FEATURES: tuple[str, ...] = (
     "als_score",
     "pseudo_cf_score",
+    "recent_cf_sim",
     "content_sim",
     *APEX_TASKS,
     "log_popularity",
@@ -117,6 +122,21 @@ def feature_array(
     if ucf.any():
         pcf[ucf] = _rowdot(U[u[ucf]], st.pseudo_factors[s[ucf]])
     X[:, col["pseudo_cf_score"]] = pcf
+    R_u = np.zeros((len(states), st.cf_factors.shape[1]), dtype=np.float32)
+    has_recent = np.zeros(len(states), dtype=bool)
+    for i, x in enumerate(states):
+        hi = st.index_of(x.history[-RECENT:] if RECENT else ())
+        hi = hi[hi >= 0]
+        hi = hi[st.warm[hi]]
+        if len(hi):
+            R_u[i] = st.cf_factors[hi].mean(axis=0)
+            has_recent[i] = True
+    rec = np.full(n, np.nan, dtype=np.float32)
+    mr = has_recent[u]
+    if mr.any():
+        V = np.where(warm[mr, None], st.cf_factors[s[mr]], st.pseudo_factors[s[mr]])
+        rec[mr] = _rowdot(R_u[u[mr]], V)
+    X[:, col["recent_cf_sim"]] = rec
     csim = np.full(n, np.nan, dtype=np.float32)
     mp = has_prof[u]
     if mp.any():

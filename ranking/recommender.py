@@ -60,7 +60,7 @@ from apex_rank.ranking.cf import ALS_GRID, CFConfig, CFModel
 from apex_rank.ranking.content_map import ContentToCF
 from apex_rank.ranking.features import build_feature_frame, feature_array
 from apex_rank.ranking.index import CandidateIndex, l2_normalize
-from apex_rank.ranking.reranker import Reranker, RerankerConfig, grade_labels
+from apex_rank.ranking.reranker import Reranker, RerankerConfig, check_cold_share, grade_labels, select_top_k
 from apex_rank.ranking.state import SongTable, UserState, quality_score
 from apex_rank.schemas import embedding_matrix, validate_interactions, validate_songs
 from apex_rank.tasks import APEX_TASKS
@@ -138,6 +138,7 @@ class RecommenderConfig:
     batch_users: int = 1000
     seed: int = 0
     cold_sim_share: float = 0.2
+    label_slice: str = "user-latest"
     cf_grid: tuple[dict[str, Any], ...] = ALS_GRID
 
     def __post_init__(self) -> None:
@@ -224,6 +225,8 @@ def _label_rows(inter: pl.DataFrame, ts_s: np.ndarray, cfg: RecommenderConfig) -
     with little history before it).
     """
     n = inter.height
+    if cfg.label_slice == "global-time" and np.isfinite(ts_s).all():
+        return ts_s >= float(np.quantile(ts_s, 1.0 - cfg.rerank_share))
     key = ts_s if np.isfinite(ts_s).all() else np.random.default_rng(cfg.seed).random(n)
     df = (
         pl.DataFrame({"u": inter["user_id"], "t": key, "r": np.arange(n, dtype=np.int64)})
@@ -298,6 +301,33 @@ def _out_of_sample_priors(E: np.ndarray, priors: np.ndarray, held_out: np.ndarra
     ridge = ContentToCF(1.0).fit(E[fit_on], priors[fit_on][:, cols])
     out[np.ix_(held_out, cols)] = ridge.predict(E[held_out])
     return out
+
+
+FLOOR_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+WARM_KEPT = 0.97  # share of the ALS order's warm-target NDCG a floor must keep
+
+
+def _choose_cold_floor(reranker: Reranker, train_cold_fraction: float) -> dict[str, Any]:
+    """The minimum share of new songs in a list served without ``cold_share``, chosen on the
+    reranker's validation groups: the largest of :data:`FLOOR_GRID` whose lists stay at least
+    as good as the ALS order on the whole list and keep ``WARM_KEPT`` of its warm-target NDCG
+    (0 when none does). Lists whose scores put more new songs in the top k keep them.
+
+    Why: exposure is how a new song gathers the plays that warm it up, and the NDCG-optimal
+    list starves new songs whenever their best picks are played a little less often than the
+    tenth warm song (MovieLens item-cold: 0.1% of slots). The floor gives them every slot they
+    can take without the list losing to plain CF. It is chosen where new songs are
+    ``train_cold_fraction`` of the catalogue and served scaled by the catalogue's own fraction
+    (:meth:`Recommender.min_cold_share`): a catalogue with few new songs has few good ones.
+    """
+    trials = reranker.floors_on_validation(FLOOR_GRID)
+    als = trials[0]
+    ok = [t["min_cold_share"] for t in trials[1:]
+          if t["ndcg_all"] >= als["ndcg_all"] and t["ndcg_warm"] >= WARM_KEPT * als["ndcg_warm"]]
+    chosen = float(max(ok)) if ok else 0.0
+    log.info("build: new-song floor %.2f at a new-song fraction %.3f (validation: %s)", chosen,
+             train_cold_fraction, trials)
+    return {"min_cold_share": chosen, "train_cold_fraction": train_cold_fraction, "trials": trials}
 
 
 def _candidate_recall(frame: pl.DataFrame, n_positive: int) -> dict[str, float]:
@@ -486,6 +516,8 @@ class Recommender:
         timings["rerank_frame"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         reranker = Reranker(cfg.reranker).fit(frame, label_col="label")
+        report["exposure"] = _choose_cold_floor(
+            reranker, float((played & ~table_t.warm).sum() / max(int(played.sum()), 1)))
         timings["reranker_fit"] = time.perf_counter() - t0
         report.update(
             n_rerank_rows=frame.height,
@@ -681,6 +713,18 @@ class Recommender:
 
     # ------------------------------------------------------------------ per-user state
     @property
+    def min_cold_share(self) -> float:
+        """Minimum share of new songs in a list served without ``cold_share``: the floor
+        ``build`` chose on its validation slice (``report["exposure"]``, see
+        ``_choose_cold_floor``) times this catalogue's fraction of new songs over the training
+        side's (capped at the floor itself)."""
+        e = self.report.get("exposure") or {}
+        floor, frac = float(e.get("min_cold_share") or 0.0), float(e.get("train_cold_fraction") or 0.0)
+        if floor <= 0 or frac <= 0:
+            return 0.0
+        return floor * min(1.0, self.songs.cold_fraction / frac)
+
+    @property
     def user_ids(self) -> list[str]:
         """Users with a stored state."""
         return list(self._users.user_ids)
@@ -741,11 +785,13 @@ class Recommender:
         Fewer than k rows come back when fewer songs are rankable (k larger than the catalogue,
         or a history covering it: an empty frame).
 
-        ``cold_share`` (exposure control for new songs): None, the default, lets the reranker's
-        scores decide how many new (``is_cold``) songs the list holds; a number in [0, 1] gives
+        ``cold_share`` (exposure control for new songs): a number in [0, 1] gives
         ``round(cold_share · k)`` slots to the user's best-scored new songs, kept in score order
-        among the rest (:func:`select_top_k`). Too few new candidates: warm songs fill the
-        slots and the shortfall is logged (``is_cold`` counts what was served).
+        among the rest (:func:`~apex_rank.ranking.reranker.select_top_k`); too few new
+        candidates: warm songs fill the slots and the shortfall is logged (``is_cold`` counts
+        what was served). None, the default, lets the model decide: its scores, with at least
+        the share of new songs ``build`` found costless on its validation slice
+        (:attr:`min_cold_share`).
         """
         out = self.recommend_states([self.user_state(user_id)], k, excludes=[set(exclude) if exclude else set()],
                                     cold_share=cold_share)
@@ -797,6 +843,7 @@ class Recommender:
                     self.config.candidates,
                     excludes=[ex[i] for i in idx],
                     cold_share=cold_share,
+                    min_cold_share=self.min_cold_share,
                 )
             )
         if unknown:
@@ -838,7 +885,8 @@ class Recommender:
         for start in range(0, len(known), self.config.batch_users):
             idx = known[start : start + self.config.batch_users]
             r = rank_arrays([states[i] for i in idx], k, self.sources, self.songs, self.reranker,
-                            self.config.candidates, excludes=[ex[i] for i in idx], cold_share=cold_share)
+                            self.config.candidates, excludes=[ex[i] for i in idx], cold_share=cold_share,
+                            min_cold_share=self.min_cold_share)
             for u, sid, sc, src in zip(r.user.tolist(), r.song_id.tolist(), r.score.tolist(),
                                        r.source.tolist(), strict=True):
                 out[idx[u]].append((sid, sc, SOURCE_ORDER[src]))
@@ -1046,10 +1094,12 @@ def rank_arrays(
     *,
     excludes: Sequence[set[str]] | None = None,
     cold_share: float | None = None,
+    min_cold_share: float = 0.0,
 ) -> RankedArrays:
     """The pure per-user path: candidates → features → reranker scores → top-k per user.
 
-    ``cold_share`` (exposure control, see :func:`select_top_k`): None lets the scores decide.
+    ``cold_share`` (exposure control, see :func:`select_top_k`): exactly that share of new
+    songs; None: the scores decide, with at least ``min_cold_share`` new songs.
 
     Runs on arrays (:func:`~apex_rank.ranking.candidates.candidate_arrays`,
     :func:`~apex_rank.ranking.features.feature_array`, ``Reranker.score_matrix``): the same
@@ -1073,17 +1123,12 @@ def rank_arrays(
     _, code = sorted_codes(ids)
     user_key = urank[rows]
     order = np.lexsort((code, -scores, user_key))
-    keep, rank = select_top_k(user_key[order], ~song_table.warm[s[order]], k, cold_share)
+    if cold_share is None:
+        keep, rank = select_top_k(user_key[order], ~song_table.warm[s[order]], k, min_cold_share, floor=True)
+    else:
+        keep, rank = select_top_k(user_key[order], ~song_table.warm[s[order]], k, cold_share)
     keep = order[keep]
     return RankedArrays(rows[keep], ids[keep], s[keep], scores[keep].astype(np.float64), best[keep], rank)
-
-
-def check_cold_share(cold_share: float | None) -> None:
-    """None or a real number in [0, 1]; anything else is a :class:`ConfigError` naming it."""
-    if cold_share is None:
-        return
-    if isinstance(cold_share, bool) or not isinstance(cold_share, (int, float)) or not 0.0 <= cold_share <= 1.0:
-        raise ConfigError(f"cold_share must be a number in [0, 1] or None, got {cold_share!r}")
 
 
 def cold_shortfall(song_table: SongTable, song_ids: Sequence[str], k: int, cold_share: float | None) -> int:
@@ -1093,45 +1138,6 @@ def cold_shortfall(song_table: SongTable, song_ids: Sequence[str], k: int, cold_
     idx = song_table.index_of(song_ids)
     served = int((~song_table.warm[idx[idx >= 0]]).sum())
     return max(0, round(cold_share * k) - served)
-
-
-def select_top_k(
-    user_key: np.ndarray, is_cold: np.ndarray, k: int, cold_share: float | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Which rows of a (user, best score first) sorted candidate list make each user's top-k.
-
-    ``cold_share`` None: the first k. A float in [0, 1]: ``round(cold_share · k)`` slots go to
-    the user's best-scored new (cold) songs and the rest to its best-scored warm songs; the k
-    chosen keep their score order, so a new song sits where its score puts it, not appended at
-    the bottom. A user with too few new candidates gets warm songs in the free slots (and the
-    other way round), so lists stay k long where k songs are rankable.
-
-    Returns ``(positions of the kept rows in the input order, their 1-based ranks)``.
-    """
-    n = len(user_key)
-    start = np.r_[0, np.flatnonzero(np.diff(user_key)) + 1] if n else np.zeros(0, np.int64)
-    lens = np.diff(np.r_[start, n])
-    pos = np.arange(n) - np.repeat(start, lens)
-    if cold_share is None:
-        keep = np.flatnonzero(pos < k)
-        return keep, (pos[keep] + 1).astype(np.int32)
-    check_cold_share(cold_share)
-    user = np.repeat(np.arange(len(start)), lens)
-    cold = np.asarray(is_cold, dtype=bool)
-    n_cold = np.bincount(user, weights=cold, minlength=len(start)).astype(np.int64)
-    n_warm = lens - n_cold
-    want = int(round(float(cold_share) * k))
-    take_cold = np.minimum(want, n_cold)
-    take_warm = np.minimum(k - take_cold, n_warm)
-    take_cold = np.minimum(n_cold, k - take_warm)  # too few warm songs: more new ones
-    # position of each row among its user's cold (warm) rows
-    c_pos = np.cumsum(cold) - 1 - np.repeat(np.r_[0, np.cumsum(cold)][start], lens)
-    w_pos = np.cumsum(~cold) - 1 - np.repeat(np.r_[0, np.cumsum(~cold)][start], lens)
-    keep = np.flatnonzero(np.where(cold, c_pos < take_cold[user], w_pos < take_warm[user]))
-    u_kept = user[keep]
-    first = np.r_[0, np.flatnonzero(np.diff(u_kept)) + 1] if len(keep) else np.zeros(0, np.int64)
-    rank = np.arange(len(keep)) - np.repeat(first, np.diff(np.r_[first, len(keep)])) + 1
-    return keep, rank.astype(np.int32)
 
 
 def rank_states(
@@ -1144,11 +1150,12 @@ def rank_states(
     *,
     excludes: Sequence[set[str]] | None = None,
     cold_share: float | None = None,
+    min_cold_share: float = 0.0,
 ) -> pl.DataFrame:
     """:func:`rank_arrays` as a frame: ``user_id`` + ``RESULT_SCHEMA`` columns, best first per
     user (ties by song_id), users in user-id order."""
     r = rank_arrays(states, k, sources, song_table, reranker, candidate_config, excludes=excludes,
-                    cold_share=cold_share)
+                    cold_share=cold_share, min_cold_share=min_cold_share)
     if len(r.user) == 0:
         return pl.DataFrame(schema={"user_id": pl.String, **RESULT_SCHEMA})
     uids = np.asarray([st.user_id for st in states], dtype=object)

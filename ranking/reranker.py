@@ -120,22 +120,97 @@ def base_score(X: np.ndarray, weight: float) -> np.ndarray:
     return -weight * np.log2(1.0 + r)
 
 
-def group_ndcg(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int) -> float:
-    """Mean NDCG@k over consecutive groups (gain 2^label − 1, LightGBM's; all-zero groups count 1)."""
-    out = []
-    start = 0
-    disc = 1.0 / np.log2(np.arange(2, k + 2))
-    for n in groups.tolist():
-        y = labels[start : start + n].astype(np.float64)
-        sc = scores[start : start + n]
-        start += n
-        ideal = np.sort(2.0**y - 1.0)[::-1][:k]
-        if ideal.sum() <= 0:
-            out.append(1.0)
-            continue
-        top = np.lexsort((np.arange(n), -sc))[:k]
-        out.append(float((2.0 ** y[top] - 1.0) @ disc[: len(top)]) / float(ideal @ disc[: len(ideal)]))
-    return float(np.mean(out)) if out else float("nan")
+def check_cold_share(cold_share: float | None) -> None:
+    """None or a real number in [0, 1]; anything else is a :class:`ConfigError` naming it."""
+    if cold_share is None:
+        return
+    if isinstance(cold_share, bool) or not isinstance(cold_share, (int, float)) or not 0.0 <= cold_share <= 1.0:
+        raise ConfigError(f"cold_share must be a number in [0, 1] or None, got {cold_share!r}")
+
+
+def select_top_k(
+    user_key: np.ndarray, is_cold: np.ndarray, k: int, cold_share: float | None, *, floor: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of a (user, best score first) sorted candidate list make each user's top-k.
+
+    ``cold_share`` None: the first k. A float in [0, 1]: ``round(cold_share · k)`` slots go to
+    the user's best-scored new (cold) songs and the rest to its best-scored warm songs; the k
+    chosen keep their score order, so a new song sits where its score puts it, not appended at
+    the bottom. A user with too few new candidates gets warm songs in the free slots (and the
+    other way round), so lists stay k long where k songs are rankable. ``floor``: the share is a
+    minimum, and a list whose own top k holds more new songs keeps them.
+
+    Returns ``(positions of the kept rows in the input order, their 1-based ranks)``.
+    """
+    n = len(user_key)
+    start = np.r_[0, np.flatnonzero(np.diff(user_key)) + 1] if n else np.zeros(0, np.int64)
+    lens = np.diff(np.r_[start, n])
+    pos = np.arange(n) - np.repeat(start, lens)
+    if cold_share is None:
+        keep = np.flatnonzero(pos < k)
+        return keep, (pos[keep] + 1).astype(np.int32)
+    check_cold_share(cold_share)
+    user = np.repeat(np.arange(len(start)), lens)
+    cold = np.asarray(is_cold, dtype=bool)
+    n_cold = np.bincount(user, weights=cold, minlength=len(start)).astype(np.int64)
+    n_warm = lens - n_cold
+    want = np.full(len(start), int(round(float(cold_share) * k)), dtype=np.int64)
+    if floor:
+        top = pos < k
+        want = np.maximum(want, np.bincount(user[top], weights=cold[top], minlength=len(start)).astype(np.int64))
+    take_cold = np.minimum(want, n_cold)
+    take_warm = np.minimum(k - take_cold, n_warm)
+    take_cold = np.minimum(n_cold, k - take_warm)  # too few warm songs: more new ones
+    # position of each row among its user's cold (warm) rows
+    c_pos = np.cumsum(cold) - 1 - np.repeat(np.r_[0, np.cumsum(cold)][start], lens)
+    w_pos = np.cumsum(~cold) - 1 - np.repeat(np.r_[0, np.cumsum(~cold)][start], lens)
+    keep = np.flatnonzero(np.where(cold, c_pos < take_cold[user], w_pos < take_warm[user]))
+    u_kept = user[keep]
+    first = np.r_[0, np.flatnonzero(np.diff(u_kept)) + 1] if len(keep) else np.zeros(0, np.int64)
+    rank = np.arange(len(keep)) - np.repeat(first, np.diff(np.r_[first, len(keep)])) + 1
+    return keep, rank.astype(np.int32)
+
+
+def served_cold_share(g: np.ndarray, cold: np.ndarray, scores: np.ndarray, k: int, min_cold_share: float) -> float:
+    """Share of new songs in the top k of groups ``g`` served with a ``min_cold_share`` floor."""
+    order = np.lexsort((np.arange(len(scores)), -scores, g))
+    keep, _ = select_top_k(g[order], cold[order], k, min_cold_share, floor=True)
+    return float(cold[order[keep]].mean()) if len(keep) else 0.0
+
+
+def group_ndcg(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    *,
+    cold: np.ndarray | None = None,
+    min_cold_share: float = 0.0,
+    warm_only: bool = False,
+) -> float:
+    """Mean NDCG@k over consecutive groups with a positive (gain 2^label − 1, LightGBM's).
+
+    The top k of a group is chosen as served with ``min_cold_share`` as a floor
+    (:func:`select_top_k`); ``warm_only`` counts only warm rows (``cold`` False) as relevant
+    (groups without a warm positive are left out), the offline evaluation's ``warm`` slice.
+    """
+    n = len(labels)
+    g = np.repeat(np.arange(len(groups)), groups)
+    y = labels.astype(np.float64)
+    is_cold = np.zeros(n, bool) if cold is None else np.asarray(cold, bool)
+    if warm_only:
+        y = np.where(is_cold, 0.0, y)
+    order = np.lexsort((np.arange(n), -scores, g))
+    keep, rank = select_top_k(g[order], is_cold[order], k, min_cold_share, floor=True)
+    rows = order[keep]
+    disc = 1.0 / np.log2(rank + 1.0)
+    dcg = np.bincount(g[rows], weights=(2.0 ** y[rows] - 1.0) * disc, minlength=len(groups))
+    ideal_order = np.lexsort((-y, g))
+    ikeep, irank = select_top_k(g[ideal_order], np.zeros(n, bool), k, None)
+    irows = ideal_order[ikeep]
+    idcg = np.bincount(g[irows], weights=(2.0 ** y[irows] - 1.0) / np.log2(irank + 1.0), minlength=len(groups))
+    ok = idcg > 0
+    return float(np.mean(dcg[ok] / idcg[ok])) if ok.any() else float("nan")
 
 
 def query_groups(user_ids: pl.Series, max_rows: int) -> np.ndarray:
@@ -237,6 +312,7 @@ class Reranker:
         # the same validation groups ordered by the ALS source alone: what the reranker must beat
         r_als = sets[1][0][:, FEATURES.index("rank_als")]
         self.als_order_score = group_ndcg(sets[1][1], -np.nan_to_num(r_als, nan=np.inf), sets[1][2], cfg.eval_at)
+        self._validation = sets[1]  # kept for exposure_on_validation (not saved)
         log.info(
             "reranker: %d train / %d val users, %d rows, best iteration %d, val NDCG@%d %.4f (ALS order %.4f)",
             int((~is_val).sum()),
@@ -248,6 +324,26 @@ class Reranker:
             self.als_order_score,
         )
         return self
+
+    def floors_on_validation(self, shares: tuple[float, ...], k: int = 10) -> list[dict[str, Any]]:
+        """NDCG@k of the whole list and of warm targets on the validation groups: the ALS order
+        first, then the reranker with each minimum new-song share in ``shares`` (a floor, see
+        :func:`select_top_k`), and the share of new songs it served. Only after :meth:`fit`
+        (the groups are not saved)."""
+        X, y, groups = self._validation
+        cold = X[:, FEATURES.index("is_cold")] > 0.5
+        sc = self.score_matrix(X)
+        als = -np.nan_to_num(X[:, FEATURES.index("rank_als")], nan=np.inf)
+        out: list[dict[str, Any]] = [{"model": "als_order", "min_cold_share": None,
+                                      "ndcg_all": group_ndcg(y, als, groups, k),
+                                      "ndcg_warm": group_ndcg(y, als, groups, k, cold=cold, warm_only=True)}]
+        g = np.repeat(np.arange(len(groups)), groups)
+        for share in shares:
+            out.append({"model": "reranker", "min_cold_share": share,
+                        "ndcg_all": group_ndcg(y, sc, groups, k, cold=cold, min_cold_share=share),
+                        "ndcg_warm": group_ndcg(y, sc, groups, k, cold=cold, min_cold_share=share, warm_only=True),
+                        "served_cold_share": served_cold_share(g, cold, sc, k, share)})
+        return out
 
     def score(self, frame: pl.DataFrame) -> np.ndarray:
         """Scores (n,) float64 for each row of a feature frame (row-wise; batch-independent)."""

@@ -88,6 +88,7 @@ class SongTable:
     _pos: dict[str, int] = field(default_factory=dict, repr=False)
     _frame: pl.DataFrame | None = field(default=None, repr=False)
     popularity_scale: float = field(default=1.0, init=False)
+    cold_fraction: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self.reindex()
@@ -97,6 +98,7 @@ class SongTable:
         self._pos = {s: i for i, s in enumerate(self.song_ids)}
         w = np.asarray(self.warm, dtype=bool)
         self.popularity_scale = 1.0 + (float(np.mean(self.popularity[w])) if w.any() else 0.0)
+        self.cold_fraction = float(1.0 - w.mean()) if len(w) else 0.0
         self._frame = pl.DataFrame(
             {
                 "song_id": pl.Series(self.song_ids, dtype=pl.String),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -480,7 +481,7 @@ class RedisStore(OnlineStore):
 
         try:
             with self.client.pipeline(transaction=True) as pipe:
-                for _ in range(20):  # optimistic retries when another writer touches a key
+                for attempt in range(20):  # optimistic retries when another writer touches a key
                     try:
                         keys = [*watch, *([self.keys.current] if require_current else [])]
                         if keys:
@@ -494,6 +495,10 @@ class RedisStore(OnlineStore):
                         body(pipe)
                         return list(pipe.execute())
                     except redis.WatchError:
+                        # jittered, growing back-off: a writer looping on the same keys (a burst of
+                        # plays during a publish's carry-over) otherwise wins all 20 rounds on a
+                        # loaded machine (seen in CI)
+                        time.sleep(random.uniform(0.0, min(0.05, 0.001 * 2**attempt)))
                         continue
         except redis.RedisError as err:
             raise self._fail(what, err) from err

@@ -60,7 +60,8 @@ def test_state_path_matches_recommend() -> None:
     rec = recommender()
     u = _users(1)[0]
     state = rec.user_state(u)
-    out = rank_states([state], 10, rec.sources, rec.songs, rec.reranker, rec.config.candidates)
+    out = rank_states([state], 10, rec.sources, rec.songs, rec.reranker, rec.config.candidates,
+                      min_cold_share=rec.min_cold_share)
     assert out.drop("user_id").equals(rec.recommend(u, k=10))
     cands = generate_candidates([state], rec.sources, rec.config.candidates)
     feats = build_feature_frame([state], cands, rec.songs)

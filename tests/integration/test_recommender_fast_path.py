@@ -42,13 +42,15 @@ def test_array_path_equals_frame_path() -> None:
     with using_threads(1):
         for k in (1, 20, 150):
             got = rank_states(states, k, rec.sources, rec.songs, rec.reranker, rec.config.candidates, excludes=excludes)
-            ref = _frame_reference(states, k, excludes)
+            ref = _frame_reference(states, k, excludes)  # pure score order (no new-song floor)
             assert got["user_id"].to_list() == ref["user_id"].to_list(), k
             assert got["song_id"].to_list() == ref["song_id"].to_list(), k
             assert got["source"].to_list() == ref["source"].to_list(), k
             assert got["rank"].to_list() == ref["rank"].to_list(), k
             np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), rtol=0, atol=1e-6)
-            # single users equal their rows of the batch
+            # single users equal their rows of the batch (served with the build's new-song floor)
+            got = rank_states(states, k, rec.sources, rec.songs, rec.reranker, rec.config.candidates, excludes=excludes,
+                              min_cold_share=rec.min_cold_share)
             for i, u in enumerate(users[:5]):
                 one = rec.recommend(u, k=k, exclude=excludes[i])
                 part = got.filter(pl.col("user_id") == u).drop("user_id")

@@ -103,7 +103,7 @@ def test_recommender_config_toml(tmp_path: Path) -> None:
 
 
 def test_select_top_k_reserves_new_song_slots_in_score_order() -> None:
-    from apex_rank.ranking.recommender import select_top_k
+    from apex_rank.ranking.reranker import select_top_k
 
     # two users, rows already sorted best first; user 0: w w c w c c, user 1: c only (2 rows)
     user = np.array([0, 0, 0, 0, 0, 0, 1, 1])
@@ -117,3 +117,22 @@ def test_select_top_k_reserves_new_song_slots_in_score_order() -> None:
     assert not cold[keep[:4][np.isin(keep[:4], [0, 1, 3])]].any()
     keep, _ = select_top_k(user, cold, 4, 1.0)  # 3 new exist, the 4th slot goes to a warm song
     assert sorted(keep.tolist()[:4]) == [0, 2, 4, 5]
+    # as a floor: at least the share, more where the scores put more new songs in the top k
+    keep, _ = select_top_k(user, cold, 4, 0.25, floor=True)  # user 0's own top 4 holds 1 new song
+    assert keep.tolist() == [0, 1, 2, 3, 6, 7]
+    keep, _ = select_top_k(user, cold, 4, 0.5, floor=True)  # raised to 2 new songs
+    assert keep.tolist() == [0, 1, 2, 4, 6, 7]
+
+
+def test_group_ndcg_counts_what_is_served() -> None:
+    from apex_rank.ranking.reranker import group_ndcg
+
+    y = np.array([1, 0, 0, 1, 0])  # one group of 5, positives at rows 0 (warm) and 3 (cold)
+    cold = np.array([0, 0, 0, 1, 0], dtype=bool)
+    sc = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    ideal = 1 + 1 / np.log2(3)
+    assert group_ndcg(y, sc, np.array([5]), 2, cold=cold) == pytest.approx(1 / ideal)
+    # a floor of one new song in two slots swaps the second warm song for the cold positive
+    assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, min_cold_share=0.5) == pytest.approx(1.0)
+    # warm targets only: the cold positive is not relevant
+    assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, warm_only=True) == pytest.approx(1.0)
