@@ -138,7 +138,6 @@ class RecommenderConfig:
     batch_users: int = 1000
     seed: int = 0
     cold_sim_share: float = 0.2
-    label_slice: str = "user-latest"
     cf_grid: tuple[dict[str, Any], ...] = ALS_GRID
 
     def __post_init__(self) -> None:
@@ -225,8 +224,6 @@ def _label_rows(inter: pl.DataFrame, ts_s: np.ndarray, cfg: RecommenderConfig) -
     with little history before it).
     """
     n = inter.height
-    if cfg.label_slice == "global-time" and np.isfinite(ts_s).all():
-        return ts_s >= float(np.quantile(ts_s, 1.0 - cfg.rerank_share))
     key = ts_s if np.isfinite(ts_s).all() else np.random.default_rng(cfg.seed).random(n)
     df = (
         pl.DataFrame({"u": inter["user_id"], "t": key, "r": np.arange(n, dtype=np.int64)})
