@@ -64,7 +64,7 @@ def format_ranking(report: dict[str, Any]) -> str:
             f"{'HR@' + str(k):>8}{'cold@' + str(k):>9}"]
     for m, res in report["models"].items():
         for s, v in res.items():
-            rows.append(f"{m:<12}{s:<11}{v['n_users']:>6}{v[f'ndcg@{k}']:>10.4f}{v[f'recall@{k}']:>11.4f}"
+            rows.append(f"{m:<12}{s:<11}{round(v['n_users']):>6}{v[f'ndcg@{k}']:>10.4f}{v[f'recall@{k}']:>11.4f}"
                         f"{v[f'hitrate@{k}']:>8.3f}{v[f'cold_share@{k}']:>9.3f}")
     return "\n".join(rows)
 
