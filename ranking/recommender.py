@@ -1,13 +1,18 @@
 """The ``Recommender`` facade: build from tables, recommend, add songs, save/load a bundle.
 
-Build (DESIGN.md, "Cold start: how the pieces fit"):
+Build (DESIGN.md, "Cold start: how the pieces fit", with the changes of the blend work):
 
 1. APEX priors for every catalogue song (a given :class:`~apex_rank.predictor.ApexPredictor`, or
-   one trained on the way from the songs table's labels).
-2. Interactions are split by time: the earlier ``1 - rerank_share`` fits CF (ALS/BPR), the
-   content→CF map and the user states; the later slice gives the reranker's labels over
-   candidates generated from the earlier state (with cold-start simulation).
-3. Serving side: CF, map, states and indexes refitted on all interactions (``refit_on_all``).
+   one trained on the way from the songs table's labels; without labels, from the play counts
+   of the played songs only).
+2. Each user's latest ``rerank_share`` of interactions labels the reranker's training groups; the
+   earlier rest is the fit part. A seeded ``cold_sim_share`` of the played songs is held out of
+   the training side as simulated new songs (their label plays stay), songs nobody played stay
+   out of the groups, ALS settings are chosen on the label slice (``cf_grid``).
+3. Training side: CF, content map, user states and candidates on the fit part; LightGBM learns
+   corrections to the ALS order (``init_score``); a minimum share of new songs is chosen on its
+   validation groups (``report["exposure"]``).
+4. Serving side: CF, map, states and indexes refitted on all interactions (``refit_on_all``).
 
 Per-user path (pure functions, reused by the online ranker): ``rec.user_state(u)`` →
 :func:`~apex_rank.ranking.candidates.generate_candidates` →
