@@ -244,6 +244,7 @@ class Reranker:
         self.best_iteration = 0
         self.best_score: float = float("nan")
         self.als_order_score: float = float("nan")
+        self._validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def fit(self, frame: pl.DataFrame, *, label_col: str = "label") -> Reranker:
         """Train on a feature frame holding ``user_id``, ``FEATURES`` and an integer ``label_col``."""
@@ -328,9 +329,12 @@ class Reranker:
     def floors_on_validation(self, shares: tuple[float, ...], k: int = 10) -> list[dict[str, Any]]:
         """NDCG@k of the whole list and of warm targets on the validation groups: the ALS order
         first, then the reranker with each minimum new-song share in ``shares`` (a floor, see
-        :func:`select_top_k`), and the share of new songs it served. Only after :meth:`fit`
-        (the groups are not saved)."""
+        :func:`select_top_k`), and the share of new songs it served. Once, after :meth:`fit`:
+        the validation groups are not saved, and are freed here."""
+        if self._validation is None:
+            raise NotFittedError("the reranker's validation groups are gone (only once, right after fit)")
         X, y, groups = self._validation
+        self._validation = None
         cold = X[:, FEATURES.index("is_cold")] > 0.5
         sc = self.score_matrix(X)
         als = -np.nan_to_num(X[:, FEATURES.index("rank_als")], nan=np.inf)
