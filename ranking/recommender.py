@@ -819,8 +819,7 @@ class Recommender:
         cold_share: float | None = None,
     ) -> pl.DataFrame:
         """Rank for explicit states (the path an online ranker shares): candidates → features → rerank."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        check_k(k)
         check_cold_share(cold_share)
         ex = list(excludes) if excludes is not None else [set() for _ in states]
         out = []
@@ -876,8 +875,7 @@ class Recommender:
         """``recommend_states`` without the frame, for serving: per state, its top-k as
         ``(song_id, score, source)`` tuples, best first. The same arrays the frame is built
         from, so the items equal the frame's rows."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        check_k(k)
         check_cold_share(cold_share)
         ex = list(excludes) if excludes is not None else [set() for _ in states]
         out: list[list[tuple[str, float, str]]] = [[] for _ in states]
@@ -917,8 +915,7 @@ class Recommender:
 
     def similar_songs(self, song_id: str, k: int = 20) -> pl.DataFrame:
         """Content neighbours of a catalogue song (itself excluded): song_id, score, rank, is_cold, priors."""
-        if not isinstance(k, int) or k < 1:
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        check_k(k)
         i = self.songs._pos.get(song_id)
         if i is None:
             raise UnknownIdError(f"song_id {song_id!r} is not in the catalogue")
@@ -1131,6 +1128,16 @@ def rank_arrays(
         keep, rank = select_top_k(user_key[order], ~song_table.warm[s[order]], k, cold_share)
     keep = order[keep]
     return RankedArrays(rows[keep], ids[keep], s[keep], scores[keep].astype(np.float64), best[keep], rank)
+
+
+MAX_K = 1000  # longest list the Python API and CLI rank (the HTTP service caps at its max_k, 500)
+
+
+def check_k(k: object) -> None:
+    """``k`` must be an int in [1, MAX_K]: a huge k makes every source fetch k candidates per user
+    (``recommend -k 1000000000`` once grew to 22 GB before the kernel killed it)."""
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise ConfigError(f"k must be an integer in [1, {MAX_K}], got {k!r}")
 
 
 def cold_shortfall(song_table: SongTable, song_ids: Sequence[str], k: int, cold_share: float | None) -> int:

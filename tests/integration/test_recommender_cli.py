@@ -47,6 +47,10 @@ def test_cli_build_and_recommend(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "bundle written to" in out and "song_id" in out and "is_cold" in out
     assert main(["recommend", "--bundle", str(tmp_path / "bundle"), "--user", "nobody", "-k", "3"]) == 0
     assert "fallback" in capsys.readouterr().out
+    # a huge k is refused in one line before anything is ranked (it once grew to 22 GB)
+    assert main(["recommend", "--bundle", str(tmp_path / "bundle"), "--user", user, "-k", "1000000000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "k must be an integer in [1, 1000], got 1000000000" in err[0], err
 
 
 def test_cli_bad_config_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

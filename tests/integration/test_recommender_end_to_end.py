@@ -15,7 +15,7 @@ import pytest
 from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdError
 from apex_rank.ranking.candidates import generate_candidates
 from apex_rank.ranking.features import FEATURES, build_feature_frame
-from apex_rank.ranking.recommender import RESULT_SCHEMA, load_recommender, rank_states
+from apex_rank.ranking.recommender import MAX_K, RESULT_SCHEMA, load_recommender, rank_states
 from apex_rank.schemas import embeddings_frame
 from apex_rank.tasks import APEX_TASKS
 from tests.integration.test_recommender_fixtures import build, recommender, train_interactions, world
@@ -94,11 +94,17 @@ def test_exclude_and_k_larger_than_catalogue() -> None:
     again = rec.recommend(u, k=5, exclude=first["song_id"].to_list())
     assert not set(again["song_id"]) & set(first["song_id"])
     n_hist = len(rec.user_state(u).history)
-    everything = rec.recommend(u, k=10 * len(rec.songs))
+    assert MAX_K > len(rec.songs)
+    everything = rec.recommend(u, k=MAX_K)
     assert everything.height == len(rec.songs) - n_hist  # every rankable song, no more
     assert everything["song_id"].n_unique() == everything.height
-    with pytest.raises(ConfigError, match="k must be a positive integer"):
-        rec.recommend(u, k=0)
+    for bad in (0, MAX_K + 1, 10**9, True, 2.0):
+        with pytest.raises(ConfigError, match=rf"k must be an integer in \[1, {MAX_K}\]"):
+            rec.recommend(u, k=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="k must be an integer"):
+        rec.recommend_batch([u], k=10**9)
+    with pytest.raises(ConfigError, match="k must be an integer"):
+        rec.similar_songs(rec.songs.song_ids[0], k=MAX_K + 1)
 
 
 def test_similar_songs() -> None:
