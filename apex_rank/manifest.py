@@ -2,11 +2,16 @@
 
 Every artifact folder apex-rank writes (APEX predictor, recommender bundle, embedding cache)
 holds a ``manifest.json``. Readers refuse a newer schema version than they know and name the
-folder and the file that is missing, so a half-copied artifact fails loudly.
+folder and the file that is missing, so a half-copied artifact fails loudly. The manifest
+records each component file's size and SHA-256 (``checksums``); readers verify them before any
+native code (LightGBM, FAISS, numpy) reads a file, so a truncated, swapped or edited component is
+one :class:`~apex_rank.errors.ArtifactError` naming it, not a crash (a half ``reranker.txt`` made
+LightGBM segfault) or a silently different model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -46,13 +51,24 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def file_checksum(path: Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex digest}`` of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
 def write_manifest(folder: str | Path, *, kind: str, schema: int, files: list[str], payload: dict[str, Any]) -> Path:
-    """Write ``folder/manifest.json``; ``files`` are the component files a reader will need."""
+    """Write ``folder/manifest.json``; ``files`` are the component files a reader will need (their
+    sizes and SHA-256 are recorded)."""
     folder = Path(folder)
     data = {
         "kind": kind,
         "schema": schema,
         "files": sorted(files),
+        "checksums": {f: file_checksum(folder / f) for f in sorted(files)},
         "versions": library_versions(),
         **payload,
     }
@@ -85,4 +101,18 @@ def read_manifest(folder: str | Path, *, kind: str, max_schema: int) -> dict[str
     missing = [f for f in data.get("files", []) if not (folder / f).exists()]
     if missing:
         raise ArtifactError(f"{folder}: component file(s) {', '.join(missing)} listed in {MANIFEST_NAME} are missing")
+    sums = data.get("checksums")
+    if sums is not None and not isinstance(sums, dict):
+        raise ArtifactError(f"{path}: 'checksums' must be a table of file -> size and sha256")
+    for name, want in (sums or {}).items():
+        p = folder / name
+        if not isinstance(want, dict) or not p.is_file():
+            raise ArtifactError(f"{path}: checksum entry {name!r} is malformed or names no file")
+        size = p.stat().st_size
+        if size != want.get("bytes"):
+            raise ArtifactError(f"{p}: {size} bytes, the manifest recorded {want.get('bytes')} (truncated or replaced "
+                                "after the artifact was written); restore it or rebuild the artifact")
+        if file_checksum(p)["sha256"] != want.get("sha256"):
+            raise ArtifactError(f"{p}: SHA-256 differs from the manifest's (changed or taken from another artifact "
+                                "after it was written); restore it or rebuild the artifact")
     return data

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +151,35 @@ def test_bundle_from_another_schema_or_missing_file(tmp_path: Path) -> None:
     (b / "reranker.txt").unlink()
     with pytest.raises(ArtifactError, match="reranker.txt"):
         load_recommender(b)
+
+
+def test_tampered_bundle_files_are_one_error_naming_the_file(tmp_path: Path) -> None:
+    """Checked against the manifest's sizes and SHA-256 before LightGBM/FAISS/numpy read them: a
+    truncated reranker.txt once made LightGBM segfault; a songs.npz from another bundle served."""
+    rec = recommender()
+    good = rec.save(tmp_path / "good")
+    man = json.loads((good / "manifest.json").read_text())
+    assert set(man["checksums"]) == set(man["files"]) and all(len(c["sha256"]) == 64 for c in man["checksums"].values())
+    cases = {
+        "reranker.txt": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),  # truncated
+        "songs.npz": lambda p: p.write_bytes(p.read_bytes()[:-1] + bytes([p.read_bytes()[-1] ^ 1])),  # one bit
+        "content.faiss": lambda p: p.write_bytes(b"\0" * p.stat().st_size),  # same size, other bytes
+        "apex/head.safetensors": lambda p: p.write_bytes(p.read_bytes() + b"x"),
+    }
+    for name, tamper in cases.items():
+        b = tmp_path / name.replace("/", "_")
+        shutil.copytree(good, b)
+        tamper(b / name)
+        with pytest.raises(ArtifactError, match=re.escape(str(b / name))):
+            load_recommender(b)
+    # the CLI: exit 2 with one line, nothing ranked
+    b = tmp_path / "cli"
+    shutil.copytree(good, b)
+    cases["reranker.txt"](b / "reranker.txt")
+    proc = subprocess.run([sys.executable, "-m", "apex_rank.cli.main", "recommend", "--bundle", str(b), "--user",
+                           rec.user_ids[0]], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "reranker.txt" in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 def test_add_songs_rankable_immediately(tmp_path: Path) -> None:

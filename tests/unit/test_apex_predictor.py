@@ -83,5 +83,12 @@ def test_newer_schema_is_refused(predictor: ApexPredictor, tmp_path: Path) -> No
 def test_corrupt_weights_file_is_a_checkpoint_error(predictor: ApexPredictor, tmp_path: Path) -> None:
     predictor.save(tmp_path / "m")
     (tmp_path / "m" / "head.safetensors").write_bytes(b"\x00garbage")
+    # the manifest's size and SHA-256 catch it before safetensors reads a byte
+    with pytest.raises(ArtifactError, match="head.safetensors.*the manifest recorded"):
+        ApexPredictor.load(tmp_path / "m")
+    # a manifest without checksums (written before they existed): safetensors' own check names it
+    man = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    del man["checksums"]
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(CheckpointError, match="head.safetensors"):
         ApexPredictor.load(tmp_path / "m")
