@@ -1182,6 +1182,56 @@ def rank_states(
     return pl.DataFrame(cols)
 
 
+def _check_bundle(
+    folder: Path,
+    songs: SongTable,
+    users: _Users,
+    cf: CFModel,
+    content_index: CandidateIndex,
+    pseudo_index: CandidateIndex,
+    apex: ApexPredictor,
+) -> None:
+    """Cross-check the loaded components (each file passed its checksum, but a bundle assembled
+    from parts of several bundles, or written by a buggy build, must not serve): shapes agree
+    with the catalogue, every index names catalogue songs, user histories point into it, and
+    the arrays the features read are finite (a prior column may be all NaN: an untrained task)."""
+    n, d = len(songs), content_index.dim  # the width the index was built with
+
+    def bad(name: str, what: str) -> ArtifactError:
+        return ArtifactError(f"{folder / name}: {what}; the bundle's files do not belong together, rebuild it")
+
+    for attr, width in (("embeddings", d), ("cf_factors", cf.item_factors.shape[1]),
+                        ("pseudo_factors", cf.item_factors.shape[1]), ("priors", len(APEX_TASKS))):
+        arr = getattr(songs, attr)
+        if arr.shape != (n, width):
+            raise bad("songs.npz", f"{attr} has shape {arr.shape}, expected ({n}, {width})")
+    for attr in ("warm", "popularity", "created_s", "quality"):
+        if getattr(songs, attr).shape != (n,):
+            raise bad("songs.npz", f"{attr} has shape {getattr(songs, attr).shape}, expected ({n},)")
+    for attr in ("embeddings", "cf_factors", "pseudo_factors", "popularity", "quality"):
+        if not np.isfinite(getattr(songs, attr)).all():
+            raise bad("songs.npz", f"{attr} holds NaN or infinite values")
+    fin = np.isfinite(songs.priors)
+    if not (fin.all(axis=0) | (~fin).all(axis=0)).all():
+        raise bad("songs.npz", "priors hold NaN or infinite values in a trained task's column")
+    if apex.input_dim != d:
+        raise bad("apex", f"the APEX predictor reads embeddings of width {apex.input_dim}, the content index's are {d}")
+    if content_index.ids != songs.song_ids:
+        raise bad("content.faiss", "the content index does not hold exactly the songs of songs.npz, in order")
+    cold = [songs.song_ids[i] for i in np.flatnonzero(~songs.warm)]
+    if sorted(pseudo_index.ids) != sorted(cold):
+        raise bad("pseudo_cf.faiss", "the pseudo-CF index does not hold exactly the cold songs of songs.npz")
+    if not set(cf.song_ids) <= set(songs.song_ids):
+        raise bad("cf.npz", "the CF model names songs outside the catalogue")
+    n_u = len(users.user_ids)
+    ip, ix = users.hist_indptr, users.hist_indices
+    if (len(ip) != n_u + 1 or ip[0] != 0 or ip[-1] != len(ix) or (np.diff(ip) < 0).any()
+            or (len(ix) and (ix.min() < 0 or ix.max() >= n))):
+        raise bad("users.npz", "user histories point outside the catalogue")
+    if users.profiles.shape != (n_u, d) or not np.isfinite(users.profiles).all():
+        raise bad("users.npz", f"profiles are not finite ({n_u}, {d}) vectors")
+
+
 def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
     """Load a bundle written by :meth:`Recommender.save`.
 
@@ -1228,6 +1278,7 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
     pseudo_index = CandidateIndex.load(folder / "pseudo_cf.faiss", device=device)
     reranker = Reranker.load(folder / "reranker.txt", cfg.reranker)
     apex = ApexPredictor.load(folder / "apex", device=device)
+    _check_bundle(folder, songs, users, cf, content_index, pseudo_index, apex)
     return Recommender(
         config=cfg,
         songs=songs,

@@ -182,6 +182,48 @@ def test_tampered_bundle_files_are_one_error_naming_the_file(tmp_path: Path) -> 
     assert "reranker.txt" in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+def _rewrite_npz(bundle: Path, name: str, **changes: np.ndarray) -> None:
+    """Change arrays of a bundle file and re-record its checksum: a bundle that is consistent on
+    disk but wrong inside (a buggy build, or parts of two bundles with a regenerated manifest)."""
+    from apex_rank.manifest import file_checksum
+
+    with np.load(bundle / name, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    np.savez(bundle / name, **arrays)
+    man = json.loads((bundle / "manifest.json").read_text())
+    man["checksums"][name] = file_checksum(bundle / name)
+    (bundle / "manifest.json").write_text(json.dumps(man))
+
+
+def test_bundle_parts_that_do_not_belong_together_are_refused(tmp_path: Path) -> None:
+    rec = recommender()
+    good = rec.save(tmp_path / "good")
+    with np.load(good / "songs.npz", allow_pickle=False) as z:
+        songs = {k: z[k] for k in z.files}
+    with np.load(good / "users.npz", allow_pickle=False) as z:
+        hist = z["hist_indices"]
+    trained = int(np.flatnonzero(np.isfinite(songs["priors"]).all(axis=0))[0])
+    nan_priors = songs["priors"].copy()
+    nan_priors[3, trained] = np.nan
+    cases = {
+        "songs.npz": [
+            ("priors", nan_priors, "priors hold NaN"),
+            ("embeddings", songs["embeddings"][:, :8], "embeddings has shape"),
+            ("song_ids", np.asarray([f"x{i}" for i in range(len(songs["song_ids"]))]), "content index"),
+        ],
+        "users.npz": [("hist_indices", np.where(np.arange(len(hist)) == 0, 10**6, hist), "outside the catalogue")],
+    }
+    for name, changes in cases.items():
+        for key, value, message in changes:
+            b = tmp_path / f"{name}-{key}"
+            shutil.copytree(good, b)
+            _rewrite_npz(b, name, **{key: value})
+            where = "content.faiss" if key == "song_ids" else name  # the index no longer matches the songs
+            with pytest.raises(ArtifactError, match=re.escape(str(b / where)) + ".*" + message):
+                load_recommender(b)
+
+
 def test_add_songs_rankable_immediately(tmp_path: Path) -> None:
     rec = load_recommender(recommender().save(tmp_path / "b"), device="cpu")  # a private copy
     u = _users(1)[0]
