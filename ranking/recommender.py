@@ -35,6 +35,9 @@ Example
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -990,9 +993,38 @@ class Recommender:
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> Path:
-        """Write the bundle folder (see module doc); returns it."""
+        """Write the bundle folder (see module doc) atomically; returns it.
+
+        The bundle is written into a temporary sibling folder and renamed into place, so a save
+        killed halfway leaves the previous bundle whole (never old manifest next to new files).
+        An existing ``folder`` is replaced only when it is empty or an apex-rank bundle (a
+        :class:`ConfigError` otherwise); between the two renames that replace it, the name is
+        briefly absent, never mixed.
+        """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"{folder} exists and is not a folder: cannot write a bundle there")
+            if any(folder.iterdir()) and not _is_bundle(folder):
+                raise ConfigError(f"{folder} holds files and is not an apex-rank bundle: refusing to replace it")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        try:
+            self._write_bundle(tmp)
+            if folder.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+                os.replace(folder, old / "bundle")
+                os.replace(tmp, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    def _write_bundle(self, folder: Path) -> None:
+        """Every component file and the manifest into ``folder`` (an empty folder)."""
         np.savez(folder / "songs.npz", **self.songs.to_arrays())
         U = self._users
         np.savez(
@@ -1026,7 +1058,16 @@ class Recommender:
                 "feature_importance": self.reranker.feature_importance().to_dicts(),
             },
         )
-        return folder
+
+
+def _is_bundle(folder: Path) -> bool:
+    """True when ``folder/manifest.json`` says it is a recommender bundle (any schema)."""
+    import json
+
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _prior_stats(priors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -224,6 +224,39 @@ def test_bundle_parts_that_do_not_belong_together_are_refused(tmp_path: Path) ->
                 load_recommender(b)
 
 
+def test_save_is_atomic_and_never_replaces_a_foreign_folder(tmp_path: Path) -> None:
+    rec = recommender()
+    b = rec.save(tmp_path / "b")
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+
+    class Killed(Exception):
+        pass
+
+    def dies(path: object) -> None:  # the process "dies" after half the files are written
+        raise Killed("killed halfway")
+
+    original = rec.reranker.save
+    rec.reranker.save = dies  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Killed):
+            rec.save(b)
+    finally:
+        rec.reranker.save = original  # type: ignore[method-assign]
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before  # the old bundle, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary folder left behind
+    load_recommender(b)
+    rec.save(b)  # a completed save replaces it
+    assert load_recommender(b).recommend(rec.user_ids[0], k=5).equals(rec.recommend(rec.user_ids[0], k=5))
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not an apex-rank bundle: refusing to replace it"):
+        rec.save(foreign)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="is not a folder"):
+        rec.save(foreign / "notes.txt")
+
+
 def test_add_songs_rankable_immediately(tmp_path: Path) -> None:
     rec = load_recommender(recommender().save(tmp_path / "b"), device="cpu")  # a private copy
     u = _users(1)[0]
