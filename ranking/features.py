@@ -100,13 +100,22 @@ def feature_array(
 
     has_cf, U = _stack_present([x.cf_factor for x in states], st.cf_factors.shape[1])
     has_prof, P = _stack_present([x.profile for x in states], st.embeddings.shape[1])
-    # mean priors over each user's known history
+    # per user, from one lookup of its history: mean priors over the known history songs, and
+    # the mean CF factor of the warm songs among its RECENT latest entries
     hist_mean = np.full((len(states), len(APEX_TASKS)), np.nan, dtype=np.float32)
+    R_u = np.zeros((len(states), st.cf_factors.shape[1]), dtype=np.float32)
+    has_recent = np.zeros(len(states), dtype=bool)
     for i, x in enumerate(states):
-        hi = st.index_of(x.history)
-        hi = hi[hi >= 0]
+        idx = st.index_of(x.history)
+        hi = idx[idx >= 0]
         if len(hi):
             hist_mean[i] = st.priors[hi].mean(axis=0)
+        recent = idx[-RECENT:]
+        recent = recent[recent >= 0]
+        recent = recent[st.warm[recent]]
+        if len(recent):
+            R_u[i] = st.cf_factors[recent].mean(axis=0)
+            has_recent[i] = True
     activity = np.log1p(np.asarray([x.activity for x in states], dtype=np.float32))
 
     X = np.empty((n, len(FEATURES)), dtype=np.float32)
@@ -122,15 +131,6 @@ def feature_array(
     if ucf.any():
         pcf[ucf] = _rowdot(U[u[ucf]], st.pseudo_factors[s[ucf]])
     X[:, col["pseudo_cf_score"]] = pcf
-    R_u = np.zeros((len(states), st.cf_factors.shape[1]), dtype=np.float32)
-    has_recent = np.zeros(len(states), dtype=bool)
-    for i, x in enumerate(states):
-        hi = st.index_of(x.history[-RECENT:] if RECENT else ())
-        hi = hi[hi >= 0]
-        hi = hi[st.warm[hi]]
-        if len(hi):
-            R_u[i] = st.cf_factors[hi].mean(axis=0)
-            has_recent[i] = True
     rec = np.full(n, np.nan, dtype=np.float32)
     mr = has_recent[u]
     if mr.any():

@@ -94,7 +94,8 @@ class SongTable:
         self.reindex()
 
     def reindex(self) -> None:
-        """Rebuild the id lookups and ``popularity_scale`` (1 + the mean count of warm songs)."""
+        """Rebuild the id lookups, ``popularity_scale`` (1 + the mean count of warm songs) and
+        ``cold_fraction`` (share of songs without a CF factor)."""
         self._pos = {s: i for i, s in enumerate(self.song_ids)}
         w = np.asarray(self.warm, dtype=bool)
         self.popularity_scale = 1.0 + (float(np.mean(self.popularity[w])) if w.any() else 0.0)

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from apex_rank.errors import StoreError
+from apex_rank.errors import ConfigError, StoreError
+from apex_rank.ranking.reranker import check_cold_share
 
 from .config import OnlineConfig
 from .engine import RankingEngine
@@ -346,9 +347,10 @@ class OnlineRanker:
         check_id(user_id, "user_id")
         k = check_k(k, self.config.max_k)
         excl = frozenset(check_id(s, "excluded song id") for s in (exclude or ()))
-        if cold_share is not None and (isinstance(cold_share, bool) or not isinstance(cold_share, (int, float))
-                                       or not 0.0 <= cold_share <= 1.0):
-            raise RequestError(f"cold_share must be a number in [0, 1], got {cold_share!r}")
+        try:
+            check_cold_share(cold_share)
+        except ConfigError as err:
+            raise RequestError(str(err)) from None
         self.stats["requests"] += 1
         active = self._active
         now = time.monotonic()
