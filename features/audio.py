@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
@@ -190,11 +191,68 @@ def to_mono(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.astype(np.float32, copy=False) @ weights)
 
 
+#: Largest term of the reduced ratio ``p:q`` the resampler works with (see :func:`resample`).
+MAX_RATIO_TERM = 1000
+#: Largest relative rate error accepted when an odd ratio is replaced by a nearby small one.
+MAX_RATE_ERROR = 1e-3
+
+
+def resample_ratio(orig_rate: int, new_rate: int) -> tuple[int, int]:
+    """The ratio ``(p, q)`` that :func:`resample` uses for ``orig_rate`` → ``new_rate``.
+
+    The exact reduced ratio ``orig/g : new/g`` when both terms are at most
+    :data:`MAX_RATIO_TERM` (every common rate pair: 44,100:24,000 is 147:80, 22,050:16,000 is
+    441:320); otherwise the closest ratio whose terms both are. That treats the source as if
+    it had a rate at most 0.051 % away for any rate from 4 to 200 kHz (44,101 Hz → 24 kHz
+    uses 509:277, an error of 0.0002 %), far below audible pitch or timing changes. A ratio
+    with no such neighbour within :data:`MAX_RATE_ERROR` (more than about 500:1) is an
+    :class:`AudioError`.
+    """
+    if orig_rate < 1 or new_rate < 1:
+        raise AudioError(f"sample rates must be >= 1 Hz, got {orig_rate} Hz -> {new_rate} Hz")
+    g = math.gcd(orig_rate, new_rate)
+    p, q = orig_rate // g, new_rate // g
+    if max(p, q) <= MAX_RATIO_TERM:
+        return p, q
+    if p > q:  # the larger term p is bounded by bounding the denominator of q/p
+        near = Fraction(new_rate, orig_rate).limit_denominator(MAX_RATIO_TERM)
+        p, q = near.denominator, near.numerator
+    else:
+        near = Fraction(orig_rate, new_rate).limit_denominator(MAX_RATIO_TERM)
+        p, q = near.numerator, near.denominator
+    if p == 0 or q == 0 or abs(p * new_rate - q * orig_rate) > MAX_RATE_ERROR * q * orig_rate:
+        raise AudioError(
+            f"cannot resample {orig_rate} Hz to {new_rate} Hz: no ratio with terms <= {MAX_RATIO_TERM} "
+            f"lies within {MAX_RATE_ERROR:.1%} of it"
+        )
+    return p, q
+
+
+def _check_rates(path: Path, orig_rate: int, new_rate: int) -> None:
+    """Fail early, naming the file, when its rate has no bounded ratio to the target rate."""
+    try:
+        p, q = resample_ratio(orig_rate, new_rate)
+    except AudioError as err:
+        raise AudioError(f"{path}: {err}") from err
+    if p * new_rate != q * orig_rate:
+        off = 100 * abs(p * new_rate - q * orig_rate) / (q * orig_rate)
+        log.debug("%s: %d Hz -> %d Hz by the ratio %d:%d (rate off by %.4f %%)", path, orig_rate, new_rate, p, q, off)
+
+
 def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
-    """Resample the last axis with torchaudio's windowed-sinc resampler (identity if equal)."""
-    if orig_rate == new_rate:
+    """Resample the last axis with torchaudio's windowed-sinc resampler (identity if equal).
+
+    torchaudio builds a kernel of ``q * (p + 2 * width)`` coefficients for the reduced ratio
+    ``p:q`` (``width`` = 6 zero crossings of the lower rate), whatever the signal's length: for
+    44,101 Hz → 24 kHz (ratio 44,101:24,000) that is a billion coefficients and a 12.5 GB peak.
+    Resampling by :func:`resample_ratio` keeps ``p, q <= 1000``, which bounds the kernel at
+    1,014,000 coefficients (4 MB in float32, about 25 MB with torchaudio's temporaries) for
+    any pair of rates; common rates keep their exact ratio and their output.
+    """
+    p, q = resample_ratio(int(orig_rate), int(new_rate))
+    if p == q:
         return wave
-    return AF.resample(wave, int(orig_rate), int(new_rate))
+    return AF.resample(wave, p, q)
 
 
 class StreamingResampler:
@@ -202,16 +260,16 @@ class StreamingResampler:
 
     Each block is resampled together with ``context`` input frames on both sides, which covers
     the sinc kernel; output for the block alone is kept. Context and block sizes are multiples
-    of ``orig / gcd(orig, new)`` so block boundaries fall on exact output samples. One block is
-    held back as look-ahead, so memory is about three blocks.
+    of ``p`` of the ratio ``p:q`` that :func:`resample` uses (:func:`resample_ratio`), so block
+    boundaries fall on exact output samples. One block is held back as look-ahead, so memory is
+    about three blocks plus the bounded kernel.
     """
 
     def __init__(self, orig_rate: int, new_rate: int, *, block_frames: int) -> None:
         self.orig, self.new = int(orig_rate), int(new_rate)
-        g = math.gcd(self.orig, self.new)
-        self._step_in, self._step_out = self.orig // g, self.new // g
+        self._step_in, self._step_out = resample_ratio(self.orig, self.new)
         # torchaudio's kernel spans lowpass_filter_width (6) periods of the lower rate on each side
-        need = 6 * math.ceil(self.orig / min(self.orig, self.new)) + 16
+        need = 6 * math.ceil(self._step_in / min(self._step_in, self._step_out)) + 16
         self.context = self._step_in * math.ceil(need / self._step_in)
         self.block = self._step_in * max(1, math.ceil(block_frames / self._step_in))
         self._buf = np.zeros(0, dtype=np.float32)  # input frames from index self._base
@@ -234,16 +292,16 @@ class StreamingResampler:
         return [self._emit(end, final=True)] if end > self._done else []
 
     def _emit(self, stop: int, *, final: bool) -> torch.Tensor:
-        if self.orig == self.new:
+        if self._step_in == self._step_out:
             y = torch.from_numpy(self._buf[self._done - self._base : stop - self._base].copy())
         else:
             lo = max(0, self._done - self.context)
             hi = self._base + self._buf.size if final else stop + self.context
             window = torch.from_numpy(self._buf[lo - self._base : hi - self._base])
-            full = AF.resample(window, self.orig, self.new)
+            full = AF.resample(window, self._step_in, self._step_out)
             skip = (self._done - lo) // self._step_in * self._step_out
             if final:
-                n_out = math.ceil((stop - self._done) * self.new / self.orig)
+                n_out = -(-(stop - self._done) * self._step_out // self._step_in)  # ceil(n * q / p), in integers
             else:
                 n_out = (stop - self._done) // self._step_in * self._step_out
             y = full[skip : skip + n_out].clone()
@@ -300,6 +358,7 @@ class SegmentStream:
         self.sample_rate = int(sample_rate)
         self.config = config or AudioConfig()
         self.info = audio_info(self.path)
+        _check_rates(self.path, self.info.sample_rate, self.sample_rate)
         self.duration_s = 0.0
         self.n_segments = 0
         self.n_reads = 0
@@ -432,6 +491,7 @@ def read_audio(
     """
     info = audio_info(path)
     rate = sample_rate or info.sample_rate
+    _check_rates(Path(path), info.sample_rate, rate)
     cfg = AudioConfig(max_duration_s=max_duration_s, on_silence="keep")
     stream = SegmentStream(path, sample_rate=info.sample_rate, config=cfg)
     pieces = [to_mono(b) for b in stream._blocks()]

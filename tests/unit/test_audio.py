@@ -14,6 +14,7 @@ import torch
 
 from apex_rank.errors import AudioError, ConfigError
 from apex_rank.features.audio import (
+    MAX_RATIO_TERM,
     AudioConfig,
     SegmentStream,
     StreamingResampler,
@@ -21,6 +22,7 @@ from apex_rank.features.audio import (
     find_audio_files,
     read_audio,
     resample,
+    resample_ratio,
     segment,
     supported_formats,
     to_mono,
@@ -73,7 +75,10 @@ def test_config_rejects_bad_values() -> None:
 # ------------------------------------------------------------------------------- resampling
 
 
-@pytest.mark.parametrize(("orig", "new"), [(48_000, 16_000), (44_100, 24_000), (8_000, 16_000), (96_000, 24_000)])
+@pytest.mark.parametrize(
+    ("orig", "new"),
+    [(48_000, 16_000), (44_100, 24_000), (8_000, 16_000), (96_000, 24_000), (44_101, 24_000), (22_051, 16_000)],
+)
 def test_streaming_resampler_equals_whole_signal(orig: int, new: int) -> None:
     x = np.random.default_rng(0).standard_normal(orig * 3 + 77).astype(np.float32) * 0.1
     r = StreamingResampler(orig, new, block_frames=orig // 2)
@@ -85,6 +90,55 @@ def test_streaming_resampler_equals_whole_signal(orig: int, new: int) -> None:
     y = torch.cat(pieces)
     assert y.shape == ref.shape
     assert torch.allclose(y, ref, atol=1e-6)
+
+
+COMMON_RATES = (8_000, 11_025, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000, 88_200, 96_000)
+
+
+@pytest.mark.parametrize("new", [24_000, 16_000])
+def test_common_rates_keep_their_exact_ratio(new: int) -> None:
+    for orig in COMMON_RATES:
+        p, q = resample_ratio(orig, new)
+        assert p * new == q * orig and max(p, q) <= MAX_RATIO_TERM, (orig, new, p, q)
+
+
+@pytest.mark.parametrize(("orig", "new"), [(44_101, 24_000), (22_051, 24_000), (96_001, 24_000), (44_101, 16_000)])
+def test_regression_odd_rates_resample_with_a_bounded_kernel(orig: int, new: int) -> None:
+    """44,101 Hz → 24 kHz needed a 24,000 × 44,125 sinc kernel (12.5 GB peak); the ratio used
+    now has both terms <= 1000, so torchaudio's kernel stays below about a million values."""
+    p, q = resample_ratio(orig, new)
+    assert max(p, q) <= MAX_RATIO_TERM
+    assert abs(p / q - orig / new) / (orig / new) < 1e-4  # the rate is off by < 0.01 %
+    x = torch.from_numpy(np.random.default_rng(orig).standard_normal(orig).astype(np.float32))
+    y = resample(x, orig, new)
+    assert y.shape == (-(-orig * q // p),) and abs(y.shape[0] - new) <= 1  # 1 s in, 1 s out
+    assert torch.isfinite(y).all()
+
+
+def test_ratio_with_no_bounded_neighbour_is_refused(tmp_path: Path) -> None:
+    assert resample_ratio(1, 240) == (1, 240)  # large ratios with small terms stay exact
+    with pytest.raises(AudioError, match=r"cannot resample 1 Hz to 24000 Hz: no ratio with terms <= 1000"):
+        resample_ratio(1, 24_000)
+    path = tmp_path / "one_hertz.wav"
+    sf.write(path, np.full(8, 0.5, np.float32), 1)
+    with pytest.raises(AudioError, match=r"one_hertz\.wav: cannot resample 1 Hz to 24000 Hz"):
+        SegmentStream(path, sample_rate=24_000)
+
+
+@pytest.mark.parametrize("rate", [44_101, 22_051, 96_001])
+def test_odd_rate_files_stream_like_the_whole_file(tmp_path: Path, rate: int) -> None:
+    path = tmp_path / f"odd{rate}.wav"
+    sf.write(path, _tone(rate, 5.0, freq=1000.0), rate, subtype="PCM_16")
+    cfg = AudioConfig(segment_s=2.0, min_last_s=0.5, block_s=1.3)
+    got, st = _stream_all(path, 16_000, cfg)
+    wave, sr = read_audio(path, sample_rate=16_000)
+    assert sr == 16_000 and abs(wave.shape[0] - 80_000) <= 1 and np.isfinite(wave).all()
+    ref = segment(torch.from_numpy(wave), 16_000, cfg)
+    assert got.shape == ref.shape == (3, 32_000)
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert st.duration_s == pytest.approx(5.0)
+    spectrum = torch.fft.rfft(got[0]).abs()
+    assert int(spectrum.argmax()) * 16_000 / 32_000 == pytest.approx(1000.0, abs=1.0)  # the tone survives
 
 
 def test_stream_equals_whole_file_segmentation(tmp_path: Path) -> None:
