@@ -233,8 +233,9 @@ def embed_files(
 ) -> list[FileResult | FileFailure]:
     """Embed a batch of files: the pure step (picklable specs in, arrays out).
 
-    A file that cannot be decoded becomes a :class:`FileFailure`; everything else is returned
-    in input order. ``encoder`` may be passed to reuse a loaded model.
+    A file that cannot be decoded or embedded becomes a :class:`FileFailure` (see
+    :func:`_embed_or_fail`); everything is returned in input order. ``encoder`` may be passed
+    to reuse a loaded model.
     """
     enc = encoder if encoder is not None else spec.build()
     out: list[FileResult | FileFailure] = []
@@ -244,12 +245,24 @@ def embed_files(
 
 
 def _embed_or_fail(source: SongSource, encoder: Encoder, audio: AudioConfig) -> FileResult | FileFailure:
+    """:func:`embed_one`, with any failure of this one file turned into a :class:`FileFailure`.
+
+    Besides :class:`AudioError` and ``OSError``, that is whatever a decoder, the resampler or
+    an encoder raises for one input (``RuntimeError`` such as torch's ``LinAlgError`` or a CUDA
+    out-of-memory, ``MemoryError``, ``ValueError``): the file is listed and the batch goes on.
+    ``KeyboardInterrupt``, ``SystemExit`` and programming errors (``TypeError``, ...) still stop it.
+    """
     try:
         return embed_one(source, encoder, audio)
     except AudioError as err:
         return FileFailure(source.song_id, source.path, str(err))
     except OSError as err:
         return FileFailure(source.song_id, source.path, f"{source.path}: cannot be read: {err}")
+    except (RuntimeError, MemoryError, ValueError) as err:
+        log.debug("embedding %s failed", source.path, exc_info=True)
+        kind = type(err).__name__.lstrip("_")  # torch's LinAlgError is named _LinAlgError
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "(no message)"
+        return FileFailure(source.song_id, source.path, f"{source.path}: embedding failed with {kind}: {first_line}")
 
 
 # worker-process state: the encoder is built once per process from its picklable spec

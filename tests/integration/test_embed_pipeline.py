@@ -3,19 +3,25 @@ skipped, the content-hash cache, resuming an interrupted run, worker processes a
 
 from __future__ import annotations
 
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import soundfile as sf
+import torch
 
 from apex_rank.cli.main import main
 from apex_rank.errors import SchemaError
+from apex_rank.features import embed as embed_module
 from apex_rank.features.audio import AudioConfig
 from apex_rank.features.embed import (
     EmbedConfig,
     EmbedProgress,
+    FileFailure,
+    FileResult,
     SongSource,
     collect_sources,
     embed_audio,
@@ -149,6 +155,65 @@ def test_pure_batch_function_and_worker_processes_agree(music: Path, tmp_path: P
         embedding_matrix(pooled.table)[1], embedding_matrix(inproc.table)[1], rtol=1e-5, atol=1e-6
     )
     assert len(pooled.skipped) == 2
+
+
+class _CholeskyEncoder:
+    """A tiny real encoder: the diagonal of the Cholesky factor of each segment's covariance of
+    8-sample frames. Silence (kept with ``on_silence="keep"``) has a singular covariance and the
+    factorisation genuinely fails: torch's LinAlgError is a RuntimeError, numpy's a ValueError."""
+
+    name = "cholesky"
+    sample_rate = 16_000
+    dim = 8
+    batch_size = 4
+    config_hash = "test"
+    id = "cholesky:test"
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def embed(self, segments: torch.Tensor) -> torch.Tensor:
+        frames = segments.reshape(segments.shape[0], -1, 8)
+        cov = frames.transpose(1, 2) @ frames / frames.shape[1]  # (b, 8, 8)
+        if self.backend == "torch":
+            factor = torch.linalg.cholesky(cov)
+        else:
+            factor = torch.from_numpy(np.linalg.cholesky(cov.numpy()))
+        return torch.diagonal(factor, dim1=1, dim2=2).contiguous()
+
+
+KEEP_SILENCE = AudioConfig(segment_s=2.0, min_last_s=0.5, on_silence="keep")
+
+
+@pytest.mark.parametrize(("backend", "error"), [("torch", "LinAlgError"), ("numpy", "LinAlgError")])
+def test_regression_an_encoder_error_on_one_file_is_listed_and_the_batch_goes_on(
+    music: Path, backend: str, error: str
+) -> None:
+    """Only AudioError and OSError were caught: a RuntimeError (torch) or ValueError (numpy)
+    raised while embedding one file stopped the whole run, with no table for the good files."""
+    sf.write(music / "calm/silence.wav", np.zeros((16_000 * 3, 2), np.float32), 16_000)
+    result = embed_audio(music, EmbedConfig(audio=KEEP_SILENCE), encoder=_CholeskyEncoder(backend))
+    assert sorted(result.table["song_id"].to_list()) == sorted(GOOD)
+    reasons = {Path(f.path).name: f.reason for f in result.skipped}
+    assert set(reasons) == {"broken.wav", "readme.mp3", "silence.wav"}
+    assert reasons["silence.wav"].startswith(f"{music / 'calm/silence.wav'}: embedding failed with {error}: ")
+
+
+def _install_cholesky_encoder(audio: AudioConfig) -> None:
+    embed_module._WORKER.update(encoder=_CholeskyEncoder("torch"), audio=audio)
+
+
+def test_worker_processes_list_an_encoder_error_the_same_way(music: Path) -> None:
+    sf.write(music / "calm/silence.wav", np.zeros((16_000 * 3, 2), np.float32), 16_000)
+    sources = [SongSource(i, str(music / p)) for i, p in [("a", "calm/soft_a.wav"), ("s", "calm/silence.wav")]]
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(
+        1, mp_context=ctx, initializer=_install_cholesky_encoder, initargs=(KEEP_SILENCE,)
+    ) as pool:
+        good, bad = pool.map(embed_module._worker_embed, sources)
+    assert isinstance(good, FileResult) and good.vector.shape == (8,)
+    assert isinstance(bad, FileFailure) and bad.song_id == "s"
+    assert "silence.wav: embedding failed with LinAlgError" in bad.reason
 
 
 def test_cli_exit_codes(music: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
