@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -147,7 +149,9 @@ def audio_info(path: str | Path) -> AudioInfo:
     """Read a file's header, with an :class:`AudioError` naming the file and reason on failure."""
     p = Path(path)
     if not p.is_file():
-        raise AudioError(f"{p}: no such file")
+        if p.is_dir():
+            raise AudioError(f"{p}: is a folder, not an audio file")
+        raise AudioError(f"{p}: no such file" if not p.exists() else f"{p}: not a regular file (a FIFO or device?)")
     size = p.stat().st_size
     if size == 0:
         raise AudioError(f"{p}: file is empty (0 bytes)")
@@ -505,16 +509,82 @@ def read_audio(
     return wave, rate
 
 
-def find_audio_files(folder: str | Path, *, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> list[Path]:
-    """Audio files under ``folder`` (recursive, sorted, hidden files skipped)."""
+@dataclass(frozen=True)
+class FolderScan:
+    """What :func:`scan_audio_folder` found: audio files (sorted) and the entries it passed over,
+    each as ``(path, reason)``."""
+
+    files: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def scan_audio_folder(folder: str | Path, *, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> FolderScan:
+    """Audio files under ``folder`` (recursive, sorted) and every entry passed over, with the reason.
+
+    Hidden entries (a name starting with ``.``) and files of other extensions are ignored
+    without a word. Listed in ``skipped``: a sub-folder that cannot be read; a symbolic link to
+    a folder (never followed, so a link loop cannot recurse; linked files are read); a broken or
+    looping link; and an entry named like an audio file that is not a regular file (a FIFO, a
+    socket, a device, or a folder such as ``x.mp3/``, whose contents are searched all the same).
+    """
     root = Path(folder)
     if not root.is_dir():
         raise AudioError(f"{root}: not a folder")
     exts = {e.lower() for e in extensions}
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in exts
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    files: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    todo = [root]
+    while todo:
+        d = todo.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError as err:
+            if d == root:
+                raise AudioError(f"{root}: folder cannot be read: {err.strerror or err}") from err
+            skipped.append((d, f"folder cannot be read: {err.strerror or err}"))
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            path, audio_name = Path(e.path), Path(e.name).suffix.lower() in exts
+            try:
+                st = os.stat(path)  # follows a link
+            except OSError as err:
+                what = "symbolic link cannot be followed" if e.is_symlink() else "cannot be read"
+                skipped.append((path, f"{what}: {err.strerror or err}"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if e.is_symlink():
+                    target = os.readlink(path)
+                    skipped.append(
+                        (path, f"symbolic link to a folder ({target}), not followed: links to folders never are")
+                    )
+                    continue
+                if audio_name:
+                    skipped.append((path, "is a folder, not an audio file (searched like any sub-folder)"))
+                todo.append(path)
+            elif stat.S_ISREG(st.st_mode):
+                if audio_name:
+                    files.append(path)
+            elif audio_name:
+                kind = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)), "not a regular file")
+                skipped.append((path, f"is {kind}, not an audio file"))
+    return FolderScan(sorted(files), sorted(skipped))
+
+
+def find_audio_files(folder: str | Path, *, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> list[Path]:
+    """Audio files under ``folder`` (recursive, sorted, hidden files skipped); the entries
+    :func:`scan_audio_folder` passes over are logged as warnings."""
+    scan = scan_audio_folder(folder, extensions=extensions)
+    for path, reason in scan.skipped:
+        log.warning("skipped %s: %s", path, reason)
+    return scan.files

@@ -43,7 +43,7 @@ import soundfile as sf
 
 from apex_rank.config import to_dict
 from apex_rank.errors import ArtifactError, AudioError, ConfigError, SchemaError
-from apex_rank.features.audio import AUDIO_EXTENSIONS, AudioConfig, SegmentStream, find_audio_files
+from apex_rank.features.audio import AUDIO_EXTENSIONS, AudioConfig, SegmentStream, scan_audio_folder
 from apex_rank.features.encoders import Encoder, EncoderSpec, PrecomputedEncoder, _hash
 from apex_rank.manifest import read_manifest, write_manifest
 from apex_rank.schemas import embeddings_frame, read_table
@@ -117,7 +117,8 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class EmbedProgress:
-    """Passed to the progress callback after every file."""
+    """Passed to the progress callback after every file, and after every entry a folder scan
+    passed over (``total`` counts both)."""
 
     done: int
     total: int
@@ -164,12 +165,23 @@ def collect_sources(source: str | Path) -> list[SongSource]:
 
     A manifest needs an ``audio_path`` column (relative paths are taken from the manifest's
     folder) and may have ``song_id``; without it ids are derived from the paths. Duplicate ids
-    are a :class:`SchemaError` naming both files.
+    are a :class:`SchemaError` naming both files. Entries a folder scan passes over (see
+    :func:`~apex_rank.features.audio.scan_audio_folder`) are logged as warnings;
+    :func:`embed_audio` lists them in its ``skipped``.
     """
+    sources, passed_over = _collect(source)
+    for f in passed_over:
+        log.warning("skipped %s", f.reason)
+    return sources
+
+
+def _collect(source: str | Path) -> tuple[list[SongSource], list[FileFailure]]:
     src = Path(source)
+    passed_over: list[FileFailure] = []
     if src.is_dir():
-        files = find_audio_files(src)
-        sources = [SongSource(_song_id(p, src), str(p)) for p in files]
+        scan = scan_audio_folder(src)
+        sources = [SongSource(_song_id(p, src), str(p)) for p in scan.files]
+        passed_over = [FileFailure(_song_id(p, src), str(p), f"{p}: {why}") for p, why in scan.skipped]
     elif src.is_file() and src.suffix.lower() in _MANIFEST_SUFFIXES:
         table = read_table(src, "manifest")
         if "audio_path" not in table.columns:
@@ -193,7 +205,7 @@ def collect_sources(source: str | Path) -> list[SongSource]:
         if s.song_id in seen:
             raise SchemaError(f"song_id {s.song_id!r} is given to two files: {seen[s.song_id]} and {s.path}")
         seen[s.song_id] = s.path
-    return sources
+    return sources, passed_over
 
 
 def content_hash(path: str | Path) -> str:
@@ -380,11 +392,13 @@ def embed_audio(
     """
     cfg = config or EmbedConfig()
     t0 = time.perf_counter()
-    sources = list(source) if not isinstance(source, (str, Path)) else collect_sources(source)
+    sources, passed_over = _collect(source) if isinstance(source, (str, Path)) else (list(source), [])
     spec = cfg.spec
     spec.config()  # validate options before any work
     if spec.name == "precomputed":
-        return _from_precomputed(sources, cfg, t0)
+        result = _from_precomputed(sources, cfg, t0)
+        result.skipped[:0] = passed_over
+        return result
     workers = cfg.workers if encoder is None else 0
     local_encoder = encoder if encoder is not None else (spec.build() if workers <= 1 else None)
     encoder_id = local_encoder.id if local_encoder is not None else _probe_id(spec)
@@ -393,6 +407,7 @@ def embed_audio(
     results: dict[str, FileResult] = {}
     skipped: list[FileFailure] = []
     state: dict[str, Any] = {"done": 0, "audio": 0.0, "cached": 0}
+    n_total = len(sources) + len(passed_over)
 
     def record(item: FileResult | FileFailure, digest: str | None) -> None:
         state["done"] += 1
@@ -410,7 +425,7 @@ def embed_audio(
             progress(
                 EmbedProgress(
                     state["done"],
-                    len(sources),
+                    n_total,
                     state["audio"],
                     time.perf_counter() - t0,
                     state["cached"],
@@ -419,10 +434,12 @@ def embed_audio(
                 )
             )
 
+    for failure in passed_over:
+        record(failure, None)
     todo: list[tuple[SongSource, str | None]] = []
     for s in sources:
         digest = None
-        if cache is not None:
+        if cache is not None and Path(s.path).is_file():  # hashing a FIFO would block; embedding lists it
             try:
                 digest = content_hash(s.path)
             except OSError as err:
@@ -447,7 +464,7 @@ def embed_audio(
     table = _table(rows, encoder_id, keep_segments=cfg.keep_segments)
     n_new = len(rows) - state["cached"]
     if skipped:
-        log.warning("%d of %d file(s) skipped", len(skipped), len(sources))
+        log.warning("%d of %d file(s) skipped", len(skipped), n_total)
     return EmbedResult(
         table=table,
         skipped=skipped,

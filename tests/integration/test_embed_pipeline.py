@@ -4,6 +4,7 @@ skipped, the content-hash cache, resuming an interrupted run, worker processes a
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -232,6 +233,31 @@ def test_cli_exit_codes(music: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "nothing could be embedded" in capsys.readouterr().err
     assert main(["embed", str(music), "--out", str(out), "--encoder", "nope"]) == 2
     assert "unknown encoder 'nope'; valid names" in capsys.readouterr().err
+
+
+def test_regression_folder_mode_lists_what_it_passes_over(
+    music: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A link loop, a FIFO and a folder named x.mp3 were passed over without a word."""
+    (music / "calm/loop").symlink_to("..")
+    os.mkfifo(music / "pipe.wav")  # with a cache, hashing it would have blocked forever
+    (music / "x.mp3").mkdir()
+    result = embed_audio(music, _cfg(tmp_path))
+    assert sorted(result.table["song_id"].to_list()) == sorted(GOOD)
+    reasons = {Path(f.path).name: f.reason for f in result.skipped}
+    assert set(reasons) == {"broken.wav", "readme.mp3", "loop", "pipe.wav", "x.mp3"}
+    assert (
+        reasons["loop"]
+        == f"{music / 'calm/loop'}: symbolic link to a folder (..), not followed: links to folders never are"
+    )
+    assert reasons["pipe.wav"] == f"{music / 'pipe.wav'}: is a FIFO (named pipe), not an audio file"
+    assert reasons["x.mp3"].startswith(f"{music / 'x.mp3'}: is a folder, not an audio file")
+    args = ["embed", str(music), "--out", str(tmp_path / "e.parquet"), "--cache", str(tmp_path / "c"), "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "skipped 5 file(s):" in err
+    for name in ("calm/loop: symbolic link to a folder", "pipe.wav: is a FIFO", "x.mp3: is a folder"):
+        assert f"{music / name}" in err
 
 
 def test_precomputed_through_the_pipeline(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ All audio is real files written with soundfile into tmp_path and decoded by libs
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from apex_rank.features.audio import (
     read_audio,
     resample,
     resample_ratio,
+    scan_audio_folder,
     segment,
     supported_formats,
     to_mono,
@@ -294,3 +296,45 @@ def test_find_audio_files_skips_hidden_and_other_extensions(tmp_path: Path) -> N
     assert [p.relative_to(tmp_path).as_posix() for p in find_audio_files(tmp_path)] == ["a/x.wav", "a/y.FLAC", "b.mp3"]
     with pytest.raises(AudioError, match="not a folder"):
         find_audio_files(tmp_path / "nope")
+
+
+def test_regression_folder_scan_lists_every_entry_it_passes_over(tmp_path: Path) -> None:
+    """Link loops, FIFOs, a folder named x.mp3 and broken links were ignored without a word."""
+    sf.write(tmp_path / "good.wav", _tone(16_000, 1.0), 16_000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/loop").symlink_to("..")  # a link loop back to the root
+    (tmp_path / "gone.wav").symlink_to("nowhere.wav")  # a broken link
+    (tmp_path / "self.flac").symlink_to("self.flac")  # a link to itself
+    os.mkfifo(tmp_path / "pipe.wav")
+    (tmp_path / "x.mp3").mkdir()  # a folder named like a file: listed, and searched
+    sf.write(tmp_path / "x.mp3/inner.wav", _tone(16_000, 1.0), 16_000)
+    (tmp_path / "linked.wav").symlink_to("good.wav")  # a link to a file is read
+    (tmp_path / "notes.txt").write_text("not audio")  # other extensions: ignored without a word
+    scan = scan_audio_folder(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in scan.files] == ["good.wav", "linked.wav", "x.mp3/inner.wav"]
+    reasons = {p.relative_to(tmp_path).as_posix(): why for p, why in scan.skipped}
+    assert set(reasons) == {"sub/loop", "gone.wav", "self.flac", "pipe.wav", "x.mp3"}
+    assert reasons["sub/loop"] == "symbolic link to a folder (..), not followed: links to folders never are"
+    assert reasons["gone.wav"] == "symbolic link cannot be followed: No such file or directory"
+    assert reasons["self.flac"] == "symbolic link cannot be followed: Too many levels of symbolic links"
+    assert reasons["pipe.wav"] == "is a FIFO (named pipe), not an audio file"
+    assert reasons["x.mp3"] == "is a folder, not an audio file (searched like any sub-folder)"
+    with pytest.raises(AudioError, match=r"pipe\.wav: not a regular file"):
+        SegmentStream(tmp_path / "pipe.wav", sample_rate=16_000)  # named directly, it fails without blocking
+    with pytest.raises(AudioError, match=r"x\.mp3: is a folder, not an audio file"):
+        SegmentStream(tmp_path / "x.mp3", sample_rate=16_000)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder whatever its mode, so chmod 000 blocks nothing")
+def test_unreadable_sub_folder_is_listed(tmp_path: Path) -> None:
+    sf.write(tmp_path / "good.wav", _tone(16_000, 1.0), 16_000)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    sf.write(locked / "hidden_from_us.wav", _tone(16_000, 1.0), 16_000)
+    locked.chmod(0)
+    try:
+        scan = scan_audio_folder(tmp_path)
+    finally:
+        locked.chmod(0o755)
+    assert scan.files == [tmp_path / "good.wav"]
+    assert scan.skipped == [(locked, "folder cannot be read: Permission denied")]
