@@ -6,6 +6,14 @@ songs        song_id str; optional platform str, created_at datetime, audio_path
 embeddings   song_id str, embedding list[f32] of one fixed width, encoder str, n_segments int.
 interactions user_id str, song_id str, ts datetime or int seconds, weight float (default 1).
 
+Rules every entry point shares (build, evaluate, publish and the online API):
+
+- ids (``user_id``, ``song_id``) match :data:`ID_PATTERN`: 1-128 characters of letters, digits
+  and ``_ . : @ / + -`` (what an online key and a URL path can hold unescaped);
+- times (``ts``, ``created_at``) fall between 1970 and 2200: integers are seconds since the
+  epoch, and a value that only fits as milliseconds, microseconds or nanoseconds is named so;
+- weights are finite, non-negative and at most :data:`MAX_WEIGHT`.
+
 Unknown columns are ignored. A missing required column or a wrong dtype raises
 :class:`~apex_rank.errors.SchemaError` naming the table, the column, the expected and the
 found dtype; bad values name the row and the id.
@@ -13,6 +21,7 @@ found dtype; bad values name the row and the id.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +29,14 @@ import polars as pl
 
 from apex_rank.errors import SchemaError
 from apex_rank.tasks import AESTHETIC_TASKS, task_spec
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@/+\-]{1,128}$")
+ID_RULE = "1-128 characters of letters, digits and _.:@/+-"
+MAX_WEIGHT = 1e12
+EARLIEST_S = 0  # 1970-01-01
+LATEST_S = 7_258_118_400  # 2200-01-01
+_SECONDS_PER_YEAR = 31_556_952
+_UNITS = (("milliseconds", 1e3), ("microseconds", 1e6), ("nanoseconds", 1e9))
 
 _FAMILIES: dict[str, tuple[str, tuple[type[pl.DataType], ...]]] = {
     "str": ("String", (pl.String,)),
@@ -77,14 +94,62 @@ def _check_ids(df: pl.DataFrame, column: str, table: str, *, unique: bool) -> No
             )
 
 
+def check_id_column(df: pl.DataFrame, column: str, table: str) -> None:
+    """Raise a :class:`SchemaError` naming the first row whose ``column`` breaks :data:`ID_PATTERN`.
+
+    Nulls are left to :func:`_check_ids`.
+    """
+    ok = df[column].str.contains(ID_PATTERN.pattern)
+    if not ok.fill_null(True).all():
+        row = int(ok.fill_null(True).arg_min())  # type: ignore[arg-type]
+        n = int((~ok).sum())
+        raise SchemaError(
+            f"{table} table: {column} {df[column][row]!r} at row {row} is not a valid id ({ID_RULE}; "
+            f"{n} row(s) affected)"
+        )
+
+
+def check_times(df: pl.DataFrame, column: str, table: str) -> None:
+    """Raise a :class:`SchemaError` naming the first row of ``column`` outside 1970-2200.
+
+    Integer columns are seconds since the epoch; a value that fits only in milliseconds,
+    microseconds or nanoseconds is named as such (a millisecond column once moved a build's
+    cutoff by decades without a word).
+    """
+    s = df[column]
+    if isinstance(s.dtype, pl.Datetime):
+        secs = s.dt.epoch("s")
+    elif s.dtype == pl.Date:
+        secs = s.cast(pl.Int64) * 86_400
+    else:
+        secs = s
+    secs = secs.cast(pl.Float64)
+    bad = ((secs < EARLIEST_S) | (secs >= LATEST_S)).fill_null(False)
+    if not bad.any():
+        return
+    row = int(bad.arg_max())  # type: ignore[arg-type]
+    v = float(secs[row])
+    where = f"{table} table: column {column!r} row {row}"
+    count = f"({int(bad.sum())} row(s) outside 1970-2200)"
+    if isinstance(s.dtype, (pl.Datetime, pl.Date)):
+        raise SchemaError(f"{where} is in the year {int(1970 + v // _SECONDS_PER_YEAR)} {count}")
+    unit = next((u for u, f in _UNITS if EARLIEST_S <= v / f < LATEST_S), None)
+    if unit is None:
+        when = "before 1970" if v < EARLIEST_S else "after 2200"
+        raise SchemaError(f"{where} holds {s[row]}: {when} as seconds since the epoch {count}")
+    raise SchemaError(f"{where} holds {s[row]}, which looks like {unit} since the epoch; give seconds {count}")
+
+
 def validate_songs(df: pl.DataFrame) -> pl.DataFrame:
     """Validate a songs table (see module doc); returns it unchanged."""
     if df.height == 0:
         raise SchemaError("songs table is empty")
     check_column(df, "song_id", "str", "songs")
     _check_ids(df, "song_id", "songs", unique=True)
+    check_id_column(df, "song_id", "songs")
     check_column(df, "platform", "str", "songs", required=False)
-    check_column(df, "created_at", "time", "songs", required=False)
+    if check_column(df, "created_at", "time", "songs", required=False):
+        check_times(df, "created_at", "songs")
     check_column(df, "audio_path", "str", "songs", required=False)
     for col in ("streams", "likes"):
         if check_column(df, col, "num", "songs", required=False):
@@ -116,14 +181,19 @@ def validate_interactions(df: pl.DataFrame) -> pl.DataFrame:
     check_column(df, "song_id", "str", "interactions")
     _check_ids(df, "user_id", "interactions", unique=False)
     _check_ids(df, "song_id", "interactions", unique=False)
-    check_column(df, "ts", "time", "interactions", required=False)
+    check_id_column(df, "user_id", "interactions")
+    check_id_column(df, "song_id", "interactions")
+    if check_column(df, "ts", "time", "interactions", required=False):
+        check_times(df, "ts", "interactions")
     if check_column(df, "weight", "num", "interactions", required=False):
         w = df["weight"].cast(pl.Float64)
-        bad = df.filter(w.is_nan() | w.is_null() | (w < 0) | w.is_infinite())
-        if bad.height:
+        bad = (w.is_nan() | (w < 0) | (w > MAX_WEIGHT)).fill_null(True)
+        if bad.any():
+            row = int(bad.arg_max())  # type: ignore[arg-type]
             raise SchemaError(
-                f"interactions table: weight {bad['weight'][0]} for user_id {bad['user_id'][0]!r}, "
-                f"song_id {bad['song_id'][0]!r} is negative, NaN, inf or null ({bad.height} rows)"
+                f"interactions table: weight {df['weight'][row]} at row {row} (user_id {df['user_id'][row]!r}, "
+                f"song_id {df['song_id'][row]!r}) is not a number in [0, {MAX_WEIGHT:g}] "
+                f"({int(bad.sum())} row(s) affected)"
             )
     else:
         df = df.with_columns(pl.lit(1.0).alias("weight"))
@@ -144,6 +214,11 @@ def embedding_matrix(
     check_column(df, "embedding", "list", table)
     _check_ids(df, "song_id", table, unique=True)
     col = df["embedding"]
+    if not col.dtype.inner.is_numeric():  # type: ignore[attr-defined]  # a List or an Array (checked above)
+        raise SchemaError(
+            f"{table} table: column 'embedding' must hold numbers (one flat list of floats per song), "
+            f"found {col.dtype}"
+        )
     if isinstance(col.dtype, pl.List):
         lens = col.list.len()
         if lens.null_count():
@@ -160,6 +235,8 @@ def embedding_matrix(
     else:
         width = col.dtype.size if isinstance(col.dtype, pl.Array) else 0
         X = np.asarray(col.cast(pl.Array(pl.Float32, width)).to_numpy(), dtype=np.float32)
+    if width == 0:
+        raise SchemaError(f"{table} table: embeddings have width 0 (song_id {df['song_id'][0]!r})")
     if expected_width is not None and X.shape[1] != expected_width:
         raise SchemaError(
             f"{table} table: embedding width is {X.shape[1]} but the model expects {expected_width}"

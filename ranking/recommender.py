@@ -70,7 +70,7 @@ from apex_rank.ranking.features import build_feature_frame, feature_array
 from apex_rank.ranking.index import CandidateIndex, l2_normalize
 from apex_rank.ranking.reranker import Reranker, RerankerConfig, check_cold_share, grade_labels, select_top_k
 from apex_rank.ranking.state import SongTable, UserState, quality_score
-from apex_rank.schemas import embedding_matrix, validate_interactions, validate_songs
+from apex_rank.schemas import check_id_column, embedding_matrix, validate_interactions, validate_songs
 from apex_rank.tasks import APEX_TASKS
 
 log = logging.getLogger(__name__)
@@ -413,6 +413,7 @@ class Recommender:
         t0 = time.perf_counter()
         validate_songs(songs)
         ids, E_raw = embedding_matrix(embeddings)
+        check_id_column(embeddings, "song_id", "embeddings")  # the catalogue's ids
         emb_pos = {s: i for i, s in enumerate(ids)}
         no_emb = [s for s in songs["song_id"].to_list() if s not in emb_pos]
         if no_emb:
@@ -939,6 +940,7 @@ class Recommender:
         they are rankable at once. Ids already in the catalogue are a :class:`SchemaError`.
         Returns the number of songs added."""
         ids, E_raw = embedding_matrix(embeddings, expected_width=self.songs.embeddings.shape[1])
+        check_id_column(embeddings, "song_id", "embeddings")
         dup = [s for s in ids if s in self.songs._pos]
         if dup:
             raise SchemaError(f"song_id {dup[0]!r} is already in the catalogue ({len(dup)} duplicates)")

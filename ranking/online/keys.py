@@ -47,10 +47,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from apex_rank.errors import ApexRankError, StoreError
+from apex_rank.schemas import ID_PATTERN, ID_RULE  # one id rule for tables and the online API
 
 KEY_SCHEMA = 1
 SONG_RECORD_WIDTH = 10  # 7 priors, popularity, age_days, is_cold
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@/+\-]{1,128}$")
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
@@ -61,13 +61,14 @@ class RequestError(ApexRankError, ValueError):
 def check_id(value: object, what: str) -> str:
     """Return ``value`` if it is a valid user or song id, else raise :class:`RequestError`.
 
-    Ids are 1-128 characters of letters, digits and ``_ . : @ / + -``; anything else
-    (spaces, braces, control characters, glob characters) is refused before it reaches a key.
+    Ids follow the one rule of every entry point (:data:`apex_rank.schemas.ID_PATTERN`, also
+    checked when tables are validated): 1-128 characters of letters, digits and
+    ``_ . : @ / + -``; anything else (spaces, braces, control characters, glob characters) is
+    refused before it reaches a key.
     """
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise RequestError(
-            f"{what} {value!r} is not a valid id (1-128 characters of letters, digits and _.:@/+-)"
-        )
+    # fullmatch: re's "$" also matches before a final newline ("u1\n" passed with .match)
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise RequestError(f"{what} {value!r} is not a valid id ({ID_RULE})")
     return value
 
 

@@ -40,7 +40,7 @@ def test_key_format_is_versioned_and_documented() -> None:
         Keys("bad ns")
 
 
-@pytest.mark.parametrize("bad", ["", "a b", "x" * 129, "u*", "u{1}", "é", "a\nb", None, 5])
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 129, "u*", "u{1}", "é", "a\nb", "u1\n", None, 5])
 def test_malformed_ids_are_refused(bad: object) -> None:
     with pytest.raises(RequestError, match="not a valid id"):
         check_id(bad, "user_id")
