@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,7 +294,7 @@ class CFModel:
                 M = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(len(users), len(songs)))
                 obj = cls(cfg)
                 obj._set(users, songs, z["user_factors"], z["item_factors"], M)
-        except (KeyError, ValueError, OSError) as err:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
             raise ArtifactError(f"CF model file {path} cannot be read: {err}") from err
         return obj
 

@@ -39,6 +39,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1297,7 +1298,7 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
         try:
             with np.load(folder / name, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise ArtifactError(f"bundle file {folder / name} cannot be read: {err}") from err
 
     try:

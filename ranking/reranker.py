@@ -36,6 +36,7 @@ from apex_rank.threads import thread_count
 log = logging.getLogger(__name__)
 
 LGB_QUERY_LIMIT = 10000
+_MODEL_MARKERS = (b"\nend of trees\n", b"\nend of parameters\n")  # sections of a LightGBM text model
 
 
 @dataclass(frozen=True)
@@ -401,9 +402,14 @@ class Reranker:
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"reranker model file {path} is missing")
+        # LightGBM trusts the file: a text model cut off before its last section aborts or
+        # segfaults the process, so the sections it reads must all be there first
+        data = path.read_bytes()
+        if not data.startswith(b"tree\n") or not all(m in data for m in _MODEL_MARKERS):
+            raise ArtifactError(f"reranker model file {path} is not a complete LightGBM text model (truncated?)")
         try:
             booster = lgb.Booster(model_file=str(path))
-        except lgb.basic.LightGBMError as err:
+        except (lgb.basic.LightGBMError, ValueError) as err:
             raise ArtifactError(f"reranker model file {path} is not a LightGBM text model: {err}") from err
         if list(booster.feature_name()) != list(FEATURES):
             raise ArtifactError(
