@@ -10,6 +10,7 @@ the head and checks every tensor's shape. The authors' ``best_model.pt`` is read
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -151,9 +152,16 @@ class ApexPredictor:
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
+                warnings.simplefilter("ignore", UserWarning)
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True: {err}") from err
+            # torch's own message advises weights_only=False, which would run the file's code:
+            # never relay it (the cause stays chained for debugging)
+            raise CheckpointError(
+                f"{path} is not a weights-only PyTorch checkpoint (tensors and plain containers only; "
+                f"{type(err).__name__} while reading it)"
+            ) from err
         if not isinstance(ckpt, dict) or "model_state" not in ckpt:
             keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
             raise CheckpointError(f"{path}: expected a dict with 'model_state' (official APEX layout); found {keys}")
@@ -186,9 +194,13 @@ def _load_state_checked(head: ApexHead, state: dict[str, torch.Tensor], where: s
             f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})"
         )
     for key, ref in expected.items():
+        if not isinstance(state[key], torch.Tensor):
+            raise CheckpointError(f"{where}: {key!r} is a {type(state[key]).__name__}, not a tensor")
         if tuple(state[key].shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"{where}: tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}"
             )
+        if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+            raise CheckpointError(f"{where}: tensor {key!r} holds NaN or inf")
     head.load_state_dict(state, strict=True)
     head.eval()

@@ -92,3 +92,22 @@ def test_corrupt_weights_file_is_a_checkpoint_error(predictor: ApexPredictor, tm
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(CheckpointError, match="head.safetensors"):
         ApexPredictor.load(tmp_path / "m")
+
+
+def test_refused_checkpoint_is_one_line_without_torch_advice(tmp_path: Path) -> None:
+    """torch's refusal advises weights_only=False (which would run the file's code): never relayed."""
+    import pickle
+
+    (tmp_path / "best_model.pt").write_bytes(pickle.dumps({"model_state": print}))
+    with pytest.raises(CheckpointError, match="best_model.pt is not a weights-only PyTorch checkpoint") as info:
+        ApexPredictor.from_official_checkpoint(tmp_path / "best_model.pt", device="cpu")
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+def test_official_checkpoint_of_nan_weights_is_refused(tmp_path: Path) -> None:
+    """import-official of an all-NaN checkpoint exited 0 and served NaN priors."""
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+             for k, v in ApexHead(24).state_dict().items()}
+    torch.save({"model_state": state, "task": "full", "shared": 2}, tmp_path / "best_model.pt")
+    with pytest.raises(CheckpointError, match="tensor 'shared.0.block.0.weight' holds NaN or inf"):
+        ApexPredictor.from_official_checkpoint(tmp_path / "best_model.pt", device="cpu")
