@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from apex_rank.cli.outputs import check_out_file, check_out_folder
 from apex_rank.config import load_config
 from apex_rank.errors import SchemaError
 from apex_rank.manifest import write_json_atomic
@@ -46,6 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from apex_rank.features.apex_tables import build_apex_dataset, train_apex
 
+    check_out_folder(args.out)
     cfg = load_config(args.config, TrainConfig, section="train") if args.config else TrainConfig()
     overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
     cfg = replace(cfg, seed=args.seed, device=args.device, **overrides)
@@ -72,9 +74,10 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    check_out_file(args.out)
     predictor = ApexPredictor.load(args.model, device=args.device)
     emb = read_table(args.embeddings, "embeddings")
-    if predictor.encoder and "encoder" in emb.columns and emb["encoder"][0] != predictor.encoder:
+    if predictor.encoder and "encoder" in emb.columns and emb.height and emb["encoder"][0] != predictor.encoder:
         raise SchemaError(
             f"{args.embeddings}: embeddings come from encoder {emb['encoder'][0]!r} but the model "
             f"expects {predictor.encoder!r}"
@@ -88,6 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    check_out_folder(args.out)
     predictor = ApexPredictor.from_official_checkpoint(args.checkpoint, device="cpu")
     predictor.save(args.out)
     print(json.dumps({"tasks": list(predictor.tasks), "input_dim": predictor.input_dim,

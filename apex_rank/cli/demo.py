@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from pathlib import Path
 
 from apex_rank.synthetic import WorldConfig, make_world
 from apex_rank.training import TrainConfig
@@ -33,9 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from apex_rank.cli.apex_cmds import format_metrics
+    from apex_rank.cli.outputs import check_out_folder
     from apex_rank.features.apex_tables import build_apex_dataset, train_apex
 
-    out = Path(args.out)
+    out = check_out_folder(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print("== 1. world: SYNTHETIC songs, embeddings and interactions (no public music interaction data exists)")
     world = make_world(replace(WorldConfig(), seed=args.seed))

@@ -75,6 +75,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_embed(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from apex_rank.cli.outputs import check_out_file
     from apex_rank.features.audio import AudioConfig
     from apex_rank.features.embed import (
         EmbedConfig,
@@ -84,6 +85,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         write_embeddings,
     )
 
+    check_out_file(args.out)
     cfg = EmbedConfig(
         encoder=args.encoder,
         encoder_options=_options(args),

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from apex_rank.cli.outputs import check_out_folder
 from apex_rank.errors import ConfigError
 
 
@@ -74,6 +75,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from apex_rank.offline_eval.protocols import RankingEvalConfig, evaluate_ranking_seeds
     from apex_rank.offline_eval.report import write_report
 
+    check_out_folder(args.out)
     t0 = time.perf_counter()
     tables = (args.interactions, args.songs, args.embeddings)
     if args.dataset and any(tables):
@@ -117,6 +119,7 @@ def cmd_evaluate_apex(args: argparse.Namespace) -> int:
     from apex_rank.predictor import ApexPredictor
     from apex_rank.schemas import read_table
 
+    check_out_folder(args.out)
     predictor = ApexPredictor.load(args.model, device="cpu")
     songs = read_table(args.songs, "songs")
     emb = read_table(args.embeddings, "embeddings")
@@ -137,6 +140,7 @@ def cmd_evaluate_preference(args: argparse.Namespace) -> int:
     from apex_rank.offline_eval.report import preference_markdown, write_json
     from apex_rank.schemas import read_table
 
+    check_out_folder(args.out)
     res = evaluate_preference(read_table(args.battles, "battles"), read_table(args.predictions, "predictions"),
                               n_folds=args.folds, seed=args.seed)
     out = Path(args.out)

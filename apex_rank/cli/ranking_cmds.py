@@ -30,11 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from apex_rank.cli.outputs import check_out_folder
     from apex_rank.config import load_config
     from apex_rank.predictor import ApexPredictor
-    from apex_rank.ranking.recommender import Recommender, RecommenderConfig
+    from apex_rank.ranking.recommender import KIND, Recommender, RecommenderConfig
     from apex_rank.schemas import read_table
 
+    check_out_folder(args.out, replace_kind=KIND)
     config = load_config(args.config, RecommenderConfig) if args.config else RecommenderConfig()
     apex = ApexPredictor.load(args.apex_model, device="cpu") if args.apex_model else None
     songs = read_table(args.songs, "songs")

@@ -12,6 +12,7 @@ import argparse
 import os
 from datetime import UTC, datetime
 
+from apex_rank.cli.outputs import check_out_file
 from apex_rank.errors import ConfigError
 
 DEFAULT_REDIS = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -111,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export_events(args: argparse.Namespace) -> int:
     from apex_rank.ranking.online import RedisStore, export_events
 
+    check_out_file(args.out)
     store = RedisStore(args.redis, args.namespace, timeout_s=30.0)
     since = _parse_time(args.since) if args.since else None
     until = _parse_time(args.until) if args.until else None
