@@ -68,6 +68,10 @@ class AudioConfig:
         Seconds of source audio decoded per read; bounds memory for long files.
     max_duration_s:
         Read at most this many seconds of each file (``None``: all of it).
+    min_duration_s:
+        A file holding less audio than this (as decoded) is an :class:`AudioError` naming the
+        file and its duration: a 1-sample WAV or a cut-off download, zero-padded to a whole
+        segment, would otherwise embed like a song. ``0`` embeds every file that has a sample.
     silence_dbfs:
         A file whose peak is below this level (dBFS) counts as silent.
     on_silence:
@@ -80,6 +84,7 @@ class AudioConfig:
     min_last_s: float = 5.0
     block_s: float = 60.0
     max_duration_s: float | None = None
+    min_duration_s: float = 1.0
     silence_dbfs: float = -90.0
     on_silence: Literal["skip", "keep"] = "skip"
 
@@ -94,6 +99,13 @@ class AudioConfig:
             raise ConfigError(f"block_s must be > 0, got {self.block_s}")
         if self.max_duration_s is not None and not self.max_duration_s > 0:
             raise ConfigError(f"max_duration_s must be > 0, got {self.max_duration_s}")
+        if not self.min_duration_s >= 0:
+            raise ConfigError(f"min_duration_s must be >= 0, got {self.min_duration_s}")
+        if self.max_duration_s is not None and self.min_duration_s > self.max_duration_s:
+            raise ConfigError(
+                f"min_duration_s ({self.min_duration_s}) must be <= max_duration_s ({self.max_duration_s}), "
+                "or every file is too short"
+            )
         if self.on_silence not in ("skip", "keep"):
             raise ConfigError(f"on_silence must be 'skip' or 'keep', got {self.on_silence!r}")
 
@@ -334,6 +346,15 @@ def segment(wave: torch.Tensor, sample_rate: int, config: AudioConfig) -> torch.
     return out
 
 
+def check_min_duration(path: str | Path, duration_s: float, min_duration_s: float) -> None:
+    """An :class:`AudioError` naming the file and its duration when it is shorter than allowed."""
+    if duration_s < min_duration_s:
+        raise AudioError(
+            f"{path}: too short: {duration_s:.3f} s of audio, under the minimum of {min_duration_s:g} s "
+            "(min_duration_s, --min-duration)"
+        )
+
+
 def _segment_starts(n: int, L: int, H: int, min_last: int) -> list[int]:
     starts: list[int] = []
     s = 0
@@ -466,6 +487,7 @@ class SegmentStream:
                 f"{self.path}: truncated or corrupt: the header promises {expected / sr_in:.2f} s but only "
                 f"{frames_in / sr_in:.2f} s could be decoded"
             )
+        check_min_duration(self.path, self.duration_s, cfg.min_duration_s)
         if self.config.on_silence == "skip" and self.peak <= 10 ** (self.config.silence_dbfs / 20):
             raise AudioError(
                 f"{self.path}: is silent (peak {self._peak_db():.1f} dBFS <= {self.config.silence_dbfs} dBFS); "
@@ -496,7 +518,7 @@ def read_audio(
     info = audio_info(path)
     rate = sample_rate or info.sample_rate
     _check_rates(Path(path), info.sample_rate, rate)
-    cfg = AudioConfig(max_duration_s=max_duration_s, on_silence="keep")
+    cfg = AudioConfig(max_duration_s=max_duration_s, min_duration_s=0.0, on_silence="keep")
     stream = SegmentStream(path, sample_rate=info.sample_rate, config=cfg)
     pieces = [to_mono(b) for b in stream._blocks()]
     if not pieces:

@@ -43,7 +43,13 @@ import soundfile as sf
 
 from apex_rank.config import to_dict
 from apex_rank.errors import ArtifactError, AudioError, ConfigError, SchemaError
-from apex_rank.features.audio import AUDIO_EXTENSIONS, AudioConfig, SegmentStream, scan_audio_folder
+from apex_rank.features.audio import (
+    AUDIO_EXTENSIONS,
+    AudioConfig,
+    SegmentStream,
+    check_min_duration,
+    scan_audio_folder,
+)
 from apex_rank.features.encoders import Encoder, EncoderSpec, PrecomputedEncoder, _hash
 from apex_rank.manifest import read_manifest, write_manifest
 from apex_rank.schemas import embeddings_frame, read_table
@@ -306,8 +312,9 @@ class EmbeddingCache:
     """
 
     def __init__(self, root: str | Path, encoder_id: str, audio: AudioConfig) -> None:
-        # the read block size does not change any sample (the resampler is exact across blocks)
-        audio_cfg = {k: v for k, v in to_dict(audio).items() if k != "block_s"}
+        # the read block size does not change any sample (the resampler is exact across blocks);
+        # the minimum duration changes none either: it is checked on every hit (embed_audio)
+        audio_cfg = {k: v for k, v in to_dict(audio).items() if k not in ("block_s", "min_duration_s")}
         self.key = f"{encoder_id.replace(':', '-')}-{_hash(audio_cfg)[:8]}"
         self.folder = Path(root) / self.key
         if (self.folder / "manifest.json").is_file():
@@ -447,6 +454,11 @@ def embed_audio(
                 continue
             hit = cache.get(digest, s)
             if hit is not None:
+                try:
+                    check_min_duration(s.path, hit.duration_s, cfg.audio.min_duration_s)
+                except AudioError as err:
+                    record(FileFailure(s.song_id, s.path, str(err)), None)
+                    continue
                 record(hit, digest)
                 continue
         todo.append((s, digest))

@@ -41,6 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=5.0,
         help="drop a last segment shorter than this when others exist (0 = official: always pad)",
     )
+    p.add_argument(
+        "--min-duration",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="skip and list a file holding less audio than this (default 1; 0 keeps every file)",
+    )
     p.add_argument("--keep-segments", action="store_true", help="also store every segment's vector")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any file was skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -89,7 +96,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     cfg = EmbedConfig(
         encoder=args.encoder,
         encoder_options=_options(args),
-        audio=AudioConfig(segment_s=args.segment_s, hop_s=args.hop_s, min_last_s=args.min_last_s),
+        audio=AudioConfig(
+            segment_s=args.segment_s, hop_s=args.hop_s, min_last_s=args.min_last_s, min_duration_s=args.min_duration
+        ),
         keep_segments=args.keep_segments,
         workers=args.workers,
         cache_dir=args.cache,

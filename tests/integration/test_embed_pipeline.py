@@ -260,6 +260,25 @@ def test_regression_folder_mode_lists_what_it_passes_over(
         assert f"{music / name}" in err
 
 
+def test_too_short_files_are_listed_and_the_minimum_is_a_cli_flag(
+    music: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sf.write(music / "calm/blip.wav", _clip(7, 0.4, 16_000, 1), 16_000)
+    out = tmp_path / "e.parquet"
+    args = ["embed", str(music), "--out", str(out), "--segment-s", "2", "--cache", str(tmp_path / "c"), "--no-progress"]
+    assert main([*args, "--min-duration", "0"]) == 0  # embedded, and cached
+    assert "calm/blip" in pl.read_parquet(out)["song_id"].to_list()
+    capsys.readouterr()
+    assert main(args) == 0  # the default minimum (1 s) applies to a cache hit as well
+    assert "calm/blip" not in pl.read_parquet(out)["song_id"].to_list()
+    assert (
+        f"{music / 'calm/blip.wav'}: too short: 0.400 s of audio, under the minimum of 1 s" in capsys.readouterr().err
+    )
+    result = embed_audio(music, EmbedConfig(audio=AudioConfig(segment_s=2.0, min_duration_s=3.0)))
+    assert sorted(result.table["song_id"].to_list()) == sorted(set(GOOD) - {"energetic/loud_b"})  # 2.5 s
+    assert {Path(f.path).name for f in result.skipped} == {"broken.wav", "readme.mp3", "blip.wav", "loud_b.ogg"}
+
+
 def test_precomputed_through_the_pipeline(tmp_path: Path) -> None:
     from apex_rank.schemas import embeddings_frame
 

@@ -217,6 +217,25 @@ def test_zero_duration(tmp_path: Path) -> None:
         list(SegmentStream(path, sample_rate=16_000).batches(4))
 
 
+def test_regression_a_one_sample_file_is_too_short_not_a_padded_song(tmp_path: Path) -> None:
+    """A 1-sample WAV was zero-padded to a 30 s segment and embedded without a word."""
+    path = tmp_path / "one.wav"
+    sf.write(path, np.full((1, 2), 0.5, np.float32), 44_100)
+    with pytest.raises(AudioError, match=r"one\.wav: too short: 0\.000 s of audio, under the minimum of 1 s"):
+        list(SegmentStream(path, sample_rate=16_000).batches(4))
+    segs, st = _stream_all(path, 16_000, AudioConfig(min_duration_s=0))
+    assert segs.shape == (1, 480_000) and st.duration_s == pytest.approx(1 / 44_100)
+    clip = tmp_path / "clip.flac"
+    sf.write(clip, _tone(16_000, 0.75), 16_000)
+    with pytest.raises(AudioError, match=r"clip\.flac: too short: 0\.750 s of audio"):
+        list(SegmentStream(clip, sample_rate=16_000).batches(4))
+    assert _stream_all(clip, 16_000, AudioConfig(min_duration_s=0.5))[1].duration_s == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="min_duration_s must be >= 0"):
+        AudioConfig(min_duration_s=-1)
+    with pytest.raises(ConfigError, match=r"min_duration_s \(1\.0\) must be <= max_duration_s \(0\.5\)"):
+        AudioConfig(max_duration_s=0.5)
+
+
 def test_silence_is_skipped_unless_kept(tmp_path: Path) -> None:
     path = tmp_path / "silent.flac"
     sf.write(path, np.zeros((16_000 * 3, 2), np.float32), 16_000)
