@@ -7,7 +7,7 @@ segment length, hop and a policy for a very short last segment configurable, and
 a stream: a file is read in blocks of ``AudioConfig.block_s`` seconds, resampled block by block
 with enough context on each side that the result equals a whole-file resample, and segments are
 emitted as soon as they are complete. Memory is bounded by a few segments, whatever the length
-of the file.
+of the file, and the resampling kernel by :data:`MAX_RATIO_TERM`, whatever its sample rate.
 
 Decoding uses ``soundfile`` (libsndfile) only: WAV, FLAC, AIFF, OGG/Vorbis, OGG/Opus and MP3
 (MP3 needs libsndfile >= 1.1; :func:`supported_formats` says what the installed one reads).
@@ -221,8 +221,8 @@ def resample_ratio(orig_rate: int, new_rate: int) -> tuple[int, int]:
     441:320); otherwise the closest ratio whose terms both are. That treats the source as if
     it had a rate at most 0.051 % away for any rate from 4 to 200 kHz (44,101 Hz → 24 kHz
     uses 509:277, an error of 0.0002 %), far below audible pitch or timing changes. A ratio
-    with no such neighbour within :data:`MAX_RATE_ERROR` (more than about 500:1) is an
-    :class:`AudioError`.
+    with no such neighbour within :data:`MAX_RATE_ERROR` (only ratios beyond several hundred
+    to one, such as 1 Hz → 24 kHz) is an :class:`AudioError`.
     """
     if orig_rate < 1 or new_rate < 1:
         raise AudioError(f"sample rates must be >= 1 Hz, got {orig_rate} Hz -> {new_rate} Hz")
@@ -260,7 +260,7 @@ def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
 
     torchaudio builds a kernel of ``q * (p + 2 * width)`` coefficients for the reduced ratio
     ``p:q`` (``width`` = 6 zero crossings of the lower rate), whatever the signal's length: for
-    44,101 Hz → 24 kHz (ratio 44,101:24,000) that is a billion coefficients and a 12.5 GB peak.
+    44,101 Hz → 24 kHz (ratio 44,101:24,000) that is a billion coefficients and a peak over 12 GB.
     Resampling by :func:`resample_ratio` keeps ``p, q <= 1000``, which bounds the kernel at
     1,014,000 coefficients (4 MB in float32, about 25 MB with torchaudio's temporaries) for
     any pair of rates; common rates keep their exact ratio and their output.
