@@ -37,6 +37,16 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def as_if_created(path: str | Path) -> None:
+    """Give a file or folder from ``tempfile.mkstemp``/``mkdtemp`` (0600/0700, private to
+    this user) the permissions a plain ``open``/``mkdir`` would (0666/0777 less the umask), so
+    an artifact written through a temporary name and a rename stays readable by a service
+    running as another user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +55,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
+        as_if_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -51,7 +51,7 @@ import scipy.sparse as sp
 
 from apex_rank.config import from_dict, to_dict
 from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdError
-from apex_rank.manifest import read_manifest, write_manifest
+from apex_rank.manifest import as_if_created, read_manifest, write_manifest
 from apex_rank.predictor import ApexPredictor
 from apex_rank.ranking.candidates import (
     RANK_COLUMNS,
@@ -1012,6 +1012,7 @@ class Recommender:
                 raise ConfigError(f"{folder} holds files and is not an apex-rank bundle: refusing to replace it")
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        as_if_created(tmp)
         try:
             self._write_bundle(tmp)
             if folder.exists():

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -255,6 +257,19 @@ def test_save_is_atomic_and_never_replaces_a_foreign_folder(tmp_path: Path) -> N
     assert (foreign / "notes.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="is not a folder"):
         rec.save(foreign / "notes.txt")
+
+
+def test_regression_a_saved_bundle_is_readable_by_other_users(tmp_path: Path) -> None:
+    """The atomic save writes through mkdtemp/mkstemp (0700/0600): a bundle folder and manifest
+    only its writer could read, so a service running as another user could not load it."""
+    old = os.umask(0o022)
+    try:
+        b = recommender().save(tmp_path / "b")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(b.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in b.iterdir() if p.is_file()} == {
+        p.name: 0o644 for p in b.iterdir() if p.is_file()}
 
 
 def test_add_songs_rankable_immediately(tmp_path: Path) -> None:
