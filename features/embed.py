@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -51,8 +52,8 @@ from apex_rank.features.audio import (
     scan_audio_folder,
 )
 from apex_rank.features.encoders import Encoder, EncoderSpec, PrecomputedEncoder, _hash
-from apex_rank.manifest import read_manifest, write_manifest
-from apex_rank.schemas import embeddings_frame, read_table
+from apex_rank.manifest import as_if_created, read_manifest, write_manifest
+from apex_rank.schemas import check_id_column, embeddings_frame, read_table
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,15 @@ class EmbedResult:
 # ------------------------------------------------------------------------------------ sources
 
 
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.:@/+\-]")
+
+
 def _song_id(path: Path, root: Path) -> str:
-    return path.relative_to(root).with_suffix("").as_posix()
+    """A file's id: its path under ``root`` (the full path if outside) without the extension,
+    every character the id rule (:data:`~apex_rank.schemas.ID_RULE`) does not allow replaced by
+    ``_`` (``Live at 5.mp3`` → ``Live_at_5``), so build and the online API accept what embed writes."""
+    rel = path.relative_to(root) if path.is_relative_to(root) else path
+    return _ID_UNSAFE.sub("_", rel.with_suffix("").as_posix())
 
 
 def collect_sources(source: str | Path) -> list[SongSource]:
@@ -188,6 +196,9 @@ def _collect(source: str | Path) -> tuple[list[SongSource], list[FileFailure]]:
         scan = scan_audio_folder(src)
         sources = [SongSource(_song_id(p, src), str(p)) for p in scan.files]
         passed_over = [FileFailure(_song_id(p, src), str(p), f"{p}: {why}") for p, why in scan.skipped]
+        passed_over += [FileFailure(s.song_id, s.path, f"{s.path}: its id {s.song_id!r} is longer than 128 characters")
+                        for s in sources if len(s.song_id) > 128]
+        sources = [s for s in sources if len(s.song_id) <= 128]
     elif src.is_file() and src.suffix.lower() in _MANIFEST_SUFFIXES:
         table = read_table(src, "manifest")
         if "audio_path" not in table.columns:
@@ -195,9 +206,14 @@ def _collect(source: str | Path) -> tuple[list[SongSource], list[FileFailure]]:
         root = src.parent
         paths = [Path(p) if Path(p).is_absolute() else root / p for p in table["audio_path"].cast(pl.String).to_list()]
         if "song_id" in table.columns:
+            check_id_column(table.with_columns(pl.col("song_id").cast(pl.String)), "song_id", f"manifest {src}")
             ids = table["song_id"].cast(pl.String).to_list()
         else:
-            ids = [_song_id(p, root) if p.is_relative_to(root) else p.with_suffix("").as_posix() for p in paths]
+            ids = [_song_id(p, root) for p in paths]
+            long = [(i, p) for i, p in zip(ids, paths, strict=True) if len(i) > 128]
+            if long:
+                raise SchemaError(f"manifest {src}: the id derived from {long[0][1]} is longer than 128 characters; "
+                                  "give a song_id column")
         sources = [SongSource(i, str(p)) for i, p in zip(ids, paths, strict=True)]
     elif src.is_file():
         raise SchemaError(
@@ -359,6 +375,7 @@ class EmbeddingCache:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, segments=result.segments, duration_s=np.float64(result.duration_s))
+            as_if_created(tmp)
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -574,6 +591,7 @@ def write_embeddings(table: pl.DataFrame, path: str | Path) -> Path:
     os.close(fd)
     try:
         table.write_parquet(tmp)
+        as_if_created(tmp)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

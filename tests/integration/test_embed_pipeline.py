@@ -29,7 +29,7 @@ from apex_rank.features.embed import (
     embed_files,
 )
 from apex_rank.features.encoders import EncoderSpec
-from apex_rank.schemas import embedding_matrix
+from apex_rank.schemas import check_id_column, embedding_matrix
 
 AUDIO = AudioConfig(segment_s=2.0, min_last_s=0.5)
 GOOD = ["calm/soft_a", "calm/soft_b", "energetic/loud_a", "energetic/loud_b", "opus_clip"]
@@ -143,6 +143,23 @@ def test_manifest_tables_give_ids(music: Path, tmp_path: Path) -> None:
     sf.write(music / "calm/soft_a.flac", _clip(1, 1.0, 16_000, 1), 16_000)
     with pytest.raises(SchemaError, match="song_id 'calm/soft_a' is given to two files"):
         collect_sources(music)
+
+
+def test_regression_ids_from_paths_follow_the_id_rule(music: Path, tmp_path: Path) -> None:
+    """embed took ids from file names as they were ('calm/Live at 5 (remix)'), which build and
+    the online API refuse: characters outside the rule become '_'; a manifest's own bad song_id
+    is refused naming the row; an id too long for the rule is listed, not written."""
+    sf.write(music / "calm/Live at 5 (remix).wav", _clip(6, 2.0, 16_000, 1), 16_000)
+    long_name = "x" * 130
+    sf.write(music / f"{long_name}.wav", _clip(7, 2.0, 16_000, 1), 16_000)
+    result = embed_audio(music, _cfg(tmp_path))
+    assert "calm/Live_at_5__remix_" in result.table["song_id"].to_list()
+    check_id_column(result.table, "song_id", "embeddings")  # build accepts every id embed wrote
+    assert any(long_name in f.path and "longer than 128 characters" in f.reason for f in result.skipped)
+    pl.DataFrame({"song_id": ["ok", "not ok"], "audio_path": ["calm/soft_a.wav", "calm/soft_b.flac"]}).write_parquet(
+        music / "bad_ids.parquet")
+    with pytest.raises(SchemaError, match=r"manifest .*bad_ids.parquet table: song_id 'not ok' at row 1"):
+        collect_sources(music / "bad_ids.parquet")
 
 
 def test_pure_batch_function_and_worker_processes_agree(music: Path, tmp_path: Path) -> None:
