@@ -19,16 +19,20 @@ _THREADS: int | None = None
 
 
 def prefer_passive_openmp() -> None:
-    """Make idle OpenMP threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``) unless the
-    user chose a policy.
+    """Make idle OpenMP threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``), and idle
+    OpenBLAS threads too (``OPENBLAS_THREAD_TIMEOUT=4``: numpy's OpenBLAS runs its own pthread
+    pool, whose workers otherwise spin for 2^28 cycles after every call), unless the user chose.
 
-    Spinning workers of one library (LightGBM, torch, faiss) steal the cores another library
-    or process needs; on a 2-core machine shared with other work that made LightGBM and torch
-    10-16x slower in our measurements. OpenMP reads the variable when its runtime loads, so
-    this must run before torch, faiss or lightgbm is imported: the CLI and the test suite call
-    it first thing.
+    Spinning workers of one library (LightGBM, torch, faiss, numpy's BLAS) steal the cores
+    another library or process needs; on a 2-core machine shared with other work that made
+    LightGBM and torch 10-16x slower in our measurements, and the exact ALS top-k
+    (``top_k_by_factors``, numpy matrix products between FAISS and LightGBM calls) 1.3x slower
+    in batches and 2.8x for one user (``bench.als_topk``). The runtimes read the variables
+    when they load, so this must run before numpy, torch, faiss or lightgbm is imported: the
+    CLI and the test suite call it first thing.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
 def _default_threads() -> int:

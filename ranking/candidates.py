@@ -7,7 +7,10 @@ fewer than n remain. ``retrieve`` is the one-user form and equals row 0 of the b
 
 Sources (DESIGN.md, "Cold start"):
 
-- ``als``: exact top-N of u·V over warm songs (needs a CF factor).
+- ``als``: exact top-N of u·V over warm songs (needs a CF factor). Online, above
+  ``FactorIndexConfig.min_songs`` warm songs, :class:`FactorIndexSource` answers it
+  approximately from an IVF index instead (the online engine swaps it in); batch ranking and
+  evaluation stay exact.
 - ``content``: FAISS neighbours of the user's content profile over all songs.
 - ``pseudo_cf``: FAISS inner product of the CF factor with cold songs' pseudo factors V̂.
 - ``fresh``: cold songs ordered by their popularity-and-quality prior score (not personal).
@@ -66,6 +69,44 @@ class CandidateConfig:
 
     def limit(self, source: str) -> int:
         return int(getattr(self, source))
+
+
+@dataclass(frozen=True)
+class FactorIndexConfig:
+    """The approximate ``als`` source of online serving (:class:`FactorIndexSource`).
+
+    Attributes
+    ----------
+    min_songs:
+        Catalogues with fewer warm songs are searched exactly (:class:`FactorSource`), so small
+        catalogues rank online exactly as offline.
+    nlist:
+        IVF lists; 0 picks about 4·√n (a multiple of 16), at least 39 songs per list.
+    nprobe:
+        Lists scanned per query. At 100k songs (1264 lists, 5 % scanned) recall@100 against
+        the exact top-100 was 0.99 on factor-like data and 0.97-0.99 on ALS factors of the
+        ``bench.ranking`` world, whose later plays it found as often as the exact source
+        (``python -m bench.als_topk``); at 1M songs (4000 lists) 0.997 at 0.3 ms a query.
+        Building the index (k-means over every vector) took 3 s at 100k songs and 2 min at 1M
+        on 2 cores.
+    """
+
+    min_songs: int = 50_000
+    nlist: int = 0
+    nprobe: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("min_songs", "nprobe"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"als_index.{name} must be >= 1, got {getattr(self, name)}")
+        if self.nlist < 0:
+            raise ConfigError(f"als_index.nlist must be >= 0 (0: chosen from the size), got {self.nlist}")
+
+    def lists_for(self, n_songs: int) -> int:
+        """IVF lists for ``n_songs`` vectors (``nlist``, or the size rule when it is 0)."""
+        if self.nlist:
+            return min(self.nlist, max(1, n_songs))
+        return max(1, min(n_songs // 39, max(16, int(4 * np.sqrt(n_songs)) // 16 * 16)))
 
 
 def _filter_rows(
@@ -208,7 +249,7 @@ class IndexSource(CandidateSource):
         rows = [i for i, s in enumerate(states) if getattr(s, self.query) is not None]
         if n == 0 or not rows or len(self.index) == 0:
             return ids, sc
-        Q = np.stack([getattr(states[i], self.query) for i in rows]).astype(np.float32)
+        Q = self._queries([getattr(states[i], self.query) for i in rows])
         fi, fs = _two_pass(
             lambda sel, k: self.index.search(Q[sel], k),
             [excludes[i] for i in rows],
@@ -218,6 +259,56 @@ class IndexSource(CandidateSource):
         )
         ids[rows], sc[rows] = fi, fs
         return ids, sc
+
+    def _queries(self, vectors: list[np.ndarray]) -> np.ndarray:
+        """The (b, d) float32 query matrix for the index from the states' vectors."""
+        return np.stack(vectors).astype(np.float32)
+
+
+class FactorIndexSource(IndexSource):
+    """``als`` approximately: an IVF inner-product index over the warm songs' factors.
+
+    Maximum inner product is not a nearest-neighbour problem (long item vectors win for every
+    user), and IVF clusters of the raw factors are lopsided. So each item vector v gets one more
+    coordinate, √(M² − ‖v‖²) with M the largest norm, and each query a 0 there: the scores are
+    still exactly u·v, while all item vectors now have norm M, so inner-product order is
+    distance order and the clusters are balanced (Bachrach et al., RecSys 2014). On ALS factors
+    of 88k songs this raised recall@100 at 32 of 1024 lists scanned from 0.78 to 0.97 and made
+    a query 2x faster.
+
+    Scores are the float32 inner products FAISS computes (the exact source rescores in float64),
+    and the top-N is approximate: a song the index misses is simply not a candidate. History
+    filtering and the batch-equals-single contract are those of :class:`IndexSource` (each
+    query is searched on its own).
+    """
+
+    def __init__(
+        self,
+        song_ids: Sequence[str],
+        factors: np.ndarray,
+        config: FactorIndexConfig | None = None,
+        *,
+        max_overfetch: int = 2000,
+        device: str = "cpu",
+    ) -> None:
+        cfg = config or FactorIndexConfig()
+        V = np.asarray(factors, dtype=np.float64)
+        if V.ndim != 2 or V.shape[0] != len(song_ids):
+            raise ConfigError(f"{len(song_ids)} song ids for factors of shape {V.shape}")
+        sq = (V * V).sum(axis=1)
+        top = float(sq.max(initial=0.0))
+        aug = np.hstack([V, np.sqrt(np.maximum(top - sq, 0.0))[:, None]]).astype(np.float32)
+        index = CandidateIndex(V.shape[1] + 1, f"IVF{cfg.lists_for(len(song_ids))},Flat", normalize=False,
+                               nprobe=cfg.nprobe, device=device)
+        index.add(list(song_ids), aug)
+        super().__init__("als", index, "cf_factor", max_overfetch=max_overfetch)
+        self.factor_dim = V.shape[1]
+
+    def _queries(self, vectors: list[np.ndarray]) -> np.ndarray:
+        Q = np.stack(vectors).astype(np.float32)
+        if Q.shape[1] != self.factor_dim:
+            raise ConfigError(f"user factor width {Q.shape[1]} != item factor width {self.factor_dim}")
+        return np.hstack([Q, np.zeros((Q.shape[0], 1), np.float32)])
 
 
 class RankedListSource(CandidateSource):

@@ -324,7 +324,16 @@ def make_implicit_model(cfg: CFConfig):
     )
 
 
-FETCH_MARGIN = 32  # results fetched beyond k (+ exclusions) per row in the first search
+# Scores are computed in blocks of rows × (ITEM_BLOCK_SCORES / rows) items (16 MB of float32,
+# about a last-level cache) and searched while they are hot; the (rows, n_items) matrix is never
+# held, so memory stays bounded at any catalogue size.
+ITEM_BLOCK_SCORES = 1 << 22
+# A row's candidate threshold is the SAMPLE_RANK-th best of a strided sample of its scores, the
+# stride chosen so that about max(SAMPLE_OVERSHOOT × k, SAMPLE_MIN_TARGET) scores pass it.
+SAMPLE_OVERSHOOT = 4
+SAMPLE_MIN_TARGET = 256
+SAMPLE_RANK = 8
+SAMPLE_BUDGET = 1 << 24  # sampled scores held per pass (rows × sample columns)
 
 
 def _exact_scores(U: np.ndarray, V: np.ndarray, part: np.ndarray, block: int = 2_000_000) -> np.ndarray:
@@ -340,6 +349,111 @@ def _exact_scores(U: np.ndarray, V: np.ndarray, part: np.ndarray, block: int = 2
     return out
 
 
+def _round_down(x: np.ndarray) -> np.ndarray:
+    """float64 thresholds as float32, rounded towards -inf (a float32 compare then keeps every
+    score at or above the float64 value)."""
+    out = x.astype(np.float32)
+    return np.where(out > x, np.nextafter(out, np.float32(-np.inf)), out)
+
+
+def _row_positions(rows: np.ndarray, b: int) -> np.ndarray:
+    """Position of each cell within its row, for cells sorted by row."""
+    counts = np.bincount(rows, minlength=b)
+    return np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _padded(
+    rows: np.ndarray, pos: np.ndarray, cols: np.ndarray, vals: np.ndarray, b: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cells ``(row, position in row)`` as ``(items (b, w) int64, scores (b, w) float32)``,
+    padded with item 0 / -inf."""
+    w = max(1, int(pos.max(initial=-1)) + 1)
+    H = np.zeros((b, w), dtype=np.int64)
+    P = np.full((b, w), -np.inf, dtype=np.float32)
+    H[rows, pos] = cols
+    P[rows, pos] = vals
+    return H, P
+
+
+def _candidates(
+    U: np.ndarray, V: np.ndarray, kk: int, tol: np.ndarray, excluded: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's candidates: every non-excluded item whose float32 score is within ``tol[r]``
+    of the row's kk-th best, and a few more.
+
+    A row's threshold t is the ``SAMPLE_RANK``-th best of a strided sample of its scores; the
+    items kept are those scoring ≥ t − tol, found block by block of items (one BLAS product
+    per block, searched while it is in cache). When at least kk kept items score ≥ t, the kk-th
+    best is ≥ t, so every item within tol of it is kept. A row where that fails (an unlucky
+    sample, or most items excluded) is flagged for :func:`_row_candidates`. One compare per
+    score replaces a full selection per row (``np.argpartition`` over 100k scores costs several
+    times the matrix product).
+
+    ``excluded`` holds flat cells ``row · n_items + item``. Returns ``(items (b, w), float32
+    scores (b, w) with -inf padding, ok (b,) bool)``.
+    """
+    b, N = U.shape[0], V.shape[0]
+    target = max(SAMPLE_OVERSHOOT * kk, SAMPLE_MIN_TARGET)
+    step = max(1, target // SAMPLE_RANK)
+    jb = max(256, ITEM_BLOCK_SCORES // b)
+    er, ec = np.divmod(excluded, N)
+    order = np.argsort(ec, kind="stable")
+    er, ec = er[order], ec[order]
+    bounds = np.searchsorted(ec, np.arange(0, N + jb, jb))  # excluded cells of each item block
+    sample = U @ V[::step].T
+    on = ec % step == 0
+    sample[er[on], ec[on] // step] = -np.inf
+    ns = sample.shape[1]
+    q = min(ns, max(SAMPLE_RANK, -(-target // step)))
+    t = np.partition(sample, ns - q, axis=1)[:, ns - q]
+    lo = _round_down(np.where(np.isfinite(t), t - tol, np.inf))[:, None]
+    filled = np.zeros(b, dtype=np.int64)  # candidates per row so far
+    rows, pos, cols, vals = [], [], [], []
+    for blk, j0 in enumerate(range(0, N, jb)):
+        S = U @ V[j0 : j0 + jb].T
+        x, y = bounds[blk], bounds[blk + 1]
+        S[er[x:y], ec[x:y] - j0] = -np.inf
+        flat = np.flatnonzero(S >= lo)  # row-major: sorted by row
+        r = flat // S.shape[1]
+        rows.append(r)
+        pos.append(filled[r] + _row_positions(r, b))
+        filled += np.bincount(r, minlength=b)
+        cols.append(flat - r * S.shape[1] + j0)
+        vals.append(S.ravel()[flat])
+    r, v = np.concatenate(rows), np.concatenate(vals)
+    ok = np.bincount(r, weights=v >= t[r], minlength=b) >= kk
+    H, P = _padded(r, np.concatenate(pos), np.concatenate(cols), v, b)
+    return H, P, ok
+
+
+def _row_candidates(
+    u: np.ndarray, V: np.ndarray, kk: int, tol: float, excluded: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """One row's candidates by a full selection over all its scores (the fallback of
+    :func:`_candidates`): ``(items, float32 scores)``."""
+    s = V @ u
+    s[excluded] = -np.inf
+    kth = np.partition(s, len(s) - kk)[len(s) - kk]  # -inf when fewer than kk items are left
+    cut = _round_down(np.asarray([kth - tol]))[0] if np.isfinite(kth) else -np.inf
+    c = np.flatnonzero((s >= cut) & (s > -np.inf))
+    return c, s[c]
+
+
+def _finish(
+    U: np.ndarray, V: np.ndarray, H: np.ndarray, P: np.ndarray, kk: int, tol: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-kk of each row among its candidates (items H, float32 scores P, -inf: none): the
+    candidates within tol of the row's kk-th best, rescored in float64, ties by item index.
+    Returns ``(items (b, m), float32 scores (b, m))``, m <= kk, -inf where fewer exist."""
+    b, w = P.shape
+    kth = np.full(b, -np.inf, np.float32) if w < kk else -np.partition(-P, kk - 1, axis=1)[:, kk - 1]
+    rr, cc = np.nonzero(np.isfinite(P) & (P >= (kth - tol)[:, None]))
+    part, kept = _padded(rr, _row_positions(rr, b), H[rr, cc], P[rr, cc], b)  # kept: -inf pads
+    ps = np.where(np.isfinite(kept), _exact_scores(U, V, part), -np.inf)
+    order = np.lexsort((part, -ps), axis=1)[:, :kk]
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(ps, order, axis=1).astype(np.float32)
+
+
 def top_k_by_factors(
     U: np.ndarray,
     V: np.ndarray,
@@ -353,24 +467,24 @@ def top_k_by_factors(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of U·Vᵀ per row, with a CSR mask of excluded items; ``""``/-inf padding.
 
-    ``lookup``, when given, is ``item_ids + [""]`` as an object array, and ``max_norm`` the
-    largest row norm of V: kept by a caller that searches often, so that no per-call pass over
-    the ids or V is made.
+    ``chunk`` bounds the rows searched together. ``lookup``, when given, is ``item_ids + [""]``
+    as an object array, and ``max_norm`` the largest row norm of V: kept by a caller that
+    searches often, so that no per-call pass over the ids or V is made.
 
-    How: FAISS's exact inner-product k-NN (``faiss.knn``: SIMD or BLAS plus a heap, several
-    times faster than ``np.argpartition`` over all scores) finds the candidates in float32; the
-    candidates are rescored in float64 and ranked on that, ties by item index. float32 scores
-    depend on the kernel (one row and many rows are computed differently, a bit apart), so a
-    row's candidates are every non-excluded item whose float32 score is within the float32
-    error bound of the k-th best; rows whose bound reaches past the fetched results are searched
-    again with twice as many. So a row's answer is the exact one, whatever batch it is in, also
-    when a block of tied items (equal factors) straddles the k-th place.
+    How: float32 scores through BLAS matrix products, whatever the batch size (FAISS's exact
+    k-NN switches to BLAS only from ``faiss.cvar.distance_compute_blas_threshold`` queries,
+    128000 in faiss 1.15, and below that scans V once per query), block by block of items,
+    keeping each row's candidates (:func:`_candidates`). The candidates are rescored in float64
+    and ranked on that, ties by item index. float32 scores depend on the kernel (one row and
+    many rows are summed in different orders, a bit apart), so a row's candidates are every
+    non-excluded item whose float32 score is within the float32 error bound of the k-th best.
+    So a row's answer is the exact one, whatever batch it is in, also when a block of tied
+    items (equal factors) straddles the k-th place. Nothing process-global (such as FAISS's
+    threshold) is changed.
 
     Returns ``(ids (n, k) object, scores (n, k) float32)`` sorted by descending score, ties by item
     index (deterministic).
     """
-    import faiss
-
     n = U.shape[0]
     if lookup is None:
         lookup = np.asarray(list(item_ids) + [""], dtype=object)
@@ -385,40 +499,35 @@ def top_k_by_factors(
     if max_norm is None:
         max_norm = float(np.linalg.norm(Vc, axis=1).max())
     err = 4.0 * Vc.shape[1] * 2.0**-24 * max_norm * 1.001
-    for start in range(0, n, chunk):
-        Uc = np.ascontiguousarray(U[start : start + chunk], dtype=np.float32)
+    step = max(1, max(SAMPLE_OVERSHOOT * kk, SAMPLE_MIN_TARGET) // SAMPLE_RANK)
+    rows_per_pass = max(1, min(chunk, SAMPLE_BUDGET // -(-n_items // step)))
+
+    def write(at: np.ndarray, top: np.ndarray, ts: np.ndarray) -> None:
+        ok = np.isfinite(ts)
+        scores[at, : ts.shape[1]] = np.where(ok, ts, -np.inf)
+        ids[at, : ts.shape[1]] = lookup[np.where(ok, top, n_items)]
+
+    for start in range(0, n, rows_per_pass):
+        Uc = np.ascontiguousarray(U[start : start + rows_per_pass], dtype=np.float32)
         b = Uc.shape[0]
         if exclude is not None:
-            sub = exclude if start == 0 and n <= chunk else exclude[start : start + chunk]  # no copy for one chunk
-            counts = np.diff(sub.indptr)
-            excluded = np.repeat(np.arange(b, dtype=np.int64), counts) * n_items + sub.indices
+            sub = exclude if start == 0 and n <= rows_per_pass else exclude[start : start + b]  # no copy for one pass
+            excluded = np.repeat(np.arange(b, dtype=np.int64), np.diff(sub.indptr)) * n_items + sub.indices
         else:
-            counts, excluded = np.zeros(b, np.int64), np.zeros(0, np.int64)
+            sub, excluded = None, np.zeros(0, np.int64)
         tol = err * np.linalg.norm(Uc.astype(np.float64), axis=1)
-        todo = np.arange(b)
-        fetch = min(n_items, kk + int(counts.max(initial=0)) + FETCH_MARGIN)
-        while len(todo):
-            D, hit = faiss.knn(Uc[todo], Vc, fetch, metric=faiss.METRIC_INNER_PRODUCT)  # best first
-            hit = hit.astype(np.int64)
-            kept = ~np.isin(todo[:, None] * n_items + hit, excluded)
-            kept_scores = np.where(kept, D, -np.inf)
-            kth = -np.partition(-kept_scores, kk - 1, axis=1)[:, kk - 1]  # fetch >= kk always
-            floor = kth - tol[todo]
-            done = np.full(len(todo), fetch >= n_items) | (D[:, -1] < floor)
-            sel = kept & (D >= floor[:, None])
-            if done.any():
-                r, sd, hd = todo[done], sel[done], hit[done]
-                m = max(1, int(sd.sum(axis=1).max()))
-                pick = np.argsort(~sd, axis=1, kind="stable")[:, :m]
-                part = np.take_along_axis(hd, pick, axis=1)
-                ps = np.where(np.take_along_axis(sd, pick, axis=1), _exact_scores(Uc[r], Vc, part), -np.inf)
-                order = np.lexsort((part, -ps), axis=1)[:, :kk]
-                top = np.take_along_axis(part, order, axis=1)
-                ts = np.take_along_axis(ps, order, axis=1).astype(np.float32)
-                ok = np.isfinite(ts)
-                w = ts.shape[1]
-                scores[start + r, :w] = np.where(ok, ts, -np.inf)
-                ids[start + r, :w] = lookup[np.where(ok, top, n_items)]
-            todo = todo[~done]
-            fetch = min(n_items, 2 * fetch)
+        H, P, ok = _candidates(Uc, Vc, kk, tol, excluded)
+        write(start + np.arange(b), *_finish(Uc, Vc, H, P, kk, tol))
+        redo = np.flatnonzero(~ok)
+        if len(redo):
+            found = [
+                _row_candidates(Uc[i], Vc, kk, float(tol[i]),
+                                sub.indices[sub.indptr[i] : sub.indptr[i + 1]] if sub is not None else excluded)
+                for i in redo
+            ]
+            r = np.repeat(np.arange(len(redo)), [len(c) for c, _ in found])
+            Hr, Pr = _padded(r, _row_positions(r, len(redo)), np.concatenate([c for c, _ in found]),
+                             np.concatenate([v for _, v in found]), len(redo))
+            ids[start + redo], scores[start + redo] = "", -np.inf
+            write(start + redo, *_finish(Uc[redo], Vc, Hr, Pr, kk, tol[redo]))
     return ids, scores

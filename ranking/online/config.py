@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from apex_rank.errors import ConfigError
+from apex_rank.ranking.candidates import FactorIndexConfig
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,15 @@ class OnlineConfig:
         Request-size limit of the HTTP service.
     max_batch:
         Most concurrent requests one engine call ranks together (1 disables micro-batching).
-        Keep it under 20: FAISS searches 20 or more queries through BLAS, whose float results
-        differ in the last bit from the one-query path, so a batch would no longer equal
-        single calls bit for bit.
+        A batch equals single calls bit for bit: the ``als`` source rescores its candidates
+        row by row in float64, and FAISS's exhaustive (Flat) searches of the other sources use
+        BLAS, whose float results differ in the last bit from the one-query path, only from
+        ``faiss.cvar.distance_compute_blas_threshold`` queries (128000 in faiss 1.15; it was 20
+        in older releases, so keep ``max_batch`` under 20 on those).
+    als_index:
+        When the ``als`` source is answered from an approximate index, and how
+        (:class:`~apex_rank.ranking.candidates.FactorIndexConfig`); below its ``min_songs``
+        warm songs online ranking equals offline ranking exactly.
     freeze_gc:
         After loading a version, collect once and ``gc.freeze()`` what is loaded, so that the
         cyclic GC never walks the bundle's ~300k containers during a request (a full collection
@@ -69,6 +76,7 @@ class OnlineConfig:
     max_body_bytes: int = 64 * 1024
     max_batch: int = 16
     freeze_gc: bool = True
+    als_index: FactorIndexConfig = field(default_factory=FactorIndexConfig)
 
     def __post_init__(self) -> None:
         for name in ("budget_ms", "retry_s", "follow_interval_s"):

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from apex_rank.errors import ConfigError, StoreError
+from apex_rank.ranking.candidates import FactorIndexConfig
 from apex_rank.ranking.reranker import check_cold_share
 
 from .config import OnlineConfig
@@ -109,9 +110,10 @@ def default_loader(bundle_dir: str) -> RankingEngine:
     return RecommenderEngine.load(bundle_dir)
 
 
-def engine_loader(fallback_size: int, max_batch: int = 16) -> EngineLoader:
-    """A loader building :class:`RecommenderEngine` with the given fallback length and
-    micro-batch bound."""
+def engine_loader(fallback_size: int, max_batch: int = 16,
+                  als_index: FactorIndexConfig | None = None) -> EngineLoader:
+    """A loader building :class:`RecommenderEngine` with the given fallback length,
+    micro-batch bound and approximate ``als`` source settings."""
 
     def load(bundle_dir: str) -> RankingEngine:
         from apex_rank.ranking.recommender import load_recommender
@@ -119,7 +121,8 @@ def engine_loader(fallback_size: int, max_batch: int = 16) -> EngineLoader:
         from .recommender_engine import RecommenderEngine
 
         return RecommenderEngine(load_recommender(bundle_dir, device="cpu"), bundle_dir,
-                                 fallback_size=fallback_size, max_batch=max_batch)
+                                 fallback_size=fallback_size, max_batch=max_batch,
+                                 als_index=als_index)
 
     return load
 
@@ -150,7 +153,8 @@ class OnlineRanker:
                  follow_store: OnlineStore | None = None) -> None:
         self.config = config or OnlineConfig()
         self.store = store
-        self._loader = loader or engine_loader(self.config.fallback_size, self.config.max_batch)
+        self._loader = loader or engine_loader(self.config.fallback_size, self.config.max_batch,
+                                               self.config.als_index)
         self._down_until = 0.0
         self._switch_lock = threading.Lock()
         self._switching: int | None = None

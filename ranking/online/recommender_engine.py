@@ -5,7 +5,12 @@ UserState` is rebuilt from the stored user record (CF factor, content profile, h
 activity; float32 bytes decode to the exact arrays that were published) and handed to
 ``Recommender.rank_items``, which runs ``rank_arrays`` (candidates → features → reranker →
 top-k), the function whose frame form ``Recommender.recommend`` returns. Hence
-``OnlineRanker.rank(u) == Recommender.recommend(u)`` for an unchanged state.
+``OnlineRanker.rank(u) == Recommender.recommend(u)`` for an unchanged state, with one
+exception by design: from ``FactorIndexConfig.min_songs`` warm songs (50k by default) the
+engine answers the ``als`` source from an IVF index over the item factors
+(:class:`~apex_rank.ranking.candidates.FactorIndexSource`, recall@100 0.97-0.99) instead of
+scanning them all; the offline paths (``recommend``, ``recommend_batch``, evaluation) stay
+exact. Everything else ``rank_items`` reads comes from the live Recommender.
 
 The Recommender mutates its song table and indexes when songs are added, so ranking and
 adding are guarded by a readers-writer lock: many concurrent rankings, one exclusive add.
@@ -29,11 +34,13 @@ from collections.abc import Collection, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
 
 from apex_rank.errors import ArtifactError
+from apex_rank.ranking.candidates import CandidateSource, FactorIndexConfig, FactorIndexSource, FactorSource
 from apex_rank.ranking.recommender import Recommender, cold_shortfall, load_recommender
 from apex_rank.ranking.state import UserState
 
@@ -100,6 +107,44 @@ def record_from_state(state: UserState) -> UserRecord:
     return UserRecord(f, p, list(state.history), float(state.activity))
 
 
+class _WithApproximateAls:
+    """The Recommender as ``Recommender.rank_items`` reads it, with its exact ``als`` source
+    swapped for an approximate one; every other attribute is read from the live Recommender
+    at each access, so songs added later (and the ``fresh`` source rebuilt for them) are seen
+    at once. The swap holds only while the exact source covers the songs the index was built
+    on (adding songs adds cold ones, so it always does; a changed warm set falls back to it)."""
+
+    def __init__(self, recommender: Recommender, als: FactorIndexSource) -> None:
+        self._rec = recommender
+        self._als = als
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rec, name)
+
+    @property
+    def sources(self) -> list[CandidateSource]:
+        return [self._als if isinstance(s, FactorSource) and len(s.song_ids) == len(self._als.index) else s
+                for s in self._rec.sources]
+
+
+def approximate_als(recommender: Recommender,
+                    config: FactorIndexConfig | None = None) -> FactorIndexSource | None:
+    """The IVF ``als`` source over the Recommender's warm songs when they are at least
+    ``config.min_songs``; else None (the exact source serves)."""
+    cfg = config or FactorIndexConfig()
+    exact = next((s for s in recommender.sources if isinstance(s, FactorSource)), None)
+    if exact is None or len(exact.song_ids) < cfg.min_songs:
+        return None
+    import time
+
+    t0 = time.perf_counter()
+    src = FactorIndexSource(exact.song_ids, exact.factors, cfg,
+                            max_overfetch=recommender.config.candidates.max_overfetch)
+    log.info("als source: IVF index over %d warm songs (%s, nprobe %d) built in %.1f s",
+             len(exact.song_ids), src.index.factory, cfg.nprobe, time.perf_counter() - t0)
+    return src
+
+
 @dataclass
 class _Request:
     state: UserState
@@ -122,11 +167,17 @@ class RecommenderEngine:
         Length of the degraded-mode list (the Recommender's popularity-and-quality score).
     max_batch:
         Most concurrent requests ranked in one call (1: every request alone).
+    als_index:
+        From how many warm songs, and how, the ``als`` source is answered approximately
+        (default :class:`FactorIndexConfig`: from 50k songs).
     """
 
     def __init__(self, recommender: Recommender, bundle_dir: str | Path, *,
-                 fallback_size: int = 1000, max_batch: int = 16) -> None:
+                 fallback_size: int = 1000, max_batch: int = 16,
+                 als_index: FactorIndexConfig | None = None) -> None:
         self.recommender = recommender
+        als = approximate_als(recommender, als_index)
+        self._ranker = recommender if als is None else cast(Recommender, _WithApproximateAls(recommender, als))
         self.bundle_dir = str(Path(bundle_dir).resolve())
         self.fingerprint = bundle_fingerprint(bundle_dir)
         self._lock = _RWLock()
@@ -140,10 +191,15 @@ class RecommenderEngine:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, *, device: str = "cpu", fallback_size: int = 1000,
-             max_batch: int = 16) -> RecommenderEngine:
+             max_batch: int = 16, als_index: FactorIndexConfig | None = None) -> RecommenderEngine:
         """Load the bundle folder (FAISS index, CF, reranker, APEX predictor) in this process."""
         return cls(load_recommender(bundle_dir, device=device), bundle_dir,
-                   fallback_size=fallback_size, max_batch=max_batch)
+                   fallback_size=fallback_size, max_batch=max_batch, als_index=als_index)
+
+    @property
+    def approximate_als(self) -> bool:
+        """Whether the ``als`` source is answered from the IVF index (see the module doc)."""
+        return self._ranker is not self.recommender
 
     def close(self) -> None:
         """Nothing to release: requests are ranked by the calling threads themselves."""
@@ -152,7 +208,11 @@ class RecommenderEngine:
                      cold_share: float | None = None) -> dict[str, list[Item]]:
         self._lock.acquire_read()
         try:
-            items = self.recommender.rank_items(states, k, [set(e) for e in excludes], cold_share)
+            ex = [set(e) for e in excludes]
+            if self._ranker is self.recommender:
+                items = self.recommender.rank_items(states, k, ex, cold_share)
+            else:  # the Recommender's own method, reading the swapped source list
+                items = Recommender.rank_items(self._ranker, states, k, ex, cold_share)
         finally:
             self._lock.release_read()
         return {s.user_id: it for s, it in zip(states, items, strict=True)}

@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from apex_rank.ranking.candidates import FactorIndexConfig, FactorSource
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, ingest, publish, record
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+from apex_rank.ranking.online.recommender_engine import RecommenderEngine, record_from_state
 from apex_rank.ranking.recommender import load_recommender
 
 from .online_support import bundle_dir
@@ -115,3 +116,28 @@ def test_rank_equals_cli_recommend(bundle: str, published: RecommenderEngine, re
             assert main(["recommend", "--bundle", bundle, "--user", u, "-k", "15", "--device", "cpu"]) == 0
             printed = re.findall(r"\bs\d{6}\b", capsys.readouterr().out)
             assert printed == [i.song_id for i in ranker.rank(u, k=15).items], u
+
+
+def test_engine_answers_als_from_the_ivf_index_above_min_songs(bundle: str) -> None:
+    """Issue 15: from ``als_index.min_songs`` warm songs the engine's ``als`` source is the IVF
+    index; the Recommender's own source (batch ranking, evaluation) stays exact. Scanning every
+    list, the IVF source finds the exact top-N, so rankings equal ``recommend`` (also after a
+    song is added: the engine reads the live Recommender); scanning one list, they do not."""
+    small = RecommenderEngine.load(bundle)
+    assert not small.approximate_als  # below the default 50k warm songs: exact
+    engine = RecommenderEngine.load(bundle, als_index=FactorIndexConfig(min_songs=1, nprobe=10_000))
+    rec = engine.recommender
+    assert engine.approximate_als and isinstance(rec.sources[0], FactorSource)
+    users = rec.user_ids[:60]
+
+    def ranked(e: RecommenderEngine, u: str, k: int = 20) -> list[str]:
+        return [s for s, _, _ in e.rank_user(u, record_from_state(rec.user_state(u)), k, ())]
+
+    for u in users:
+        assert ranked(engine, u) == rec.recommend(u, k=20)["song_id"].to_list(), u
+    coarse = RecommenderEngine.load(bundle, als_index=FactorIndexConfig(min_songs=1, nlist=16, nprobe=1))
+    assert sum(ranked(coarse, u) != rec.recommend(u, k=20)["song_id"].to_list() for u in users) > 0
+    engine.add_song("ivf-new-song", np.asarray(rec.songs.embeddings[5], np.float32) * 3.0,
+                    np.zeros(7, np.float32))
+    for u in users[:10]:
+        assert ranked(engine, u, 50) == rec.recommend(u, k=50)["song_id"].to_list(), u

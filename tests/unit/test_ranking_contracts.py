@@ -12,6 +12,8 @@ import pytest
 from apex_rank.errors import UnknownIdError
 from apex_rank.ranking.candidates import (
     CandidateSource,
+    FactorIndexConfig,
+    FactorIndexSource,
     FactorSource,
     IndexSource,
     RankedListSource,
@@ -101,6 +103,21 @@ class TestFactorSource(SourceContract):
     def test_user_without_factor_gets_padding(self) -> None:
         ids, _ = self.make().retrieve(UserState("x", None, None), 5)
         assert ids.tolist() == [""] * 5
+
+
+class TestFactorIndexSource(SourceContract):
+    """The approximate ``als`` source (60 songs: one IVF list, so the search is exhaustive)."""
+
+    def make(self) -> CandidateSource:
+        return FactorIndexSource(SONGS, V, FactorIndexConfig(min_songs=1))
+
+    def test_same_top_n_as_the_exact_source_when_exhaustive(self) -> None:
+        states = _states()
+        excl = [set(s.history) for s in states]
+        got, got_sc = self.make().retrieve_batch(states, 10, excl)
+        want, want_sc = FactorSource(SONGS, V).retrieve_batch(states, 10, excl)
+        assert got.tolist() == want.tolist()
+        np.testing.assert_allclose(got_sc, want_sc, rtol=1e-5, atol=1e-6)
 
 
 class TestContentSource(SourceContract):
