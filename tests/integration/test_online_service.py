@@ -102,7 +102,7 @@ def test_oversized_bodies_are_413(client) -> None:  # type: ignore[no-untyped-de
 
     def small():  # type: ignore[no-untyped-def]  # chunked and under the limit: handled normally
         yield b'{"events": [{"user_id": "u-chunked", '
-        yield ('"song_id": "%s"}]}' % client.engine.recommender.songs.song_ids[0]).encode()
+        yield ('"song_id": "' + client.engine.recommender.songs.song_ids[0] + '"}]}').encode()
 
     r = client.post("/events", content=small(), headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.json()["recorded"] == 1
