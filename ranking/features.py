@@ -12,8 +12,15 @@ Columns (``FEATURES``, in this order, float32 with null = missing):
 - ``log_popularity``: log of the song's interaction count over the mean count of warm songs
   (null for cold songs). Relative, so the reranker reads it the same way on the training side
   (CF data without the label slice) as when serving (refitted on every interaction).
-- ``age_days``: days between release and the table's reference time (null if unknown); cold
-  songs too: a song released yesterday and a song nobody played in a year are different bets
+- ``age_days``: days between release and the user's latest interaction (``last_seen_s``; the
+  table's reference time when unknown), 0 for songs released since; null if the release is
+  unknown. Cold songs too: a song released yesterday and a song nobody played in a year are
+  different bets. Measured from the user's own "now" because that is when their next plays
+  happen: on the training side the labels are each user's *latest* interactions, which for
+  most users end long before the table's reference time, and ages taken there made every
+  song look older at serving than in training (a sparse synthetic catalogue, item-cold split:
+  warm-target NDCG 0.084 with ages at the table's end, 0.206 with ages at the user's latest
+  interaction, ALS 0.122)
 - ``is_cold``: 1 for songs without a CF factor
 - ``rank_als``, ``rank_content``, ``rank_pseudo_cf``, ``rank_fresh``: source ranks
 - ``user_activity``: log1p of the user's interaction count
@@ -146,7 +153,9 @@ def feature_array(
     for k, t in enumerate(APEX_TASKS):
         X[:, col[t]] = pri[:, k]
     X[:, col["log_popularity"]] = np.where(warm, np.log((1.0 + st.popularity[s]) / st.popularity_scale), np.nan)
-    X[:, col["age_days"]] = (np.maximum(0.0, st.now_s - st.created_s[s]) / 86400.0).astype(np.float32)
+    seen = np.asarray([x.last_seen_s for x in states], dtype=np.float64)
+    ref = np.where(np.isfinite(seen), seen, st.now_s)[u]
+    X[:, col["age_days"]] = (np.maximum(0.0, ref - st.created_s[s]) / 86400.0).astype(np.float32)
     X[:, col["is_cold"]] = (~warm).astype(np.float32)
     R = np.asarray(ranks, dtype=np.float32).reshape(n, len(RANK_COLUMNS))
     for k, c in enumerate(RANK_COLUMNS):

@@ -78,8 +78,9 @@ log = logging.getLogger(__name__)
 
 KIND = "apex-recommender"
 # 2: relative log_popularity, age for cold songs, build-time cold simulation (schema-1 rerankers
-# read those features differently, so schema-1 bundles are refused with a "rebuild" message)
-SCHEMA = 2
+# read those features differently, so schema-1 bundles are refused with a "rebuild" message);
+# 3: ages from each user's latest interaction (users.npz ``last_seen``)
+SCHEMA = 3
 RESULT_SCHEMA: dict[str, Any] = {
     "song_id": pl.String,
     "score": pl.Float64,
@@ -184,6 +185,7 @@ class _Users:
     hist_indptr: np.ndarray  # CSR over catalogue positions, ordered by first interaction
     hist_indices: np.ndarray
     activity: np.ndarray  # (n_users,) int64
+    last_seen: np.ndarray  # (n_users,) float64 time of the latest interaction (NaN unknown)
     pos: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -221,7 +223,10 @@ def _user_arrays(inter: pl.DataFrame, table: SongTable, half_life_days: float) -
     counts = np.bincount(h["_u"].to_numpy(), minlength=n_u)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     act = np.bincount(u, minlength=n_u).astype(np.int64)
-    return _Users(users, np.ascontiguousarray(prof), has, indptr, h["_s"].to_numpy().astype(np.int64), act)
+    last = np.full(n_u, -np.inf)
+    np.maximum.at(last, u, np.where(np.isfinite(ts), ts, -np.inf))
+    last[~np.isfinite(last)] = np.nan
+    return _Users(users, np.ascontiguousarray(prof), has, indptr, h["_s"].to_numpy().astype(np.int64), act, last)
 
 
 def _label_rows(inter: pl.DataFrame, ts_s: np.ndarray, cfg: RecommenderConfig) -> np.ndarray:
@@ -749,7 +754,7 @@ class Recommender:
         hist = tuple(self.songs.song_ids[j] for j in hist_idx)
         factor = self.cf.user_factors[self.cf._upos[user_id]].copy() if self.cf.has_user(user_id) else None
         prof = U.profiles[i].copy() if U.has_profile[i] else None
-        return UserState(user_id, factor, prof, hist, int(U.activity[i]))
+        return UserState(user_id, factor, prof, hist, int(U.activity[i]), float(U.last_seen[i]))
 
     def state_from_history(
         self,
@@ -1039,6 +1044,7 @@ class Recommender:
             hist_indptr=U.hist_indptr,
             hist_indices=U.hist_indices,
             activity=U.activity,
+            last_seen=U.last_seen,
         )
         self.cf.save(folder / "cf.npz")
         assert self.content_map.W is not None  # fitted in build
@@ -1275,6 +1281,8 @@ def _check_bundle(
         raise bad("users.npz", "user histories point outside the catalogue")
     if users.profiles.shape != (n_u, d) or not np.isfinite(users.profiles).all():
         raise bad("users.npz", f"profiles are not finite ({n_u}, {d}) vectors")
+    if users.last_seen.shape != (n_u,) or np.isinf(users.last_seen).any():
+        raise bad("users.npz", f"last_seen is not ({n_u},) times (NaN for unknown)")
 
 
 def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
@@ -1312,6 +1320,7 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
             u["hist_indptr"],
             u["hist_indices"],
             u["activity"],
+            u["last_seen"].astype(np.float64),
         )
         cm = npz("content_map.npz")
     except KeyError as err:

@@ -40,6 +40,9 @@ class UserState:
         embeddings), or None (empty history).
     history: song ids the user consumed (never recommended back).
     activity: number of interactions.
+    last_seen_s: time of the user's latest interaction (epoch seconds; NaN unknown): the
+        user's own "now", from which song ages are measured (see ``age_days`` in
+        :mod:`~apex_rank.ranking.features`).
     """
 
     user_id: str
@@ -47,6 +50,7 @@ class UserState:
     profile: np.ndarray | None
     history: tuple[str, ...] = ()
     activity: int = 0
+    last_seen_s: float = float("nan")
 
     @property
     def is_unknown(self) -> bool:
@@ -233,6 +237,9 @@ def user_state_from_history(
             profile = content_profile(
                 song_table.embeddings[idx[keep]], t, w, now_s=song_table.now_s, half_life_days=half_life_days
             )
+    t_all = np.asarray([] if ts is None else ts, dtype=np.float64)
+    last = float(np.nanmax(t_all)) if np.isfinite(t_all).any() else float("nan")
     return UserState(
-        user_id, None if cf_factor is None else np.asarray(cf_factor, dtype=np.float32), profile, hist, len(song_ids)
+        user_id, None if cf_factor is None else np.asarray(cf_factor, dtype=np.float32), profile, hist, len(song_ids),
+        last
     )

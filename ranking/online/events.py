@@ -46,19 +46,20 @@ class RecordedEvent:
 
 
 def apply_event(old: UserRecord | None, song_id: str, embedding: np.ndarray, weight: float,
-                *, history_len: int, alpha: float) -> UserRecord:
+                *, history_len: int, alpha: float, ts: float | None = None) -> UserRecord:
     """Pure update of a user state by one event.
 
     The song joins the end of the history (bounded to ``history_len``, a repeat moves to the
     end); the content profile (L2-normalised, as offline) moves towards the song's normalised
     embedding with step ``max(alpha, 1 / (n + 1))`` (``n`` history length), i.e. a running
     mean for short histories and an exponential recency weighting after, then is
-    re-normalised; activity grows by one.
+    re-normalised; activity grows by one; ``last_seen_s`` becomes ``ts`` if later.
     Zero-weight events (skips) return the state unchanged (a new user is still created).
     """
     rec = old or UserRecord()
     if weight <= 0:
-        return UserRecord(rec.factor, rec.profile, list(rec.history), rec.activity)
+        return UserRecord(rec.factor, rec.profile, list(rec.history), rec.activity, rec.last_seen_s)
+    seen = rec.last_seen_s if ts is None else float(np.fmax(rec.last_seen_s, ts))
     hist = [s for s in rec.history if s != song_id] + [song_id]
     hist = hist[-history_len:]
     e = np.asarray(embedding, dtype=np.float32)
@@ -71,7 +72,7 @@ def apply_event(old: UserRecord | None, song_id: str, embedding: np.ndarray, wei
         profile = ((1.0 - step) * rec.profile + step * e).astype(np.float32)
         norm = float(np.linalg.norm(profile))
         profile = profile / norm if norm > 0 else profile
-    return UserRecord(rec.factor, profile.astype(np.float32), hist, rec.activity + 1.0)
+    return UserRecord(rec.factor, profile.astype(np.float32), hist, rec.activity + 1.0, seen)
 
 
 def _check_ts(ts: float | None) -> float:
@@ -117,7 +118,7 @@ def record(store: OnlineStore, user_id: str, song_id: str, kind: str = "play",
             nonlocal created
             created = old is None
             return apply_event(old, song_id, emb, weight, history_len=cfg.history_len,
-                               alpha=cfg.profile_alpha)
+                               alpha=cfg.profile_alpha, ts=t)
 
         try:
             eid, new = store.record_event(version, fields, user_id, update, cfg.version_ttl_s,

@@ -28,7 +28,9 @@ key                                 type      holds
 ``apexrank:{NS}:v{V}:u:{USER}``     hash      user state: ``f`` CF factor (f32 bytes, absent for
                                               users without one), ``p`` content profile (f32
                                               bytes), ``h`` recent history (JSON list of song ids,
-                                              oldest first, bounded), ``n`` activity (JSON number)
+                                              oldest first, bounded), ``n`` activity (JSON number),
+                                              ``t`` time of the latest interaction (JSON number of
+                                              unix seconds; absent when unknown)
 ==================================  ========  =====================================================
 
 Every ``v{V}`` key carries a TTL: ``staging_ttl_s`` while a publish is running (a killed

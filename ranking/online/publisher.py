@@ -249,7 +249,7 @@ def replay_events(store: OnlineStore, version: int, after_id: str, until_id: str
             for e in by_user[uid]:
                 if e.song_id in emb:
                     rec = apply_event(rec, e.song_id, emb[e.song_id], e.weight,
-                                      history_len=config.history_len, alpha=config.profile_alpha)
+                                      history_len=config.history_len, alpha=config.profile_alpha, ts=e.ts)
             return rec if rec is not None else UserRecord()
 
         ttl = config.version_ttl_s if require_current else config.staging_ttl_s

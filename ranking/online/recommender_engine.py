@@ -97,14 +97,14 @@ def state_from_record(user_id: str, rec: UserRecord | None) -> UserState:
     """The :class:`UserState` a stored record stands for (``None``: the empty, unknown state)."""
     if rec is None:
         return UserState(user_id, None, None, (), 0)
-    return UserState(user_id, rec.factor, rec.profile, tuple(rec.history), int(rec.activity))
+    return UserState(user_id, rec.factor, rec.profile, tuple(rec.history), int(rec.activity), rec.last_seen_s)
 
 
 def record_from_state(state: UserState) -> UserRecord:
     """The stored form of a :class:`UserState` (float32 vectors, history as a list)."""
     f = None if state.cf_factor is None else np.asarray(state.cf_factor, dtype=np.float32)
     p = None if state.profile is None else np.asarray(state.profile, dtype=np.float32)
-    return UserRecord(f, p, list(state.history), float(state.activity))
+    return UserRecord(f, p, list(state.history), float(state.activity), float(state.last_seen_s))
 
 
 class _WithApproximateAls:

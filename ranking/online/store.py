@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -80,6 +81,7 @@ class UserRecord:
     profile: np.ndarray | None = None
     history: list[str] = field(default_factory=list)
     activity: float = 0.0
+    last_seen_s: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ def _user_to_fields(rec: UserRecord) -> dict[str, bytes]:
         fields["f"] = encode_vector(rec.factor)
     if rec.profile is not None:
         fields["p"] = encode_vector(rec.profile)
+    if math.isfinite(rec.last_seen_s):
+        fields["t"] = json.dumps(float(rec.last_seen_s)).encode()
     return fields
 
 
@@ -112,13 +116,15 @@ def _user_from_fields(raw: dict[Any, Any], where: str) -> UserRecord | None:
     f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
     try:
         activity = float(json.loads(f.get("n", b"0")))
-    except ValueError as err:
-        raise StoreError(f"{where}: activity field is not a number") from err
+        last_seen = float(json.loads(f["t"])) if f.get("t") else float("nan")
+    except (ValueError, TypeError) as err:
+        raise StoreError(f"{where}: activity or last-seen field is not a number") from err
     return UserRecord(
         factor=decode_vector(f["f"], where) if f.get("f") else None,
         profile=decode_vector(f["p"], where) if f.get("p") else None,
         history=decode_history(f.get("h"), where),
         activity=activity,
+        last_seen_s=last_seen,
     )
 
 

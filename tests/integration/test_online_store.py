@@ -97,8 +97,13 @@ def test_record_event_creates_user_and_streams(store: OnlineStore) -> None:
         eid, new = store.record_event(v, {"u": "new", "s": "a", "k": "play", "t": "1.0", "w": "1"},
                                       "new", upd, 60, 1000)
     assert new.history == ["a"] and new.activity == 2.0
+    assert np.isnan(new.last_seen_s)  # no ts given: unknown, and stored as absent
     events = [ev for batch in store.read_events(0) for ev in batch]
     assert [ev.user_id for ev in events] == ["new", "new"] and events[-1].event_id == eid
+    _, new = store.record_event(v, {"u": "new", "s": "a", "k": "play", "t": "1.7e9", "w": "1"}, "new",
+                                lambda old: apply_event(old, "a", e, 1.0, history_len=3, alpha=0.1, ts=1.7e9), 60, 1000)
+    assert new.last_seen_s == 1.7e9
+    assert store.read_user(v, "new")[1].last_seen_s == 1.7e9  # the latest interaction time round-trips
 
 
 def test_catalogue_announcements(store: OnlineStore) -> None:
@@ -117,6 +122,17 @@ def test_history_bound_and_profile_norm() -> None:
                           history_len=3, alpha=0.1)
     assert rec is not None and rec.history == ["s2", "s3", "s4"]
     assert abs(float(np.linalg.norm(rec.profile)) - 1.0) < 1e-5
+
+
+def test_last_seen_is_the_latest_event_time_whatever_the_arrival_order() -> None:
+    """Song ages are measured from the user's latest interaction (ranking.features age_days):
+    a late-arriving older event must not move it back."""
+    e = np.ones(4, np.float32)
+    rec = apply_event(None, "a", e, 1.0, history_len=3, alpha=0.1, ts=200.0)
+    rec = apply_event(rec, "b", e, 1.0, history_len=3, alpha=0.1, ts=100.0)
+    assert rec.last_seen_s == 200.0
+    rec = apply_event(rec, "c", e, 1.0, history_len=3, alpha=0.1, ts=300.0)
+    assert rec.last_seen_s == 300.0
 
 
 def test_writes_to_a_replaced_version_are_refused(store: OnlineStore) -> None:

@@ -3,6 +3,7 @@ save/load, add_songs, similar_songs, fallback, state-path parity, and bad input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -73,6 +74,28 @@ def test_state_path_matches_recommend() -> None:
     assert all(c in feats.columns for c in FEATURES)
 
 
+def test_song_ages_are_taken_at_each_users_latest_interaction() -> None:
+    """``age_days`` is measured from the user's own latest interaction (``last_seen_s``), the
+    time their next plays come from, not the table's end: the reranker learns on each user's
+    latest interactions, most of which end long before the table's end, so ages taken there
+    made every song look older when serving than in training. Unknown: the table's end."""
+    rec = recommender()
+    last = train_interactions().group_by("user_id").agg(pl.col("ts").dt.epoch("s").max().alias("t")).sort("t")
+    u, t = last.row(0)  # the user whose plays stop first
+    state = rec.user_state(u)
+    assert state.last_seen_s == pytest.approx(t, abs=1.0) and t < rec.songs.now_s - 86400
+    cands = generate_candidates([state], rec.sources, rec.config.candidates)
+    known = rec.songs.index_of(cands["song_id"].to_list())
+    created = rec.songs.created_s[known]
+    ages = build_feature_frame([state], cands, rec.songs)["age_days"].to_numpy()
+    ok = np.isfinite(created)
+    assert ok.any()
+    np.testing.assert_allclose(ages[ok], np.maximum(0.0, state.last_seen_s - created[ok]) / 86400.0, rtol=1e-5)
+    unknown_time = dataclasses.replace(state, last_seen_s=float("nan"))
+    ages_end = build_feature_frame([unknown_time], cands, rec.songs)["age_days"].to_numpy()
+    np.testing.assert_allclose(ages_end[ok], np.maximum(0.0, rec.songs.now_s - created[ok]) / 86400.0, rtol=1e-5)
+
+
 def test_unknown_user_gets_fallback() -> None:
     rec = recommender()
     out = rec.recommend("never-seen", k=7)
@@ -131,7 +154,7 @@ def test_save_load_parity(tmp_path: Path) -> None:
     assert back.recommend_batch(users, k=10).equals(rec.recommend_batch(users, k=10))
     assert back.similar_songs(rec.songs.song_ids[0], 5).equals(rec.similar_songs(rec.songs.song_ids[0], 5))
     man = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert man["kind"] == "apex-recommender" and man["schema"] == 2 and "lightgbm" in man["versions"]
+    assert man["kind"] == "apex-recommender" and man["schema"] == 3 and "lightgbm" in man["versions"]
     assert "config" in man and "reranker.txt" in man["files"]
     assert {d["feature"] for d in man["feature_importance"]} == set(FEATURES)
 
@@ -146,9 +169,9 @@ def test_bundle_from_another_schema_or_missing_file(tmp_path: Path) -> None:
     (newer / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ArtifactError, match="schema version 99 is newer"):
         load_recommender(newer)
-    man["schema"] = 1  # a bundle of the previous feature set: refused with a rebuild message
+    man["schema"] = 2  # a bundle of the previous feature set (ages at the table end): refused, rebuild
     (newer / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(ArtifactError, match="bundle schema 1 was built by an older apex-rank.*rebuild"):
+    with pytest.raises(ArtifactError, match="bundle schema 2 was built by an older apex-rank.*rebuild"):
         load_recommender(newer)
     (b / "reranker.txt").unlink()
     with pytest.raises(ArtifactError, match="reranker.txt"):
@@ -326,7 +349,7 @@ def test_bad_weights_are_rejected(value: float) -> None:
     bad = inter.with_columns(
         pl.when(pl.int_range(pl.len()) == 3).then(value).otherwise(pl.col("weight")).alias("weight")
     )
-    with pytest.raises(SchemaError, match="weight .* is negative, NaN, inf or null"):
+    with pytest.raises(SchemaError, match=r"weight .* at row 3 .* is not a number in \[0, 1e\+12\]"):
         build(w.songs, w.embeddings, bad)
 
 
