@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from apex_rank.cli.outputs import check_out_file
 from apex_rank.errors import ConfigError
 
+if TYPE_CHECKING:
+    from apex_rank.ranking.online import OnlineConfig
+
 DEFAULT_REDIS = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _parse_time(value: str) -> datetime:
@@ -48,11 +51,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="HTTP ranking service (FastAPI + uvicorn) over a published bundle")
     s.add_argument("--bundle", default=None, help="bundle to serve degraded if Redis is down at start")
     s.add_argument("--redis", default=DEFAULT_REDIS)
-    s.add_argument("--namespace", default="default")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    s.add_argument("--config", default=None,
+                   help="TOML file whose [online] table (with [online.access]) sets the service; "
+                        "the flags below override it")
+    s.add_argument("--namespace", default=None, help="key namespace (default: the config's, 'default')")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="bind address (loopback by default; any other needs an API key or --insecure)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, default=2, help="worker processes sharing one Redis")
-    s.add_argument("--budget-ms", type=float, default=50.0, help="Redis latency budget per request")
+    s.add_argument("--budget-ms", type=float, default=None, help="Redis latency budget per request (50)")
+    s.add_argument("--api-key-file", default=None,
+                   help="file of API keys, one per line (or $APEX_RANK_API_KEY / $APEX_RANK_API_KEY_FILE): "
+                        "then /events and /songs need 'Authorization: Bearer <key>'")
+    s.add_argument("--protect-recommend", action="store_true", help="/recommend needs the key too")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key")
+    s.add_argument("--rate-limit", type=float, default=None,
+                   help="requests/s per key and worker on the routes that need a key (50; 0: off)")
+    s.add_argument("--burst", type=int, default=None, help="requests at once per key and worker (100)")
+    s.add_argument("--new-users-per-min", type=int, default=None,
+                   help="users /events may create per key and worker per minute (1000; 0: off)")
+    s.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
+    s.add_argument("--header-timeout-s", type=float, default=None,
+                   help="close a connection without a complete request head after this long (10)")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export-events", help="write recorded events to parquet for retraining")
@@ -82,30 +103,58 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_config(args: argparse.Namespace) -> OnlineConfig:
+    """The service's :class:`OnlineConfig`: ``--config``'s ``[online]`` table, then the flags."""
+    from dataclasses import replace
+
+    from apex_rank.config import load_config
+    from apex_rank.ranking.online import OnlineConfig
+
+    cfg = load_config(args.config, OnlineConfig, section="online") if args.config else OnlineConfig()
+    top = {k: v for k, v in (("namespace", args.namespace), ("budget_ms", args.budget_ms))
+           if v is not None}
+    access = {k: v for k, v in (("api_key_file", args.api_key_file),
+                                ("protect_recommend", args.protect_recommend or None),
+                                ("docs", args.docs or None), ("rate_per_s", args.rate_limit),
+                                ("burst", args.burst), ("new_users_per_min", args.new_users_per_min),
+                                ("header_timeout_s", args.header_timeout_s)) if v is not None}
+    return replace(cfg, **top, access=replace(cfg.access, **access))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import json
     import logging
 
-    import uvicorn
-
+    from apex_rank.config import to_dict
+    from apex_rank.ranking.online.access import AccessPolicy, check_bind, is_loopback, load_key_ring
     from apex_rank.ranking.online.store import redact_url
 
-    if args.host not in LOOPBACK:
-        logging.getLogger(__name__).warning(
-            "binding to %s exposes the service beyond this machine; put it behind a proxy with "
-            "authentication", args.host)
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    cfg = serve_config(args)
+    ring = load_key_ring(cfg.access)  # a bad or missing key file stops here, not in a worker
+    check_bind(args.host, ring, insecure=args.insecure)
+    AccessPolicy(cfg.access, ring)  # refuses protect_recommend without a key
+    if not ring and not is_loopback(args.host):
+        logging.getLogger(__name__).warning(
+            "binding to %s without an API key (--insecure): anyone reaching the port can write "
+            "events and songs", args.host)
+    import uvicorn
+
+    from apex_rank.ranking.online.service import CONFIG_ENV, HEADER_TIMEOUT_ENV, HTTP_PROTOCOL
+
     os.environ["APEX_RANK_REDIS_URL"] = args.redis
-    os.environ["APEX_RANK_NAMESPACE"] = args.namespace
-    os.environ["APEX_RANK_BUDGET_MS"] = str(args.budget_ms)
+    os.environ[CONFIG_ENV] = json.dumps(to_dict(cfg))
+    os.environ[HEADER_TIMEOUT_ENV] = repr(cfg.access.header_timeout_s)
     if args.bundle:
         os.environ["APEX_RANK_BUNDLE"] = args.bundle
-    print(f"serving namespace {args.namespace!r} from {redact_url(args.redis)} on "
-          f"http://{args.host}:{args.port} with {args.workers} worker(s)")
-    from apex_rank.ranking.online.service import HTTP_PROTOCOL
-
+    keys = f"{len(ring.digests)} API key(s)" if ring else "no API key"
+    print(f"serving namespace {cfg.namespace!r} from {redact_url(args.redis)} on "
+          f"http://{args.host}:{args.port} with {args.workers} worker(s), {keys}")
     uvicorn.run("apex_rank.ranking.online.service:app_from_env", factory=True, host=args.host,
-                port=args.port, workers=args.workers, log_level="warning", http=HTTP_PROTOCOL)
+                port=args.port, workers=args.workers, log_level="warning", http=HTTP_PROTOCOL,
+                timeout_keep_alive=cfg.access.keep_alive_s,
+                h11_max_incomplete_event_size=cfg.access.max_header_bytes)
     return 0
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from apex_rank.errors import ConfigError
 from apex_rank.ranking.candidates import FactorIndexConfig
 
+from .access import AccessConfig
+
 
 @dataclass(frozen=True)
 class OnlineConfig:
@@ -58,6 +60,15 @@ class OnlineConfig:
         cyclic GC never walks the bundle's ~300k containers during a request (a full collection
         of a 100k-song bundle holds the GIL for ~140 ms). Process-wide; turn it off if the host
         process manages its own GC.
+    data_check_s:
+        How often a ranker confirms that the version it serves still has its keys (the pointer,
+        the manifest and the song hash; one pipelined round trip, in the follower thread or, with
+        none, in the first request after the period). A version whose keys are gone, as after a
+        Redis restart that lost its data, is answered from the fallback list marked
+        ``degraded`` and reported by ``/health``.
+    access:
+        API keys, quotas and HTTP limits of the service
+        (:class:`~apex_rank.ranking.online.access.AccessConfig`, TOML ``[online.access]``).
     """
 
     namespace: str = "default"
@@ -77,9 +88,11 @@ class OnlineConfig:
     max_batch: int = 16
     freeze_gc: bool = True
     als_index: FactorIndexConfig = field(default_factory=FactorIndexConfig)
+    data_check_s: float = 2.0
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def __post_init__(self) -> None:
-        for name in ("budget_ms", "retry_s", "follow_interval_s"):
+        for name in ("budget_ms", "retry_s", "follow_interval_s", "data_check_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"online.{name} must be > 0, got {getattr(self, name)}")
         for name in ("batch_size", "staging_ttl_s", "version_ttl_s", "grace_s", "history_len",

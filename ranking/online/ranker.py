@@ -15,6 +15,12 @@ grace period). A response is therefore computed from exactly one version, which 
 Failures: when the round trip fails or exceeds ``budget_ms`` the answer comes from the
 precomputed popularity-and-quality list, marked ``degraded`` (never an exception); the
 ranker retries Redis after ``retry_s``. An unknown user gets the engine's cold-user path.
+Redis can also answer and yet have lost the data (a restart without persistence, eviction):
+then every user would look unknown. A missing ``current`` pointer comes with the request's
+read for free; every ``data_check_s`` a pipelined check (:meth:`OnlineRanker.check_data`)
+confirms that the served version still has its manifest and song records. While either is
+gone the answers are the fallback list, marked ``degraded``, until the version is back or
+another one is published.
 
 Example
 -------
@@ -161,6 +167,8 @@ class OnlineRanker:
         self._stop = threading.Event()
         self._catalogue_id = "0-0"
         self.stats: dict[str, int] = {"requests": 0, "degraded": 0, "cold_users": 0, "switches": 0}
+        self._missing: str | None = None  # why the served version's keys look gone (check_data)
+        self._next_check = 0.0
         self._thread: threading.Thread | None = None
         if follow_store is not None:
             # Read the catalogue position before loading the version: a song ingested in between
@@ -270,6 +278,43 @@ class OnlineRanker:
         except StoreError as err:
             log.error("cannot switch to version %d: %s", version, err)
 
+    def check_data(self, store: OnlineStore | None = None) -> str | None:
+        """Check now that the version this process serves still has its keys (one round trip,
+        :meth:`OnlineStore.version_present`); returns why not (kept, see the module doc), or
+        ``None``.
+
+        Raises
+        ------
+        StoreError
+            The store did not answer (the previous answer is kept).
+        """
+        self._next_check = time.monotonic() + self.config.data_check_s
+        active = self._active
+        if active.version is not None:
+            cur, present = (store or self.store).version_present(active.version)
+            self._note_data(active.version, cur, present)
+        return self._missing
+
+    def _note_data(self, version: int, cur: int | None, present: bool) -> None:
+        if cur is None:
+            missing = f"nothing is published any more while version {version} is served"
+        elif cur == version and not present:
+            missing = f"version {version} is current but its manifest or song records are missing"
+        else:
+            missing = None  # present, or a newer version to switch to
+        if missing != self._missing:
+            if missing is not None:
+                log.error("%s (did the store lose its data?); answering degraded until a version "
+                          "is published again", missing)
+            else:
+                log.warning("the keys of version %s are readable again", version)
+        self._missing = missing
+
+    @property
+    def data_missing(self) -> str | None:
+        """Why the served version's keys look gone at the last check, or ``None``."""
+        return self._missing
+
     @property
     def version(self) -> int | None:
         """The version this process serves (``None`` while degraded since start)."""
@@ -311,6 +356,8 @@ class OnlineRanker:
                 cur = store.current_version()
                 if cur is not None and cur != self._active.version:
                     self._switch(cur, store)
+                if time.monotonic() >= self._next_check:
+                    self.check_data(store)
             except StoreError as err:
                 log.warning("catalogue follower: %s", err)
                 self._stop.wait(self.config.retry_s)
@@ -374,6 +421,15 @@ class OnlineRanker:
             log.warning("store read failed, answering degraded for %.1f s: %s",
                         self.config.retry_s, err)
             return self._fallback(active, user_id, k, excl, str(err))
+        if cur is None:
+            self._note_data(active.version, None, False)  # the pointer came with the user: free
+        elif self._thread is None and now >= self._next_check:
+            try:  # no follower to check in the background: one round trip per data_check_s
+                self.check_data()
+            except StoreError as err:
+                log.warning("data check failed: %s", err)
+        if self._missing is not None and (cur is None or cur == active.version):
+            return self._fallback(active, user_id, k, excl, self._missing)
         if cur is not None and cur != active.version:
             self._request_switch(cur)
         if rec is None:

@@ -1,10 +1,13 @@
 """The HTTP ranking service (FastAPI; ``apex-rank serve`` runs it under uvicorn).
 
 Endpoints: ``GET /recommend``, ``POST /events``, ``POST /songs``, ``GET /health``,
-``GET /metrics`` (Prometheus text format) and the OpenAPI schema at ``/openapi.json``.
-Validation errors are 4xx with a reason (``{"detail": ...}``), never 5xx; bodies larger than
-``max_body_bytes`` are refused with 413 before they are read. Store failures during
-``/recommend`` give a ``degraded`` answer (200); during ``/events`` and ``/songs`` a 503.
+``GET /metrics`` (Prometheus text format); ``/docs``, ``/redoc`` and ``/openapi.json`` only
+with ``access.docs``. Validation errors are 4xx with a reason (``{"detail": ...}``), never
+5xx; bodies larger than ``max_body_bytes`` are refused with 413 before they are read. Store
+failures during ``/recommend`` give a ``degraded`` answer (200); during ``/events`` and
+``/songs`` a 503 whose body says only ``store unavailable`` (the reason, which names the Redis
+host and key, goes to the log). With an API key set, ``/events`` and ``/songs`` need it, and
+per-key quotas apply (:mod:`.access`: 401, 429 with ``Retry-After``).
 
 Several uvicorn workers each build their own ranker from the environment
 (:func:`app_from_env`) and share one Redis; the catalogue stream keeps their song sets equal.
@@ -18,7 +21,10 @@ worker's and is dropped.
 uvicorn binds the listening socket itself without ``IPPROTO_TCP``, asyncio then leaves Nagle's
 algorithm on for accepted connections, and every keep-alive request after the first waits
 ~40 ms for the client's delayed ACK (uvicorn issue #3149; measured here: /health 44 ms with two
-workers against 1 ms with one).
+workers against 1 ms with one). The same protocol closes a connection that has not sent a
+complete request head within ``access.header_timeout_s`` (``$APEX_RANK_HEADER_TIMEOUT_S``):
+uvicorn 0.54 has keep-alive and head-size limits but no header timeout, so a client trickling
+header bytes held a connection open for as long as it liked.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from apex_rank.errors import ApexRankError, StoreError, UnknownIdError
 
+from .access import AccessGuard, AccessPolicy, KeyRing, load_key_ring
 from .config import OnlineConfig
 from .events import ingest, record
 from .keys import ID_PATTERN, RequestError
@@ -58,15 +65,55 @@ def _http_protocol_base() -> type:
     return AutoHTTPProtocol
 
 
+HEADER_TIMEOUT_ENV = "APEX_RANK_HEADER_TIMEOUT_S"
+
+
 class NoDelayHTTPProtocol(_http_protocol_base()):  # type: ignore[misc]
     """uvicorn's HTTP protocol with ``TCP_NODELAY`` set on every accepted TCP connection
-    (see the module doc: the multi-worker listener would otherwise leave Nagle on)."""
+    (see the module doc: the multi-worker listener would otherwise leave Nagle on), and a
+    request-head timeout of ``$APEX_RANK_HEADER_TIMEOUT_S`` seconds (default 10).
+
+    The timer starts when the connection opens and whenever bytes arrive while no request is
+    in progress; it fires harmlessly if a request head was parsed since (uvicorn then holds a
+    new request cycle), else the connection is closed. Body reads and keep-alive idling keep
+    uvicorn's own rules."""
 
     def connection_made(self, transport: Any) -> None:
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._head_timer: Any = None
+        self._head_timeout_s = float(os.environ.get(HEADER_TIMEOUT_ENV) or 10.0)
         super().connection_made(transport)
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self._head_timeout_s, self._head_timed_out,
+                                                    self.cycle)
+
+    def _head_timed_out(self, cycle_then: Any) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not cycle_then:  # a request head arrived in time
+            if self.cycle.response_complete:
+                self._arm_head_timer()  # between requests: bytes of the next may be waiting
+            return
+        log.info("closing a connection from %s: no complete request head within %.0f s",
+                 self.client, self._head_timeout_s)
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm_head_timer()  # bytes of a new request head: it has header_timeout_s
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
 
 class EventIn(BaseModel):
@@ -376,14 +423,18 @@ class LimitAndMeasure:
 
 
 def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
-               metrics_flush_s: float = 2.0, worker_id: str | None = None) -> FastAPI:
+               metrics_flush_s: float = 2.0, worker_id: str | None = None,
+               keys: KeyRing | None = None) -> FastAPI:
     """The FastAPI application serving ``ranker`` (see the module doc).
 
     With a Redis store, ``app.state.metrics_flusher`` (a :class:`MetricsFlusher`, ``None`` for
     the in-process store) shares the metrics every ``metrics_flush_s`` seconds while the app
     runs (started and stopped by its lifespan) under ``worker_id`` (default ``hostname-pid``).
+    ``keys``: the accepted API keys (default: :func:`~.access.load_key_ring` from the
+    environment and ``config.access``); ``app.state.access`` is the :class:`~.access.AccessPolicy`.
     """
     cfg = config or ranker.config
+    policy = AccessPolicy(cfg.access, load_key_ring(cfg.access) if keys is None else keys)
     metrics = Metrics()
     flusher = (MetricsFlusher(metrics, ranker.store, flush_s=metrics_flush_s, worker=worker_id)
                if isinstance(ranker.store, RedisStore) else None)
@@ -398,12 +449,18 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
             if flusher is not None:
                 flusher.stop()
 
+    docs = cfg.access.docs
     app = FastAPI(title="apex-rank", version="0.1.0", lifespan=lifespan,
-                  description="Online ranking of AI-generated music (APEX priors + CF + LightGBM)")
+                  description="Online ranking of AI-generated music (APEX priors + CF + LightGBM)",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.ranker = ranker
     app.state.metrics = metrics
     app.state.metrics_flusher = flusher
+    app.state.access = policy
 
+    # the last added runs first: sizes and metrics (401 and 429 counted too), then access
+    app.add_middleware(AccessGuard, policy=policy)
     app.add_middleware(LimitAndMeasure, metrics=metrics, max_body_bytes=cfg.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -421,7 +478,8 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
 
     @app.exception_handler(StoreError)
     async def on_store(request: Request, exc: StoreError) -> JSONResponse:
-        return JSONResponse({"detail": f"store unavailable: {exc}"}, status_code=503)
+        log.warning("503 on %s: %s", request.url.path, exc)  # names host and key: log only
+        return JSONResponse({"detail": "store unavailable"}, status_code=503)
 
     @app.exception_handler(ApexRankError)
     async def on_apex(request: Request, exc: ApexRankError) -> JSONResponse:
@@ -466,8 +524,16 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
     @app.get("/health")
     def health() -> JSONResponse:
         ok = ranker.store.ping()
-        body = {"status": "ok" if ok else "degraded", "store": ranker.store.kind,
-                "store_reachable": ok, "model_version": str(ranker.version),
+        missing = None
+        if ok:
+            try:
+                missing = ranker.check_data()
+            except StoreError as err:
+                log.warning("health: data check failed: %s", err)
+                ok = False
+        body = {"status": "ok" if ok and missing is None else "degraded", "store": ranker.store.kind,
+                "store_reachable": ok, "version_keys_present": ok and missing is None,
+                "model_version": str(ranker.version),
                 "requests": ranker.stats["requests"], "degraded": ranker.stats["degraded"]}
         return JSONResponse(body, status_code=200)
 
@@ -479,19 +545,27 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
     return app
 
 
+CONFIG_ENV = "APEX_RANK_ONLINE_CONFIG"
+
+
 def app_from_env() -> Any:
     """App factory for ``uvicorn --factory`` and worker processes: reads ``APEX_RANK_REDIS_URL``,
-    ``APEX_RANK_NAMESPACE``, ``APEX_RANK_BUNDLE`` (optional), ``APEX_RANK_BUDGET_MS`` and
-    ``APEX_RANK_THREADS`` (default 1: a serving process gets its parallelism from concurrent
-    requests and worker processes; multi-threaded LightGBM/faiss calls on 300 rows only
-    oversubscribe the cores)."""
+    ``APEX_RANK_BUNDLE`` (optional), ``APEX_RANK_ONLINE_CONFIG`` (the whole
+    :class:`OnlineConfig` as JSON, what ``apex-rank serve`` passes its workers) or else
+    ``APEX_RANK_NAMESPACE`` and ``APEX_RANK_BUDGET_MS``, the API keys of
+    :func:`~.access.load_key_ring`, and ``APEX_RANK_THREADS`` (default 1: a serving process
+    gets its parallelism from concurrent requests and worker processes; multi-threaded
+    LightGBM/faiss calls on 300 rows only oversubscribe the cores)."""
+    from apex_rank.config import from_dict
     from apex_rank.threads import configure_threads
 
     configure_threads(int(os.environ.get("APEX_RANK_THREADS", "1")))
     url = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
-    ns = os.environ.get("APEX_RANK_NAMESPACE", "default")
     bundle = os.environ.get("APEX_RANK_BUNDLE") or None
-    budget = float(os.environ.get("APEX_RANK_BUDGET_MS", "50"))
-    cfg = OnlineConfig(namespace=ns, budget_ms=budget)
-    ranker = OnlineRanker.connect(url, namespace=ns, config=cfg, bundle_dir=bundle)
+    if os.environ.get(CONFIG_ENV):
+        cfg = from_dict(OnlineConfig, json.loads(os.environ[CONFIG_ENV]))
+    else:
+        cfg = OnlineConfig(namespace=os.environ.get("APEX_RANK_NAMESPACE", "default"),
+                           budget_ms=float(os.environ.get("APEX_RANK_BUDGET_MS", "50")))
+    ranker = OnlineRanker.connect(url, namespace=cfg.namespace, config=cfg, bundle_dir=bundle)
     return create_app(ranker, config=cfg)

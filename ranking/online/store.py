@@ -167,6 +167,11 @@ class OnlineStore:
     def read_meta(self, version: int) -> dict[str, Any] | None:
         raise NotImplementedError
 
+    def version_present(self, version: int) -> tuple[int | None, bool]:
+        """The ``current`` pointer and whether ``version`` still has its manifest and song
+        records (both gone after a Redis restart that lost its data). Redis: one round trip."""
+        return self.current_version(), self.read_meta(version) is not None
+
     def commit(self, version: int, expected: int | None) -> CommitResult:
         """Atomically point ``current`` at ``version`` if it still equals ``expected``.
 
@@ -388,6 +393,18 @@ class RedisStore(OnlineStore):
         except redis.RedisError as err:
             raise self._fail(f"GET {self.keys.meta(version)}", err) from err
         return json.loads(raw) if raw else None
+
+    def version_present(self, version: int) -> tuple[int | None, bool]:
+        import redis
+
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(self.keys.current)
+            pipe.exists(self.keys.meta(version), self.keys.songs(version))
+            cur, n = pipe.execute()
+        except redis.RedisError as err:
+            raise self._fail(f"EXISTS {self.keys.meta(version)}", err) from err
+        return (int(cur) if cur else None), int(n) == 2
 
     def commit(self, version: int, expected: int | None) -> CommitResult:
         import redis

@@ -167,5 +167,16 @@ def test_health_metrics_openapi(client) -> None:  # type: ignore[no-untyped-def]
     assert 'apexrank_requests_total{route="/recommend",status="200"}' in m.text
     assert 'apexrank_errors_total{route="/recommend"}' in m.text
     assert "apexrank_request_seconds_bucket" in m.text and "apexrank_degraded_total 0" in m.text
-    spec = client.get("/openapi.json").json()
+    assert client.get("/openapi.json").status_code == 404  # off unless access.docs
+    from dataclasses import replace
+
+    from fastapi.testclient import TestClient
+
+    from apex_rank.ranking.online.access import AccessConfig
+    from apex_rank.ranking.online.service import create_app
+
+    ranker = client.app.state.ranker
+    cfg = replace(ranker.config, access=AccessConfig(docs=True))
+    with TestClient(create_app(ranker, config=cfg)) as docs:
+        spec = docs.get("/openapi.json").json()
     assert {"/recommend", "/events", "/songs", "/health", "/metrics"} <= set(spec["paths"])

@@ -68,3 +68,70 @@ def test_plain_uvicorn_protocol_would_leave_nagle_on() -> None:
     start setting TCP_NODELAY on such sockets itself, this fails and the override can go)."""
     base = NoDelayHTTPProtocol.__mro__[1]
     assert asyncio.run(_accepted_nodelay(base)) == 0
+
+
+async def _serve_and_probe(steps: list[bytes], gap_s: float, wait_s: float) -> tuple[bytes, float]:
+    """Serve a tiny app with the service's protocol; send ``steps`` ``gap_s`` apart, then read
+    until the server closes or ``wait_s`` passes. Returns what was read and when it ended."""
+    import time
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,  # type: ignore[operator]
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    config = Config(app, http=HTTP_PROTOCOL, log_level="warning")
+    config.load()
+    state = ServerState()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: NoDelayHTTPProtocol(config=config, server_state=state, app_state={}),
+        host="127.0.0.1", port=0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        t0 = time.monotonic()
+        for step in steps:
+            try:
+                writer.write(step)
+                await writer.drain()
+            except ConnectionError:
+                break  # the server has closed the connection already
+            await asyncio.sleep(gap_s)
+        got = b""
+        try:
+            while True:
+                chunk = await asyncio.wait_for(reader.read(4096), wait_s)
+                if not chunk:
+                    break
+                got += chunk
+        except TimeoutError:
+            got += b"<still open>"
+        except ConnectionError:
+            pass  # closed while we were still writing (the reset reaches the reader)
+        writer.close()
+        return got, time.monotonic() - t0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_a_trickled_request_head_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client sending its head a few bytes at a time (each gap shorter than any idle timeout)
+    is closed after the header timeout; uvicorn alone would hold it open as long as it trickles."""
+    monkeypatch.setenv("APEX_RANK_HEADER_TIMEOUT_S", "0.5")
+    head = [b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"X-A: 1\r\n", b"X-B: 2\r\n", b"X-C: 3\r\n",
+            b"X-D: 4\r\n", b"X-E: 5\r\n", b"X-F: 6\r\n"]
+    got, took = asyncio.run(_serve_and_probe(head, gap_s=0.15, wait_s=3.0))
+    assert got == b"" and took < 2.0, (got, took)
+    got, _ = asyncio.run(_serve_and_probe([b"GET / HTTP/1.1\r\n"], gap_s=0.0, wait_s=3.0))
+    assert got == b""  # an incomplete head that then stops: closed too
+
+
+def test_a_prompt_request_is_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APEX_RANK_HEADER_TIMEOUT_S", "0.5")
+    got, _ = asyncio.run(_serve_and_probe([b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], gap_s=0.0,
+                                          wait_s=0.3))
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok<still open>")  # kept alive
