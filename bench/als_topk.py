@@ -86,19 +86,21 @@ def faiss_knn(U: np.ndarray, V: np.ndarray, k: int, threshold: int | None = None
         faiss.cvar.distance_compute_blas_threshold = before
 
 
-def previous_top_k(U: np.ndarray, V: np.ndarray, k: int, exclude: Any) -> np.ndarray:
-    """The exact path before issue 15, for timing: ``faiss.knn`` (default threshold) fetches
-    k + the longest history + 32 per row (more when the k-th best's error bound reaches past
-    them), excluded items are dropped, the rest within the bound rescored in float64. Returns
-    item indices (-1 padding); ``tests/unit/test_cf_topk.py`` holds the same reference and
-    checks that ``top_k_by_factors`` returns what it returns."""
+def previous_top_k(U: np.ndarray, V: np.ndarray, k: int, exclude: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The exact path before issue 15: the benchmark's baseline and the test oracle
+    (``tests/unit/test_cf_topk.py`` checks that ``top_k_by_factors`` returns exactly this).
+    ``faiss.knn`` (default threshold) fetches k + the longest history + 32 per row, more when
+    the k-th best's error bound reaches past them; excluded items are dropped, the rest within
+    the bound rescored in float64, ties by item index. Returns item indices (-1 padding) and
+    float32 scores (-inf padding)."""
     import faiss
 
     n, n_items = U.shape[0], V.shape[0]
     kk = min(k, n_items)
-    top = np.full((n, k), -1, np.int64)
-    tol = 4.0 * V.shape[1] * 2.0**-24 * float(np.linalg.norm(V, axis=1).max()) * 1.001 \
-        * np.linalg.norm(U.astype(np.float64), axis=1)
+    top_i = np.full((n, k), -1, np.int64)
+    top_s = np.full((n, k), -np.inf, np.float32)
+    err = 4.0 * V.shape[1] * 2.0**-24 * float(np.linalg.norm(V, axis=1).max()) * 1.001
+    tol = err * np.linalg.norm(U.astype(np.float64), axis=1)
     counts = np.diff(exclude.indptr)
     excluded = np.repeat(np.arange(n, dtype=np.int64), counts) * n_items + exclude.indices
     todo = np.arange(n)
@@ -112,14 +114,15 @@ def previous_top_k(U: np.ndarray, V: np.ndarray, k: int, exclude: Any) -> np.nda
         done = np.full(len(todo), fetch >= n_items) | (D[:, -1] < floor)
         sel = kept & (D >= floor[:, None])
         for j in np.flatnonzero(done):
+            r = todo[j]
             cand = hit[j][sel[j]]
-            exact = (U[todo[j]].astype(np.float64)[None, :] * V[cand].astype(np.float64)).sum(axis=1)
+            exact = (U[r].astype(np.float64)[None, :] * V[cand].astype(np.float64)).sum(axis=1)
             order = np.lexsort((cand, -exact))[:kk]
-            top[todo[j], : len(order)] = cand[order]
+            top_i[r, : len(order)] = cand[order]
+            top_s[r, : len(order)] = exact[order].astype(np.float32)
         todo = todo[~done]
         fetch = min(n_items, 2 * fetch)
-    return top
-
+    return top_i, top_s
 
 def _histories(n_users: int, n_items: int, seed: int = 1) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -164,7 +167,7 @@ def bench_size(n: int, *, batch: int, repeats: int, singles: int) -> None:
 
     Ub, mask = U[:batch], _mask(hist[:batch], n)
     times = interleaved({
-        "previous path (faiss.knn, default)": lambda: previous_top_k(Ub, V, K, mask),
+        "previous path (faiss.knn, default)": lambda: previous_top_k(Ub, V, K, mask)[0],
         "  bare faiss.knn, threshold default": lambda: faiss_knn(Ub, V, fetch),
         "  bare faiss.knn, threshold 20": lambda: faiss_knn(Ub, V, fetch, threshold=20),
         "top_k_by_factors (BLAS GEMM)": lambda: top_k_by_factors(Ub, V, names, K, exclude=mask, lookup=lookup,
@@ -174,7 +177,7 @@ def bench_size(n: int, *, batch: int, repeats: int, singles: int) -> None:
             times, "previous path (faiss.knn, default)", lambda m: f"{batch / m:8.0f} users/s")
     got, _ = top_k_by_factors(Ub, V, names, K, exclude=mask, lookup=lookup, max_norm=max_norm)
     print(f"  same top-{K} (ids and order) as the previous path: "
-          f"{got.tolist() == lookup[previous_top_k(Ub, V, K, mask)].tolist()}")
+          f"{got.tolist() == lookup[previous_top_k(Ub, V, K, mask)[0]].tolist()}")
 
     t0 = time.perf_counter()
     ann = FactorIndexSource(names, V, FactorIndexConfig())
@@ -183,7 +186,7 @@ def bench_size(n: int, *, batch: int, repeats: int, singles: int) -> None:
     single: dict[str, list[float]] = {"previous path (1 user)": [], "top_k_by_factors (1 user)": [],
                                       f"IVF source ({ann.index.factory}, nprobe 64)": []}
     calls: list[Callable[[int], Any]] = [
-        lambda i: previous_top_k(U[i:i + 1], V, K, _mask([hist[i]], n)),
+        lambda i: previous_top_k(U[i:i + 1], V, K, _mask([hist[i]], n))[0],
         lambda i: top_k_by_factors(U[i:i + 1], V, names, K, exclude=_mask([hist[i]], n), lookup=lookup,
                                    max_norm=max_norm),
         lambda i: ann.retrieve_batch([states[i]], K, [excl[i]]),

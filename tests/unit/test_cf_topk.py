@@ -15,6 +15,7 @@ from apex_rank.ranking.candidates import FactorIndexConfig, FactorIndexSource
 from apex_rank.ranking.cf import top_k_by_factors
 from apex_rank.ranking.online.config import OnlineConfig
 from apex_rank.ranking.state import UserState
+from bench.als_topk import factor_like, previous_top_k
 
 
 def _brute(U: np.ndarray, V: np.ndarray, k: int, excl: list[list[int]]) -> list[list[int]]:
@@ -62,61 +63,12 @@ def test_pads_when_fewer_items_remain() -> None:
     assert sc[0, :2].tolist() == [3.0, 2.0] and np.isneginf(sc[0, 2:]).all()
 
 
-def _faiss_knn_reference(U: np.ndarray, V: np.ndarray, k: int, exclude: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """The exact path before issue 15, kept as the reference: ``faiss.knn`` finds float32
-    candidates (fetching more until the k-th best's error bound is covered), which are
-    rescored in float64, ties by item index. Returns item indices (-1 padding) and scores."""
-    import faiss
-
-    n, n_items = U.shape[0], V.shape[0]
-    kk = min(k, n_items)
-    top_i = np.full((n, k), -1, np.int64)
-    top_s = np.full((n, k), -np.inf, np.float32)
-    err = 4.0 * V.shape[1] * 2.0**-24 * float(np.linalg.norm(V, axis=1).max()) * 1.001
-    tol = err * np.linalg.norm(U.astype(np.float64), axis=1)
-    counts = np.diff(exclude.indptr)
-    excluded = np.repeat(np.arange(n, dtype=np.int64), counts) * n_items + exclude.indices
-    todo = np.arange(n)
-    fetch = min(n_items, kk + int(counts.max(initial=0)) + 32)
-    while len(todo):
-        D, hit = faiss.knn(U[todo], V, fetch, metric=faiss.METRIC_INNER_PRODUCT)
-        hit = hit.astype(np.int64)
-        kept = ~np.isin(todo[:, None] * n_items + hit, excluded)
-        kth = -np.partition(-np.where(kept, D, -np.inf), kk - 1, axis=1)[:, kk - 1]
-        floor = kth - tol[todo]
-        done = np.full(len(todo), fetch >= n_items) | (D[:, -1] < floor)
-        sel = kept & (D >= floor[:, None])
-        for j in np.flatnonzero(done):
-            r = todo[j]
-            cand = hit[j][sel[j]]
-            exact = (U[r].astype(np.float64)[None, :] * V[cand].astype(np.float64)).sum(axis=1)
-            order = np.lexsort((cand, -exact))[:kk]
-            top_i[r, : len(order)] = cand[order]
-            top_s[r, : len(order)] = exact[order].astype(np.float32)
-        todo = todo[~done]
-        fetch = min(n_items, 2 * fetch)
-    return top_i, top_s
-
-
-def _factor_like(n_items: int, n_users: int, f: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Items near one of 128 topic centres with log-normal norms, users mixing two topics (as
-    ``bench.als_topk.factor_like``; ALS factors are structured like this, isotropic noise is not)."""
-    rng = np.random.default_rng(seed)
-    C = rng.normal(size=(128, f)) / np.sqrt(f)
-    V = (C[rng.integers(0, 128, n_items)] + 0.7 * rng.normal(size=(n_items, f)) / np.sqrt(f)) * rng.lognormal(
-        0.0, 0.6, (n_items, 1)
-    )
-    t = rng.integers(0, 128, (n_users, 2))
-    U = C[t[:, 0]] + 0.5 * C[t[:, 1]] + 0.5 * rng.normal(size=(n_users, f)) / np.sqrt(f)
-    return V.astype(np.float32), U.astype(np.float32)
-
-
 @pytest.mark.parametrize(
     ("n_items", "k", "chunk"), [(3000, 50, 1024), (20000, 100, 7), (20000, 10, 1024), (2000, 500, 64)]
 )
 def test_blas_path_equals_the_previous_faiss_knn_path(n_items: int, k: int, chunk: int) -> None:
     """Issue 15: the BLAS path returns what the faiss.knn path returned (ids, order, scores)."""
-    V, U = _factor_like(n_items, 40, f=32, seed=n_items + k)
+    V, U = factor_like(n_items, 40, f=32, seed=n_items + k)
     V[500:530] = V[11]  # a tied block
     U[0] = V[11] * 2.0
     rng = np.random.default_rng(k)
@@ -124,7 +76,7 @@ def test_blas_path_equals_the_previous_faiss_knn_path(n_items: int, k: int, chun
     excl[0] = [11, 515]
     names = [f"s{j}" for j in range(n_items)]
     ids, sc = top_k_by_factors(U, V, names, k, exclude=_mask(excl, n_items), chunk=chunk)
-    want_i, want_s = _faiss_knn_reference(U, V, k, _mask(excl, n_items))
+    want_i, want_s = previous_top_k(U, V, k, _mask(excl, n_items))
     lookup = np.asarray(names + [""], dtype=object)
     assert ids.tolist() == lookup[want_i].tolist()
     np.testing.assert_array_equal(sc, want_s)  # the same float64 rescoring: equal bit for bit
@@ -133,7 +85,7 @@ def test_blas_path_equals_the_previous_faiss_knn_path(n_items: int, k: int, chun
 def test_a_batch_equals_the_concatenation_of_single_users() -> None:
     """float32 BLAS products of one row and of many rows differ in the last bit; the float64
     rescoring of every candidate within the error bound keeps each row's answer identical."""
-    V, U = _factor_like(30000, 48, f=64, seed=5)
+    V, U = factor_like(30000, 48, f=64, seed=5)
     V[100:120] = V[3]
     U[1] = V[3]
     rng = np.random.default_rng(2)
@@ -179,7 +131,7 @@ def test_leaves_the_faiss_blas_threshold_alone() -> None:
     import faiss
 
     before = faiss.cvar.distance_compute_blas_threshold
-    V, U = _factor_like(5000, 64, f=16)
+    V, U = factor_like(5000, 64, f=16)
     top_k_by_factors(U, V, [f"s{j}" for j in range(5000)], 20)
     assert faiss.cvar.distance_compute_blas_threshold == before
 
@@ -188,7 +140,7 @@ def test_leaves_the_faiss_blas_threshold_alone() -> None:
 def test_ivf_source_recall_floor_at_20k_songs() -> None:
     """The online ``als`` source with its default settings finds >= 95 % of the exact top-100
     (history excluded) on factor-like data; scanning 64 of 512 lists, it is really approximate."""
-    V, U = _factor_like(20000, 300, seed=1)
+    V, U = factor_like(20000, 300, seed=1)
     names = [f"s{j:05d}" for j in range(20000)]
     rng = np.random.default_rng(4)
     hist = [sorted(rng.choice(20000, size=30, replace=False).tolist()) for _ in range(300)]
