@@ -201,14 +201,12 @@ def apex_songs_table(ctx: bl.EvalContext) -> tuple[pl.DataFrame, dict[str, np.nd
 def fit_apex(ctx: bl.EvalContext, *, epochs: int = 60) -> Any:
     """Train an APEX predictor on the context's training songs (see module doc)."""
     from apex_rank.features.apex_tables import build_apex_dataset, train_apex
-    from apex_rank.training import TrainConfig
+    from apex_rank.ranking.recommender import ApexFitConfig
 
     songs, pop = apex_songs_table(ctx)
     emb = ctx.embeddings.filter(pl.col("song_id").is_in(songs["song_id"].implode()))
     data = build_apex_dataset(songs, emb, seed=ctx.seed, popularity_counts=pop)
-    cfg = TrainConfig(epochs=epochs, lr=2e-3, batch_size=256, patience=15, seed=ctx.seed, device="cpu",
-                      progress=False)
-    predictor, metrics, _ = train_apex(data, cfg, encoder=None)
+    predictor, metrics, _ = train_apex(data, ApexFitConfig(epochs=epochs).train_config(ctx.seed), encoder=None)
     log.info("APEX trained on %d training songs (best epoch %s)", len(songs), metrics.get("best_epoch"))
     return predictor
 

@@ -73,6 +73,7 @@ from apex_rank.ranking.reranker import Reranker, RerankerConfig, check_cold_shar
 from apex_rank.ranking.state import SongTable, UserState, quality_score
 from apex_rank.schemas import check_id_column, embedding_matrix, validate_interactions, validate_songs
 from apex_rank.tasks import APEX_TASKS
+from apex_rank.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,18 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class ApexFitConfig:
-    """How an APEX predictor is trained on the way when ``build`` is given none."""
+    """The small-catalogue APEX recipe: how ``build`` trains a predictor on the way when given
+    none, and what the evaluation and the demo train with (one recipe, here)."""
 
     epochs: int = 60
     lr: float = 2e-3
     batch_size: int = 256
     patience: int = 15
+
+    def train_config(self, seed: int, *, progress: bool = False) -> TrainConfig:
+        """The :class:`~apex_rank.training.TrainConfig` of this recipe (CPU)."""
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, patience=self.patience,
+                           seed=seed, device="cpu", progress=progress)
 
 
 @dataclass(frozen=True)
@@ -577,7 +584,6 @@ class Recommender:
         songs: pl.DataFrame, embeddings: pl.DataFrame, inter: pl.DataFrame, cfg: RecommenderConfig
     ) -> ApexPredictor:
         from apex_rank.features.apex_tables import build_apex_dataset, train_apex
-        from apex_rank.training import TrainConfig
 
         counts = None
         if "streams" not in songs.columns or "likes" not in songs.columns:
@@ -596,18 +602,8 @@ class Recommender:
             log.info("songs table lacks streams/likes: APEX popularity labels from the interaction counts of the "
                      "%d played songs", songs.height)
         data = build_apex_dataset(songs, embeddings, seed=cfg.seed, popularity_counts=counts)
-        tc = TrainConfig(
-            epochs=cfg.apex.epochs,
-            lr=cfg.apex.lr,
-            batch_size=cfg.apex.batch_size,
-            patience=cfg.apex.patience,
-            seed=cfg.seed,
-            device="cpu",
-            progress=False,
-        )
-        predictor, metrics, _ = train_apex(
-            data, tc, encoder=embeddings["encoder"][0] if "encoder" in embeddings.columns else None
-        )
+        encoder = embeddings["encoder"][0] if "encoder" in embeddings.columns else None
+        predictor, metrics, _ = train_apex(data, cfg.apex.train_config(cfg.seed), encoder=encoder)
         log.info("APEX trained on the way: best epoch %s", metrics.get("best_epoch"))
         return predictor
 

@@ -20,7 +20,6 @@ import argparse
 from dataclasses import replace
 
 from apex_rank.synthetic import WorldConfig, make_world
-from apex_rank.training import TrainConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -34,6 +33,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from apex_rank.cli.apex_cmds import format_metrics
     from apex_rank.cli.outputs import check_out_folder
     from apex_rank.features.apex_tables import build_apex_dataset, train_apex
+    from apex_rank.ranking.recommender import ApexFitConfig
 
     out = check_out_folder(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,8 +51,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print("== 3. APEX multi-task head trained on the synthetic songs' labels")
     data = build_apex_dataset(world.songs, world.embeddings, seed=args.seed)
-    cfg = TrainConfig(epochs=60, lr=2e-3, batch_size=256, patience=15, seed=args.seed, device="cpu")
-    predictor, metrics, _ = train_apex(data, cfg, encoder="synthetic")
+    predictor, metrics, _ = train_apex(data, ApexFitConfig().train_config(args.seed, progress=True),
+                                       encoder="synthetic")
     predictor.save(out / "apex")
     print(format_metrics(metrics))
     print(f"   predictor saved to {out / 'apex'}")
