@@ -109,6 +109,13 @@ def check_id_column(df: pl.DataFrame, column: str, table: str) -> None:
         )
 
 
+def time_unit(value: float, earliest: float = EARLIEST_S, latest: float = LATEST_S) -> str | None:
+    """The finer unit ("milliseconds", "microseconds", "nanoseconds") in which ``value`` since the
+    epoch falls in ``[earliest, latest)`` seconds, or ``None``: what an out-of-range time "looks
+    like" (tables here, and event ``ts`` in :mod:`apex_rank.ranking.online.events`)."""
+    return next((u for u, f in _UNITS if earliest <= value / f < latest), None)
+
+
 def check_times(df: pl.DataFrame, column: str, table: str) -> None:
     """Raise a :class:`SchemaError` naming the first row of ``column`` outside 1970-2200.
 
@@ -133,7 +140,7 @@ def check_times(df: pl.DataFrame, column: str, table: str) -> None:
     count = f"({int(bad.sum())} row(s) outside 1970-2200)"
     if isinstance(s.dtype, (pl.Datetime, pl.Date)):
         raise SchemaError(f"{where} is in the year {int(1970 + v // _SECONDS_PER_YEAR)} {count}")
-    unit = next((u for u, f in _UNITS if EARLIEST_S <= v / f < LATEST_S), None)
+    unit = time_unit(v)
     if unit is None:
         when = "before 1970" if v < EARLIEST_S else "after 2200"
         raise SchemaError(f"{where} holds {s[row]}: {when} as seconds since the epoch {count}")

@@ -36,7 +36,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench.common import median, percentile, print_header  # noqa: E402
+from bench.common import interleaved, median, percentile, print_header  # noqa: E402
 
 K = 100
 HISTORY = 50
@@ -55,21 +55,6 @@ def factor_like(n_items: int, n_users: int, f: int = 64, *, topics: int = 128,
     t = rng.integers(0, topics, (n_users, 2))
     U = C[t[:, 0]] + 0.5 * C[t[:, 1]] + 0.5 * rng.normal(size=(n_users, f)) / np.sqrt(f)
     return V.astype(np.float32), U.astype(np.float32)
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function: one warm-up each, then ``repeats`` rounds running
-    every function once, the order rotated each round."""
-    names = list(fns)
-    for name in names:
-        fns[name]()
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            out[name].append(time.perf_counter() - t0)
-    return out
 
 
 def faiss_knn(U: np.ndarray, V: np.ndarray, k: int, threshold: int | None = None) -> None:

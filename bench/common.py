@@ -21,6 +21,21 @@ def timed(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> list[f
     return out
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function: one warm-up each, then ``repeats`` rounds running
+    every function once, the order rotated each round (a load change hits all alike)."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -165,6 +165,13 @@ def cmd_export_events(args: argparse.Namespace) -> int:
     store = RedisStore(args.redis, args.namespace, timeout_s=30.0)
     since = _parse_time(args.since) if args.since else None
     until = _parse_time(args.until) if args.until else None
-    n = export_events(store, args.out, since=since, until=until)
-    print(f"wrote {n} events to {args.out}")
+    res = export_events(store, args.out, since=since, until=until)
+    print(f"wrote {res.rows} events to {args.out}")
+    if res.skipped:  # reported, never fatal: one old writer's bad row must not block retraining
+        import sys
+
+        more = " (first shown)" if res.skipped > len(res.problems) else ""
+        print(f"skipped {res.skipped} bad event row(s){more}:", file=sys.stderr)
+        for line in res.problems:
+            print(f"  {line}", file=sys.stderr)
     return 0

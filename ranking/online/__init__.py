@@ -11,14 +11,14 @@ behind it), :mod:`.publisher` (stage a version, move ``current`` atomically),
 from __future__ import annotations
 
 from .config import OnlineConfig
-from .events import EVENT_WEIGHTS, export_events, ingest, record
+from .events import EVENT_WEIGHTS, Interaction, export_events, ingest, record, record_many
 from .keys import Keys, RequestError
 from .publisher import PublishResult, publish
 from .ranker import OnlineRanker, RankedItem, Ranking
 from .store import InProcessStore, OnlineStore, RedisStore, UserRecord, open_store
 
 __all__ = [
-    "EVENT_WEIGHTS", "InProcessStore", "Keys", "OnlineConfig", "OnlineRanker", "OnlineStore",
+    "EVENT_WEIGHTS", "InProcessStore", "Interaction", "Keys", "OnlineConfig", "OnlineRanker", "OnlineStore",
     "PublishResult", "RankedItem", "Ranking", "RedisStore", "RequestError", "UserRecord",
-    "export_events", "ingest", "open_store", "publish", "record",
+    "export_events", "ingest", "open_store", "publish", "record", "record_many",
 ]

@@ -1,10 +1,14 @@
 """Events and new songs: what changes the online state between publishes.
 
-``record`` appends an interaction to the event stream and, in the same Redis transaction,
-updates the user's bounded recent history and content profile under the current version, so
-the next ``rank`` reflects it; a user the store has never seen is created. The stream is the
-durable log (keep Redis persistence on for it): ``export_events`` writes it to parquet for
-retraining.
+``record_many`` appends a batch of interactions to the event stream and, in the same Redis
+transaction, updates each user's bounded recent history and content profile under the current
+version, so the next ``rank`` reflects them; a user the store has never seen is created.
+Every event of a batch is checked before any is written (ids, kind, a ``ts`` of unix seconds
+in ``[2000-01-01, now + 1 day]``, the song in the current catalogue), the batch is written
+all or nothing, and it costs a fixed number of round trips whatever its size (``record`` is
+the one-event case). The stream is the durable log (keep Redis persistence on for it):
+``export_events`` writes it to parquet for retraining, skipping and reporting rows that an
+older or foreign writer left unusable.
 
 ``ingest`` scores a new song with the APEX predictor, writes its record and embedding under
 the current version, makes it rankable in this process and announces it on the catalogue
@@ -15,29 +19,49 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from apex_rank.errors import StoreError, UnknownIdError
+from apex_rank.schemas import MAX_WEIGHT, time_unit
 
 from .config import OnlineConfig
 from .keys import RequestError, check_id, decode_vector, encode_song_record
 from .ranker import OnlineRanker
-from .store import OnlineStore, UserRecord, VersionMovedError
+from .store import Event, OnlineStore, UserRecord, VersionMovedError, stream_key
 
 log = logging.getLogger(__name__)
 
 #: Event kinds and the weight each adds to history and profile (skips are logged only).
 EVENT_WEIGHTS: dict[str, float] = {"play": 1.0, "like": 2.0, "skip": 0.0}
+#: An event's ``ts`` lies in ``[EARLIEST_EVENT_S, now + FUTURE_SLACK_S]`` (2000-01-01 on).
+EARLIEST_EVENT_S = 946_684_800.0
+FUTURE_SLACK_S = 86_400.0
+#: How many problems an error message or an export report lists (the count is always given).
+SHOWN_PROBLEMS = 5
+
+
+class Interaction(NamedTuple):
+    """One event to record: a user played, liked or skipped a song at ``ts`` (unix seconds;
+    ``None``: now)."""
+
+    user_id: str
+    song_id: str
+    kind: str = "play"
+    ts: float | None = None
 
 
 @dataclass(frozen=True)
 class RecordedEvent:
-    """Result of :func:`record`: stream id, whether the user was created, history length."""
+    """One event as :func:`record_many` (or :func:`record`) wrote it: its stream id, whether it
+    created its user, and the user's history length after it."""
 
     event_id: str
     user_id: str
@@ -75,67 +99,168 @@ def apply_event(old: UserRecord | None, song_id: str, embedding: np.ndarray, wei
     return UserRecord(rec.factor, profile.astype(np.float32), hist, rec.activity + 1.0, seen)
 
 
-def _check_ts(ts: float | None) -> float:
-    if ts is None:
-        return time.time()
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
-        raise RequestError(f"ts must be a finite number of unix seconds >= 0, got {ts!r}")
-    return float(ts)
+def check_ts(ts: object, *, now: float | None = None) -> float:
+    """``ts`` as float unix seconds if it lies in ``[2000-01-01, now + 1 day]``, else a
+    :class:`RequestError` saying why: not a number (booleans included), not finite, before
+    2000, in the future, or (the usual mistake) in milliseconds or microseconds."""
+    if isinstance(ts, bool) or not isinstance(ts, numbers.Real):
+        raise RequestError(f"ts must be a number of unix seconds, got {ts!r}")
+    t = float(ts)
+    latest = (time.time() if now is None else now) + FUTURE_SLACK_S
+    if not math.isfinite(t):
+        raise RequestError(f"ts {ts!r} is not a finite number of unix seconds")
+    if EARLIEST_EVENT_S <= t <= latest:
+        return t
+    unit = time_unit(t, EARLIEST_EVENT_S, latest)
+    if unit is not None:
+        raise RequestError(f"ts {ts!r} looks like {unit} since the epoch; give seconds")
+    if t < EARLIEST_EVENT_S:
+        raise RequestError(f"ts {ts!r} is before 2000-01-01 ({EARLIEST_EVENT_S:.0f} unix seconds)")
+    raise RequestError(f"ts {ts!r} is more than a day in the future (now + 1 day is {latest:.0f} "
+                       "unix seconds)")
 
 
-def record(store: OnlineStore, user_id: str, song_id: str, kind: str = "play",
-           ts: float | None = None, *, config: OnlineConfig | None = None) -> RecordedEvent:
-    """Record one interaction (see the module doc).
+def _refusal(problems: list[str], n: int) -> str:
+    shown = "; ".join(problems[:SHOWN_PROBLEMS])
+    more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    return f"{len(problems)} of {n} event(s) refused, nothing recorded: {shown}{more}"
+
+
+def _checked(events: Sequence[Interaction], now: float) -> list[dict[str, str]]:
+    """The stream fields of every event, or a :class:`RequestError` listing each bad one."""
+    problems: list[str] = []
+    fields: list[dict[str, str]] = []
+    for i, ev in enumerate(events):
+        try:
+            user_id, song_id, kind, ts = Interaction(*ev)
+            check_id(user_id, "user_id")
+            check_id(song_id, "song_id")
+            if kind not in EVENT_WEIGHTS:
+                raise RequestError(f"kind {kind!r} is not one of {sorted(EVENT_WEIGHTS)}")
+            t = now if ts is None else check_ts(ts, now=now)
+        except (RequestError, TypeError) as err:
+            problems.append(f"event {i}: {err}")
+            continue
+        fields.append({"u": user_id, "s": song_id, "k": kind, "t": repr(t),
+                       "w": repr(EVENT_WEIGHTS[kind])})
+    if problems:
+        raise RequestError(_refusal(problems, len(events)))
+    return fields
+
+
+def record_many(store: OnlineStore, events: Sequence[Interaction], *,
+                config: OnlineConfig | None = None) -> list[RecordedEvent]:
+    """Record a batch of interactions, all or nothing (see the module doc).
+
+    Round trips to Redis: the pointer, the songs, then the store's transaction (WATCH, one
+    read of the pointer and the users, MULTI/EXEC): five, whatever the batch size. A user's
+    events apply in batch order with :func:`apply_event`, exactly as one :func:`record` call
+    each would; ``created`` is true on the first event of a user the store did not hold.
+
+    Example
+    -------
+    >>> record_many(store, [Interaction("u1", "s1"), Interaction("u2", "s1", "like", 1.75e9)])
+    ... # doctest: +SKIP
 
     Raises
     ------
     RequestError
-        Malformed id, unknown ``kind`` or bad ``ts``.
+        A malformed id, an unknown ``kind`` or a ``ts`` outside the window, naming the index of
+        each bad event (nothing is written).
     UnknownIdError
-        ``song_id`` is not in the current version's catalogue.
+        A song that is not in the current version's catalogue, naming the event's index
+        (nothing is written).
     StoreError
-        Nothing is published, or the store failed (the event is then not recorded).
+        Nothing is published, or the store failed (nothing is written).
     """
     cfg = config or OnlineConfig()
-    check_id(user_id, "user_id")
-    check_id(song_id, "song_id")
-    if kind not in EVENT_WEIGHTS:
-        raise RequestError(f"event kind {kind!r} is not one of {sorted(EVENT_WEIGHTS)}")
-    t = _check_ts(ts)
-    weight = EVENT_WEIGHTS[kind]
-    fields = {"u": user_id, "s": song_id, "k": kind, "t": repr(t), "w": repr(weight)}
-    for _ in range(5):  # a publish committing in between moves the event to the new version
+    if not events:
+        return []
+    fields = _checked(events, time.time())
+    user_ids = [f["u"] for f in fields]
+    by_user: dict[str, list[int]] = {}
+    for i, u in enumerate(user_ids):
+        by_user.setdefault(u, []).append(i)
+    song_ids = list(dict.fromkeys(f["s"] for f in fields))
+    created = [False] * len(fields)  # per event; every attempt's update rewrites them all
+    history_len = [0] * len(fields)
+    for _ in range(5):  # a publish committing in between moves the batch to the new version
         version = store.current_version()
         if version is None:
             raise StoreError(f"nothing is published under {store.keys.current}; cannot record events")
-        (rec_raw, emb_raw), = store.read_songs(version, [song_id])
-        if rec_raw is None or emb_raw is None:
-            raise UnknownIdError(f"song_id {song_id!r} is not in the catalogue of version {version}")
-        emb = decode_vector(emb_raw, f"{store.keys.emb(version)}[{song_id}]")
-        created = False
+        emb: dict[str, np.ndarray] = {}
+        for sid, (rec_raw, emb_raw) in zip(song_ids, store.read_songs(version, song_ids), strict=True):
+            if rec_raw is not None and emb_raw is not None:
+                emb[sid] = decode_vector(emb_raw, f"{store.keys.emb(version)}[{sid}]")
+        unknown = [f"event {i}: song_id {f['s']!r} is not in the catalogue of version {version}"
+                   for i, f in enumerate(fields) if f["s"] not in emb]
+        if unknown:
+            raise UnknownIdError(_refusal(unknown, len(fields)))
 
-        def update(old: UserRecord | None, emb: np.ndarray = emb) -> UserRecord:
-            nonlocal created
-            created = old is None
-            return apply_event(old, song_id, emb, weight, history_len=cfg.history_len,
-                               alpha=cfg.profile_alpha, ts=t)
+        def update(uid: str, old: UserRecord | None, emb: dict[str, np.ndarray] = emb) -> UserRecord:
+            rec = old  # pure: a retried transaction calls it again from the stored state
+            for i in by_user[uid]:
+                created[i] = rec is None
+                f = fields[i]
+                rec = apply_event(rec, f["s"], emb[f["s"]], EVENT_WEIGHTS[f["k"]],
+                                  history_len=cfg.history_len, alpha=cfg.profile_alpha,
+                                  ts=float(f["t"]))
+                history_len[i] = len(rec.history)
+            return rec if rec is not None else UserRecord()
 
         try:
-            eid, new = store.record_event(version, fields, user_id, update, cfg.version_ttl_s,
-                                          cfg.events_maxlen)
+            ids, _ = store.record_events(version, fields, user_ids, update, cfg.version_ttl_s,
+                                         cfg.events_maxlen)
         except VersionMovedError as err:
-            log.info("event of user %s: %s; retrying on the new version", user_id, err)
+            log.info("batch of %d events: %s; retrying on the new version", len(fields), err)
             continue
-        return RecordedEvent(eid, user_id, created, len(new.history))
-    raise StoreError(f"event of user {user_id!r} not recorded: the published version kept moving")
+        return [RecordedEvent(eid, u, c, h)
+                for eid, u, c, h in zip(ids, user_ids, created, history_len, strict=True)]
+    raise StoreError(f"batch of {len(fields)} events not recorded: the published version kept moving")
+
+
+def record(store: OnlineStore, user_id: str, song_id: str, kind: str = "play",
+           ts: float | None = None, *, config: OnlineConfig | None = None) -> RecordedEvent:
+    """Record one interaction: :func:`record_many` with one event (same checks and errors)."""
+    return record_many(store, [Interaction(user_id, song_id, kind, ts)], config=config)[0]
+
+
+def event_problem(event: Event, *, now: float | None = None) -> str | None:
+    """Why a stored event is unusable for training (``None`` if it is fine): a malformed id, an
+    unknown kind, a weight outside ``[0, MAX_WEIGHT]`` or a time outside the window of
+    :func:`check_ts` (what :func:`record_many` refuses today; older writers let it through)."""
+    try:
+        check_id(event.user_id, "user_id")
+        check_id(event.song_id, "song_id")
+        if event.kind not in EVENT_WEIGHTS:
+            return f"kind {event.kind!r} is not one of {sorted(EVENT_WEIGHTS)}"
+        if not 0.0 <= event.weight <= MAX_WEIGHT:
+            return f"weight {event.weight!r} is not a number in [0, {MAX_WEIGHT:g}]"
+        check_ts(event.ts, now=now)
+    except RequestError as err:
+        return str(err)
+    return None
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_events` wrote: ``rows`` events to ``path``; ``skipped`` bad rows, the
+    first few described in ``problems`` as ``"event <stream id>: <why>"``."""
+
+    path: Path
+    rows: int
+    skipped: int
+    problems: tuple[str, ...]
 
 
 def export_events(store: OnlineStore, out: str | Path, *, since: datetime | float | None = None,
-                  until: datetime | float | None = None) -> int:
+                  until: datetime | float | None = None) -> ExportResult:
     """Write the events recorded in ``[since, until]`` (stream time) to a parquet file.
 
     Columns follow the interactions contract: ``user_id``, ``song_id``, ``ts`` (datetime,
-    UTC, from the event), ``weight``, plus ``kind`` and ``event_id``. Returns the row count.
+    UTC, from the event), ``weight``, plus ``kind`` and ``event_id``. Rows that are not usable
+    events (unparsable, or refused by :func:`event_problem`) are skipped and reported in the
+    result (and the log); they never abort the export.
     """
     import polars as pl
 
@@ -148,14 +273,30 @@ def export_events(store: OnlineStore, out: str | Path, *, since: datetime | floa
 
     cols: dict[str, list[object]] = {k: [] for k in
                                      ("event_id", "user_id", "song_id", "ts", "weight", "kind")}
-    for batch in store.read_events(ms(since) or 0, ms(until)):
+    problems: list[str] = []  # the first few, in stream order; ``skipped`` counts them all
+    skipped = 0
+    pending: list[tuple[str, str]] = []  # this batch's: unparsable rows arrive before the rest
+
+    def bad(eid: str, why: str) -> None:
+        pending.append((eid, why))
+
+    now = time.time()
+    for batch in store.read_events(ms(since) or 0, ms(until), on_bad=bad):
         for e in batch:
+            why = event_problem(e, now=now)
+            if why is not None:
+                bad(e.event_id, why)
+                continue
             cols["event_id"].append(e.event_id)
             cols["user_id"].append(e.user_id)
             cols["song_id"].append(e.song_id)
             cols["ts"].append(datetime.fromtimestamp(e.ts, tz=UTC).replace(tzinfo=None))
             cols["weight"].append(e.weight)
             cols["kind"].append(e.kind)
+        skipped += len(pending)
+        for eid, why in sorted(pending, key=lambda p: stream_key(p[0]))[: SHOWN_PROBLEMS - len(problems)]:
+            problems.append(f"event {eid}: {why}")
+        pending.clear()
     df = pl.DataFrame(cols, schema={"event_id": pl.Utf8, "user_id": pl.Utf8, "song_id": pl.Utf8,
                                     "ts": pl.Datetime("us"), "weight": pl.Float64,
                                     "kind": pl.Utf8})
@@ -163,7 +304,10 @@ def export_events(store: OnlineStore, out: str | Path, *, since: datetime | floa
     path.parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(path)
     log.info("exported %d events to %s", df.height, path)
-    return df.height
+    if skipped:
+        log.warning("skipped %d bad event row(s) of %s, first: %s", skipped, store.keys.events,
+                    "; ".join(problems))
+    return ExportResult(path, df.height, skipped, tuple(problems))
 
 
 @dataclass(frozen=True)
@@ -176,6 +320,41 @@ class IngestResult:
     stream_id: str
 
 
+def check_popularity(value: object) -> float:
+    """``value`` as a popularity: a number >= 0 that stays finite as float32 (what the song
+    record stores), else a :class:`RequestError` naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise RequestError(f"popularity must be a number, got {value!r}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = np.float32(value)
+    if not np.isfinite(v) or v < 0:
+        raise RequestError(f"popularity {value!r} is not a finite float32 number >= 0")
+    return float(v)
+
+
+def check_embedding(values: object, song_id: str, width: int | None = None) -> np.ndarray:
+    """``values`` as a song's (d,) float32 embedding, else a :class:`RequestError` naming the
+    field: the wrong width, a value that is NaN or inf after the float32 cast (3e38 passes as
+    float64 and 1e39 does not fit), an all-zero vector or one whose norm overflows float32
+    (L2-normalising it gives NaN, and the song's priors and every profile it joins with it)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            emb = np.asarray(values, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise RequestError(f"embedding of song {song_id!r} is not a list of numbers") from err
+        norm = np.linalg.norm(emb)
+    if width is not None and emb.shape[0] != width:
+        raise RequestError(f"embedding of song {song_id!r} has width {emb.shape[0]}, the bundle "
+                           f"expects {width}")
+    if not np.all(np.isfinite(emb)):
+        raise RequestError(f"embedding of song {song_id!r} holds NaN or inf (as float32)")
+    if not np.isfinite(norm):
+        raise RequestError(f"embedding of song {song_id!r} has a norm that overflows float32")
+    if norm == 0:
+        raise RequestError(f"embedding of song {song_id!r} is all zeros")
+    return emb
+
+
 def ingest(ranker: OnlineRanker, song_id: str, *, embedding: np.ndarray | None = None,
            audio_path: str | Path | None = None, popularity: float = 0.0) -> IngestResult:
     """Add a new song: APEX priors, store record, this process's index, catalogue announcement.
@@ -186,28 +365,28 @@ def ingest(ranker: OnlineRanker, song_id: str, *, embedding: np.ndarray | None =
     Raises
     ------
     RequestError
-        Malformed id, both or neither input, wrong embedding width, non-finite values, or a
-        song id that already exists.
+        Malformed id, both or neither input, an embedding :func:`check_embedding` refuses, a
+        popularity :func:`check_popularity` refuses, priors that come out non-finite, or a song
+        id that already exists.
     StoreError
         Nothing is published or the store failed.
     """
     check_id(song_id, "song_id")
     if (embedding is None) == (audio_path is None):
         raise RequestError("give exactly one of embedding or audio_path")
+    popularity = check_popularity(popularity)
     engine = ranker.engine
     if audio_path is not None:
         embedding = engine_embed_audio(engine, Path(audio_path))
-    emb = np.asarray(embedding, dtype=np.float32).reshape(-1)
-    if emb.shape[0] != engine.embedding_dim:
-        raise RequestError(f"embedding of song {song_id!r} has width {emb.shape[0]}, the bundle "
-                           f"expects {engine.embedding_dim}")
-    if not np.all(np.isfinite(emb)):
-        raise RequestError(f"embedding of song {song_id!r} holds NaN or inf")
+    emb = check_embedding(embedding, song_id, engine.embedding_dim)
     if ranker.version is None:
         raise StoreError("the ranker serves no published version (store unreachable at start)")
     if engine.has_song(song_id):
         raise RequestError(f"song_id {song_id!r} already exists in version {ranker.version}")
     priors = engine.predict_priors(emb[None, :])[0].astype(np.float32)
+    if not np.all(np.isfinite(priors)):
+        raise RequestError(f"embedding of song {song_id!r}: the APEX priors predicted from it are "
+                           f"not finite ({priors.tolist()}); the song is not added")
     rec = encode_song_record(priors, popularity, 0.0, True)
     ttl = ranker.config.version_ttl_s
     for _ in range(5):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -43,13 +42,13 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from apex_rank.errors import ApexRankError, StoreError, UnknownIdError
 
 from .access import AccessGuard, AccessPolicy, KeyRing, load_key_ring
 from .config import OnlineConfig
-from .events import ingest, record
+from .events import Interaction, check_embedding, check_popularity, ingest, record_many
 from .keys import ID_PATTERN, RequestError
 from .ranker import OnlineRanker
 from .store import RedisStore
@@ -117,16 +116,17 @@ class NoDelayHTTPProtocol(_http_protocol_base()):  # type: ignore[misc]
 
 
 class EventIn(BaseModel):
-    """One interaction."""
+    """One interaction; ``ts`` in unix seconds within ``[2000-01-01, now + 1 day]`` (default:
+    now), checked with the whole batch by :func:`~.events.record_many`."""
 
     user_id: str = Field(pattern=_ID, max_length=128)
     song_id: str = Field(pattern=_ID, max_length=128)
     kind: str = "play"
-    ts: float | None = Field(default=None, ge=0)
+    ts: float | None = Field(default=None, strict=True)  # strict: ``true`` is not 1.0
 
 
 class EventsIn(BaseModel):
-    """A batch of 1-1000 interactions."""
+    """A batch of 1-1000 interactions, recorded all or nothing."""
 
     events: list[EventIn] = Field(min_length=1, max_length=1000)
 
@@ -138,12 +138,18 @@ class SongIn(BaseModel):
     embedding: list[float] = Field(min_length=1, max_length=8192)
     popularity: float = Field(default=0.0, ge=0)
 
+    # the checks of ingest(), here too so the 422 carries the field's location; values are
+    # checked as the float32 they are stored as (1e39 and 3e38 * d overflow it)
     @field_validator("embedding")
     @classmethod
-    def finite(cls, v: list[float]) -> list[float]:
-        if not all(math.isfinite(x) for x in v):
-            raise ValueError("embedding holds NaN or inf")
+    def finite_nonzero(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        check_embedding(v, str(info.data.get("song_id", "?")))
         return v
+
+    @field_validator("popularity")
+    @classmethod
+    def finite_float32(cls, v: float) -> float:
+        return check_popularity(v)
 
 
 class Item(BaseModel):
@@ -506,11 +512,11 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
 
     @app.post("/events")
     def post_events(body: EventsIn) -> dict[str, Any]:
-        out = []
-        for e in body.events:
-            r = record(ranker.store, e.user_id, e.song_id, e.kind, e.ts, config=cfg)
-            out.append({"event_id": r.event_id, "user_id": r.user_id, "created": r.created})
-        return {"recorded": len(out), "events": out}
+        done = record_many(ranker.store, [Interaction(e.user_id, e.song_id, e.kind, e.ts)
+                                          for e in body.events], config=cfg)
+        return {"recorded": len(done),
+                "events": [{"event_id": r.event_id, "user_id": r.user_id, "created": r.created}
+                           for r in done]}
 
     @app.post("/songs")
     def post_song(body: SongIn) -> dict[str, Any]:

@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -50,6 +51,43 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, cur or '', '', ''} end
 redis.call('SET', KEYS[1], ARGV[2])
 return {1, cur or '', last(KEYS[3]), last(KEYS[4])}
 """
+
+
+# The users of a batch in one command: KEYS are their hashes; returns each one's HGETALL.
+_READ_USERS_LUA = """
+local out = {}
+for k = 1, #KEYS do out[k] = redis.call('HGETALL', KEYS[k]) end
+return out
+"""
+
+# The writes of a batch in one command, run inside the MULTI of an optimistic transaction (the
+# WATCH guards the pointer and the users). KEYS: the event stream, then the user hashes. ARGV:
+# ttl, maxlen, number of events; per event its field count and field/value pairs (XADD, first:
+# an XADD that fails leaves nothing written); per user its field count and pairs (the hash is
+# replaced: DEL, HSET, EXPIRE). Returns the stream ids.
+_WRITE_BATCH_LUA = """
+local ttl, maxlen, i = ARGV[1], ARGV[2], 4
+local ids = {}
+for e = 1, tonumber(ARGV[3]) do
+  local n = tonumber(ARGV[i])
+  ids[e] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, i + 1, i + 2 * n))
+  i = i + 1 + 2 * n
+end
+for k = 2, #KEYS do
+  local n = tonumber(ARGV[i])
+  redis.call('DEL', KEYS[k])
+  redis.call('HSET', KEYS[k], unpack(ARGV, i + 1, i + 2 * n))
+  redis.call('EXPIRE', KEYS[k], ttl)
+  i = i + 1 + 2 * n
+end
+return ids
+"""
+
+
+_SCRIPTS = (_READ_USERS_LUA, _WRITE_BATCH_LUA)
+# run by EVALSHA (loaded on NOSCRIPT): redis-py's Script in a pipeline costs a SCRIPT EXISTS
+# round trip per call
+_READ_USERS_SHA, _WRITE_BATCH_SHA = (hashlib.sha1(s.encode()).hexdigest() for s in _SCRIPTS)
 
 
 class VersionMovedError(StoreError):
@@ -97,16 +135,18 @@ class Event:
 
 
 def _user_to_fields(rec: UserRecord) -> dict[str, bytes]:
+    # numbers as repr(float): the bytes json.dumps writes for a finite float, 8x cheaper (a
+    # batch of events encodes and decodes hundreds of users)
     fields: dict[str, bytes] = {
         "h": encode_history(rec.history),
-        "n": json.dumps(float(rec.activity)).encode(),
+        "n": repr(float(rec.activity)).encode(),
     }
     if rec.factor is not None:
         fields["f"] = encode_vector(rec.factor)
     if rec.profile is not None:
         fields["p"] = encode_vector(rec.profile)
     if math.isfinite(rec.last_seen_s):
-        fields["t"] = json.dumps(float(rec.last_seen_s)).encode()
+        fields["t"] = repr(float(rec.last_seen_s)).encode()
     return fields
 
 
@@ -115,8 +155,8 @@ def _user_from_fields(raw: dict[Any, Any], where: str) -> UserRecord | None:
         return None
     f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
     try:
-        activity = float(json.loads(f.get("n", b"0")))
-        last_seen = float(json.loads(f["t"])) if f.get("t") else float("nan")
+        activity = float(f.get("n", b"0"))  # a JSON number, as float() reads it
+        last_seen = float(f["t"]) if f.get("t") else float("nan")
     except (ValueError, TypeError) as err:
         raise StoreError(f"{where}: activity or last-seen field is not a number") from err
     return UserRecord(
@@ -133,8 +173,8 @@ class OnlineStore:
 
     Writers (:mod:`.publisher`) stage a version, then :meth:`commit` moves ``current`` with a
     compare-and-set; readers (:mod:`.ranker`) read the pointer and one user's state in one
-    round trip with :meth:`read_user`; :mod:`.events` appends events and updates user state in
-    one transaction with :meth:`record_event`.
+    round trip with :meth:`read_user`; :mod:`.events` appends a batch of events and updates the
+    users' states in one transaction with :meth:`record_events`.
     """
 
     keys: Keys
@@ -192,13 +232,28 @@ class OnlineStore:
         """(record, embedding) raw bytes per id (``None`` where unknown), one round trip."""
         raise NotImplementedError
 
+    def record_events(self, version: int, events: Sequence[dict[str, str]], user_ids: Sequence[str],
+                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int,
+                      maxlen: int) -> tuple[list[str], dict[str, UserRecord]]:
+        """Append ``events`` to the stream, in order, and replace the state of each user in
+        ``user_ids`` under ``version`` by ``update(user_id, old)``, all or nothing and only while
+        ``version`` is current (else :class:`VersionMovedError`, nothing written).
+
+        A bounded number of round trips whatever the batch size (Redis: WATCH, one read of the
+        pointer and the users, MULTI/EXEC of one script doing every write). ``update`` must be
+        pure: a transaction retried after a concurrent write calls it again. An exception it
+        raises leaves nothing written. Returns the stream ids (one per event) and the new states
+        by user id.
+        """
+        raise NotImplementedError
+
     def record_event(self, version: int, event: dict[str, str], user_id: str,
                      update: Callable[[UserRecord | None], UserRecord], ttl_s: int,
                      maxlen: int) -> tuple[str, UserRecord]:
-        """Append ``event`` to the stream and replace the user's state under ``version`` by
-        ``update(old)``, atomically and only while ``version`` is current (else
-        :class:`VersionMovedError`, nothing written). Returns the stream id and the new state."""
-        raise NotImplementedError
+        """One event through :meth:`record_events`: returns its stream id and the new state."""
+        ids, new = self.record_events(version, [event], [user_id], lambda _u, old: update(old),
+                                      ttl_s, maxlen)
+        return ids[0], new[user_id]
 
     def update_users(self, version: int, user_ids: Sequence[str],
                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int, *,
@@ -210,9 +265,17 @@ class OnlineStore:
 
     def read_events(self, since_ms: int, until_ms: int | None = None, *,
                     after_id: str | None = None, until_id: str | None = None,
-                    batch: int = 10000) -> Iterator[list[Event]]:
+                    batch: int = 10000,
+                    on_bad: Callable[[str, str], None] | None = None) -> Iterator[list[Event]]:
         """Batches of events with stream time in ``[since_ms, until_ms]``, oldest first;
-        ``after_id`` (exclusive) and ``until_id`` (inclusive) bound by stream id instead."""
+        ``after_id`` (exclusive) and ``until_id`` (inclusive) bound by stream id instead.
+
+        A row that is not an event (a missing field, a number that does not parse, bytes that
+        are not UTF-8: an older or foreign writer) is left out and passed to
+        ``on_bad(stream_id, reason)`` (default: a logged warning); a batch may then be shorter
+        or empty. Whether a parsed event is plausible (ids, kind, time window) is the reader's
+        call (:func:`.events.event_problem`).
+        """
         raise NotImplementedError
 
     def add_song(self, version: int, song_id: str, record: bytes, embedding: np.ndarray,
@@ -275,9 +338,38 @@ def _text(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else ("" if x is None else str(x))
 
 
-def _event_from_fields(eid: str, f: dict[str, str]) -> Event:
-    return Event(eid, f.get("u", ""), f.get("s", ""), f.get("k", ""),
-                 float(f.get("t", 0)), float(f.get("w", 1)))
+def _warn_bad_event(eid: str, reason: str) -> None:
+    log.warning("event %s skipped: %s", eid, reason)
+
+
+def _parse_events(rows: Sequence[tuple[Any, dict[Any, Any]]],
+                  on_bad: Callable[[str, str], None] | None) -> list[Event]:
+    """Stream rows -> events; rows that are not events go to ``on_bad`` (see read_events)."""
+    out = []
+    for raw_id, raw in rows:
+        eid = _text(raw_id)
+        try:
+            f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                 for k, v in raw.items()}
+        except UnicodeDecodeError:
+            (on_bad or _warn_bad_event)(eid, "a field is not UTF-8 text")
+            continue
+        missing = [k for k in ("u", "s", "k", "t") if k not in f]
+        if missing:
+            (on_bad or _warn_bad_event)(eid, f"field(s) {', '.join(missing)} missing")
+            continue
+        try:
+            ts = float(f["t"])
+        except ValueError:
+            (on_bad or _warn_bad_event)(eid, f"t {f['t']!r} is not a number")
+            continue
+        try:
+            w = float(f.get("w", 1))
+        except ValueError:
+            (on_bad or _warn_bad_event)(eid, f"w {f['w']!r} is not a number")
+            continue
+        out.append(Event(eid, f["u"], f["s"], f["k"], ts, w))
+    return out
 
 
 class RedisStore(OnlineStore):
@@ -476,30 +568,57 @@ class RedisStore(OnlineStore):
             raise self._fail(f"HMGET {self.keys.songs(version)}", err) from err
         return list(zip(recs, embs, strict=True))
 
-    def record_event(self, version: int, event: dict[str, str], user_id: str,
-                     update: Callable[[UserRecord | None], UserRecord], ttl_s: int,
-                     maxlen: int) -> tuple[str, UserRecord]:
+    def record_events(self, version: int, events: Sequence[dict[str, str]], user_ids: Sequence[str],
+                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int,
+                      maxlen: int) -> tuple[list[str], dict[str, UserRecord]]:
+        if not events:
+            return [], {}
+        return self._write_batch(version, user_ids, update, ttl_s, events, maxlen, True,
+                                 f"recording {len(events)} event(s)")
 
-        key = self.keys.user(version, user_id)
-        new: UserRecord | None = None
+    def _write_batch(self, version: int, user_ids: Sequence[str],
+                     update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int,
+                     events: Sequence[dict[str, str]], maxlen: int, require_current: bool,
+                     what: str) -> tuple[list[str], dict[str, UserRecord]]:
+        """Replace users by ``update`` and append ``events`` in one optimistic transaction of
+        three round trips and two commands besides the WATCH (the scripts above), whatever the
+        batch size: per-command overhead, not the network, bounds a batch's cost here."""
+        users = list(dict.fromkeys(user_ids))
+        keys = [self.keys.user(version, u) for u in users]
+        new: dict[str, UserRecord] = {}
 
-        def body(pipe: Any) -> None:
-            nonlocal new
-            new = update(_user_from_fields(pipe.hgetall(key), key))
-            pipe.multi()
-            pipe.delete(key)
-            pipe.hset(key, mapping=_user_to_fields(new))
-            pipe.expire(key, ttl_s)
-            pipe.xadd(self.keys.events, event, maxlen=maxlen, approximate=True)
+        def read(pipe: Any) -> None:
+            pipe.evalsha(_READ_USERS_SHA, len(keys), *keys)
 
-        res = self._transaction(version, [key], body, True, f"recording an event for {key}")
-        assert new is not None
-        return _text(res[-1]), new
+        def write(pipe: Any, results: list[Any]) -> None:
+            new.clear()  # a retried transaction starts over
+            args: list[Any] = [ttl_s, maxlen, len(events)]
+            for e in events:
+                args.append(len(e))
+                for name, text in e.items():
+                    args += (name, text)
+            for u, k, flat in zip(users, keys, results[0], strict=True):
+                old = _user_from_fields(dict(zip(flat[::2], flat[1::2], strict=True)), k)
+                new[u] = rec = update(u, old)
+                fields = _user_to_fields(rec)
+                args.append(len(fields))
+                for name, raw in fields.items():
+                    args += (name, raw)
+            pipe.evalsha(_WRITE_BATCH_SHA, 1 + len(keys), self.keys.events, *keys, *args)
 
-    def _transaction(self, version: int, watch: list[str], body: Callable[[Any], None],
-                     require_current: bool, what: str) -> list[Any]:
-        """Run ``body(pipe)`` (reads in immediate mode, then ``pipe.multi()`` and the writes) as
-        an optimistic transaction over ``watch`` (+ the pointer when ``require_current``)."""
+        res = self._transaction(version, keys, read, write, require_current,
+                                f"{what} for {len(users)} user(s) of version {version}")
+        return [_text(x) for x in res[-1]], dict(new)
+
+    def _transaction(self, version: int, watch: list[str], read: Callable[[Any], None] | None,
+                     write: Callable[[Any, list[Any]], None], require_current: bool,
+                     what: str) -> list[Any]:
+        """An optimistic transaction in at most three round trips, whatever its size: WATCH
+        ``watch`` (+ the pointer when ``require_current``); one pipelined read of the pointer and
+        of what ``read(pipe)`` queues; MULTI, the writes ``write(pipe, results)`` queues (the
+        results of ``read``), EXEC. Retried with back-off while another writer touches a
+        watched key. The read pipeline uses another connection: that is safe, as EXEC fails if a
+        watched key changed at any time after the WATCH."""
         import redis
 
         try:
@@ -509,14 +628,29 @@ class RedisStore(OnlineStore):
                         keys = [*watch, *([self.keys.current] if require_current else [])]
                         if keys:
                             pipe.watch(*keys)
+                        results: list[Any] = []
+                        if require_current or read is not None:
+                            reader = self.client.pipeline(transaction=False)
+                            if require_current:
+                                reader.get(self.keys.current)
+                            if read is not None:
+                                read(reader)
+                            results = reader.execute()
                         if require_current:
-                            cur = pipe.get(self.keys.current)
+                            cur, results = results[0], results[1:]
                             if cur is None or int(cur) != version:
                                 raise VersionMovedError(
                                     f"{what}: version {version} is no longer current "
                                     f"({self.keys.current} = {_text(cur) or 'unset'})")
-                        body(pipe)
+                        pipe.multi()
+                        write(pipe, results)
                         return list(pipe.execute())
+                    except redis.exceptions.NoScriptError:
+                        # first use on this server (or after a restart / SCRIPT FLUSH): load the
+                        # scripts and run again (a script that is not loaded wrote nothing)
+                        for script in _SCRIPTS:
+                            self.client.script_load(script)
+                        continue
                     except redis.WatchError:
                         # jittered, growing back-off: a writer looping on the same keys (a burst of
                         # plays during a publish's carry-over) otherwise wins all 20 rounds on a
@@ -530,34 +664,13 @@ class RedisStore(OnlineStore):
     def update_users(self, version: int, user_ids: Sequence[str],
                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int, *,
                      require_current: bool) -> None:
-        keys = [self.keys.user(version, u) for u in user_ids]
-        if not keys:
-            return
-
-        def body(pipe: Any) -> None:
-            import redis
-
-            reader = self.client.pipeline(transaction=False)  # one round trip for all reads
-            for k in keys:
-                reader.hgetall(k)
-            try:
-                raws = reader.execute()
-            except redis.RedisError as err:
-                raise self._fail(f"reading {len(keys)} users of version {version}", err) from err
-            new = [update(u, _user_from_fields(raw, k))
-                   for u, k, raw in zip(user_ids, keys, raws, strict=True)]
-            pipe.multi()
-            for k, rec in zip(keys, new, strict=True):
-                pipe.delete(k)
-                pipe.hset(k, mapping=_user_to_fields(rec))
-                pipe.expire(k, ttl_s)
-
-        self._transaction(version, keys, body, require_current,
-                          f"updating {len(keys)} users of version {version}")
+        if user_ids:
+            self._write_batch(version, user_ids, update, ttl_s, [], 0, require_current, "updating")
 
     def read_events(self, since_ms: int, until_ms: int | None = None, *,
                     after_id: str | None = None, until_id: str | None = None,
-                    batch: int = 10000) -> Iterator[list[Event]]:
+                    batch: int = 10000,
+                    on_bad: Callable[[str, str], None] | None = None) -> Iterator[list[Event]]:
         import redis
 
         start = f"({after_id}" if after_id else f"{int(since_ms)}-0"
@@ -569,17 +682,14 @@ class RedisStore(OnlineStore):
                 raise self._fail(f"XRANGE {self.keys.events}", err) from err
             if not rows:
                 return
-            out = [_event_from_fields(eid.decode(), {k.decode(): v.decode() for k, v in f.items()})
-                   for eid, f in rows]
-            yield out
+            yield _parse_events(rows, on_bad)
             if len(rows) < batch:
                 return
-            start = "(" + out[-1].event_id
+            start = "(" + _text(rows[-1][0])
 
     def add_song(self, version: int, song_id: str, record: bytes, embedding: np.ndarray,
                  ttl_s: int, *, require_current: bool = True) -> str:
-        def body(pipe: Any) -> None:
-            pipe.multi()
+        def write(pipe: Any, _: list[Any]) -> None:
             pipe.hset(self.keys.songs(version), song_id, record)
             pipe.hset(self.keys.emb(version), song_id, encode_vector(embedding))
             pipe.sadd(self.keys.ingested(version), song_id)
@@ -587,7 +697,8 @@ class RedisStore(OnlineStore):
             pipe.xadd(self.keys.catalogue, {"s": song_id, "v": str(version)}, maxlen=100000,
                       approximate=True)
 
-        res = self._transaction(version, [], body, require_current, f"ingesting song {song_id!r}")
+        res = self._transaction(version, [], None, write, require_current,
+                                f"ingesting song {song_id!r}")
         return _text(res[-1])
 
     def ingested_ids(self, version: int) -> list[str]:
@@ -718,18 +829,23 @@ class InProcessStore(OnlineStore):
             s, e = self._songs.get(version, {}), self._emb.get(version, {})
             return [(s.get(i), e.get(i)) for i in ids]
 
-    def record_event(self, version: int, event: dict[str, str], user_id: str,
-                     update: Callable[[UserRecord | None], UserRecord], ttl_s: int,
-                     maxlen: int) -> tuple[str, UserRecord]:
+    def record_events(self, version: int, events: Sequence[dict[str, str]], user_ids: Sequence[str],
+                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int,
+                      maxlen: int) -> tuple[list[str], dict[str, UserRecord]]:
+        if not events:
+            return [], {}
         with self._lock:
-            self._check_current(version, f"recording an event for user {user_id!r}")
+            self._check_current(version, f"recording {len(events)} event(s)")
             users = self._users.setdefault(version, {})
-            new = update(users.get(user_id))
-            users[user_id] = new
-            eid = self._stream_id()
-            self._events.append((eid, dict(event)))
+            # every new state first: an update that raises leaves nothing written
+            new = {u: update(u, users.get(u)) for u in dict.fromkeys(user_ids)}
+            users.update(new)
+            ids = []
+            for e in events:
+                ids.append(self._stream_id())
+                self._events.append((ids[-1], dict(e)))
             del self._events[: max(0, len(self._events) - maxlen)]
-            return eid, new
+            return ids, new
 
     def update_users(self, version: int, user_ids: Sequence[str],
                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int, *,
@@ -743,7 +859,8 @@ class InProcessStore(OnlineStore):
 
     def read_events(self, since_ms: int, until_ms: int | None = None, *,
                     after_id: str | None = None, until_id: str | None = None,
-                    batch: int = 10000) -> Iterator[list[Event]]:
+                    batch: int = 10000,
+                    on_bad: Callable[[str, str], None] | None = None) -> Iterator[list[Event]]:
         lo = stream_key(after_id) if after_id else None
         hi = stream_key(until_id) if until_id else None
         with self._lock:
@@ -752,7 +869,7 @@ class InProcessStore(OnlineStore):
                     and (stream_key(eid) <= hi if hi else
                          until_ms is None or stream_key(eid)[0] <= until_ms)]
         for i in range(0, len(rows), batch):
-            yield [_event_from_fields(eid, f) for eid, f in rows[i : i + batch]]
+            yield _parse_events(rows[i : i + batch], on_bad)
 
     def add_song(self, version: int, song_id: str, record: bytes, embedding: np.ndarray,
                  ttl_s: int, *, require_current: bool = True) -> str:

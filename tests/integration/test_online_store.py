@@ -106,6 +106,35 @@ def test_record_event_creates_user_and_streams(store: OnlineStore) -> None:
     assert store.read_user(v, "new")[1].last_seen_s == 1.7e9  # the latest interaction time round-trips
 
 
+def test_record_events_is_all_or_nothing(store: OnlineStore) -> None:
+    """record_events writes every user and every event of a batch, or, when the update fails for
+    one user, nothing at all (neither the users before it nor the stream)."""
+    v = _publish_empty(store)
+    e = np.array([1, 0, 0, 0], np.float32)
+    ev = [{"u": u, "s": "a", "k": "play", "t": "1.7e9", "w": "1"} for u in ("p", "q", "p")]
+
+    def upd(uid: str, old: UserRecord | None) -> UserRecord:
+        rec = old
+        for _ in range(2 if uid == "p" else 1):
+            rec = apply_event(rec, "a", e, 1.0, history_len=3, alpha=0.1, ts=1.7e9)
+        return rec
+
+    def fails_on_q(uid: str, old: UserRecord | None) -> UserRecord:
+        if uid == "q":
+            raise RuntimeError("update failed")
+        return upd(uid, old)
+
+    with pytest.raises(RuntimeError, match="update failed"):
+        store.record_events(v, ev, ["p", "q", "p"], fails_on_q, 60, 1000)
+    assert store.read_user(v, "p")[1] is None and [x for b in store.read_events(0) for x in b] == []
+    ids, new = store.record_events(v, ev, ["p", "q", "p"], upd, 60, 1000)
+    assert len(ids) == 3 and sorted(new) == ["p", "q"] and new["p"].activity == 2.0
+    got = [x for b in store.read_events(0) for x in b]
+    assert [x.event_id for x in got] == ids and [x.user_id for x in got] == ["p", "q", "p"]
+    assert store.read_user(v, "q")[1].activity == 1.0
+    assert store.record_events(v, [], [], upd, 60, 1000) == ([], {})
+
+
 def test_catalogue_announcements(store: OnlineStore) -> None:
     v = _publish_empty(store)
     start = store.last_catalogue_id()
