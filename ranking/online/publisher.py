@@ -38,7 +38,7 @@ from apex_rank.errors import StoreError
 from .config import OnlineConfig
 from .engine import RankingEngine
 from .keys import KEY_SCHEMA, decode_vector, encode_song_record
-from .store import Event, OnlineStore, UserRecord, VersionMovedError, stream_key
+from .store import ContentionError, Event, OnlineStore, UserRecord, VersionMovedError, stream_key
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,16 @@ def replay_events(store: OnlineStore, version: int, after_id: str, until_id: str
     states of ``version``, in stream order, with :func:`~.events.apply_event`.
     Events naming a song ``version`` lacks are skipped (counted in a warning).
     Returns (events applied, last stream id read)."""
-    from .events import apply_event
+    from .events import apply_event, event_problem
 
-    n, skipped, last = 0, 0, after_id
+    n, skipped, implausible, last = 0, 0, 0, after_id
     for batch in store.read_events(0, after_id=after_id, until_id=until_id):
+        if not batch:
+            continue
         last = batch[-1].event_id
+        ok = [e for e in batch if event_problem(e) is None]  # an older writer's ts 1e300 or ms
+        implausible += len(batch) - len(ok)
+        batch = ok
         by_user: dict[str, list[Event]] = {}
         for e in batch:
             by_user.setdefault(e.user_id, []).append(e)
@@ -253,7 +258,15 @@ def replay_events(store: OnlineStore, version: int, after_id: str, until_id: str
             return rec if rec is not None else UserRecord()
 
         ttl = config.version_ttl_s if require_current else config.staging_ttl_s
-        store.update_users(version, list(by_user), update, ttl, require_current=require_current)
+        try:
+            store.update_users(version, list(by_user), update, ttl, require_current=require_current)
+        except ContentionError:
+            # a writer looping on some of these users won every retry of the batch (nothing was
+            # written): one transaction per user, each watching one key, is rarely beaten
+            for uid in by_user:
+                store.update_users(version, [uid], update, ttl, require_current=require_current)
+    if implausible:
+        log.warning("%d replayed events are not plausible (ids, kind, weight or time); skipped", implausible)
     if skipped:
         log.warning("%d replayed events name songs version %d lacks; skipped", skipped, version)
     return n, last

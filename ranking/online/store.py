@@ -90,6 +90,10 @@ _SCRIPTS = (_READ_USERS_LUA, _WRITE_BATCH_LUA)
 _READ_USERS_SHA, _WRITE_BATCH_SHA = (hashlib.sha1(s.encode()).hexdigest() for s in _SCRIPTS)
 
 
+class ContentionError(StoreError):
+    """An optimistic transaction lost every retry to concurrent writers; nothing was written."""
+
+
 class VersionMovedError(StoreError):
     """A write aimed at the current version found the pointer moved (a publish committed in
     between); the caller re-reads the pointer and writes to the new version."""
@@ -659,7 +663,7 @@ class RedisStore(OnlineStore):
                         continue
         except redis.RedisError as err:
             raise self._fail(what, err) from err
-        raise StoreError(f"{what}: too many concurrent writers, nothing written")
+        raise ContentionError(f"{what}: too many concurrent writers, nothing written")
 
     def update_users(self, version: int, user_ids: Sequence[str],
                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int, *,

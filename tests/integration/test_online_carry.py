@@ -5,6 +5,7 @@ once, on real Redis."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -115,3 +116,28 @@ def test_events_recorded_during_a_publish_land_exactly_once(engine: RecommenderE
     for u in users:
         got = store.read_user(res.version, u)[1]
         assert got.activity == base[u] + counts[u], (u, got.activity, base[u], counts[u])
+
+
+def test_carry_over_skips_events_an_older_writer_let_through(engine: RecommenderEngine, redis_url: str,
+                                                             redis_prefix: str) -> None:
+    """An event row with ts 1e300 or in milliseconds (what writers before the time window
+    stored) is not replayed into the next version: it would set the user's last-seen time, from
+    which song ages are measured, to the year 10^292."""
+    import redis
+
+    cfg = OnlineConfig(namespace=redis_prefix)
+    store = RedisStore(redis_url, redis_prefix)
+    publish(engine, store, config=cfg)
+    u = engine.recommender.user_ids[0]
+    song = engine.recommender.songs.song_ids[0]
+    now = float(int(time.time()) - 10)  # later than any build-time play
+    record(store, u, song, "play", ts=now, config=cfg)
+    client = redis.Redis.from_url(redis_url)
+    for t in ("1e300", "1.7e12"):
+        client.xadd(store.keys.events, {"u": u, "s": song, "k": "play", "t": t, "w": "1"})
+    client.close()
+    res = publish(engine, store, config=cfg)
+    assert res.replayed_events == 1
+    got = store.read_user(res.version, u)[1]
+    assert got.last_seen_s == now and got.activity == dict(engine.user_records())[u].activity + 1
+    store.close()
