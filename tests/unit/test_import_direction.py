@@ -77,3 +77,20 @@ def test_import_apex_rank_stays_light() -> None:
     code = "import sys, apex_rank; print(any(m in sys.modules for m in ('faiss', 'lightgbm', 'redis', 'implicit')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_package_folder_is_in_the_wheel() -> None:
+    """pyproject lists packages one by one (the package-dir mapping puts features/, ranking/ and
+    offline_eval/ under apex_rank): a sub-package missing from the list is missing from a wheel
+    while the editable install still finds it (apex_rank.ranking.online was), and py.typed ships."""
+    import tomllib
+
+    root = ROOT
+    st = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for pkg, folder in st["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            found.add(".".join((pkg, *rel)))
+    assert found <= set(st["packages"]), sorted(found - set(st["packages"]))
+    assert "py.typed" in st["package-data"]["apex_rank"] and (root / "apex_rank" / "py.typed").is_file()
