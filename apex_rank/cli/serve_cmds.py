@@ -49,7 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_publish)
 
     s = sub.add_parser("serve", help="HTTP ranking service (FastAPI + uvicorn) over a published bundle")
-    s.add_argument("--bundle", default=None, help="bundle to serve degraded if Redis is down at start")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--bundle", default=None,
+                       help="the bundle folder this host serves (any local path; its fingerprint must "
+                            "match the published version's; served degraded if Redis is down at start)")
+    where.add_argument("--bundle-root", default=None,
+                       help="folder of bundles, one per sub-folder (any names): each version is loaded "
+                            "from the sub-folder whose fingerprint it names")
     s.add_argument("--redis", default=DEFAULT_REDIS)
     s.add_argument("--config", default=None,
                    help="TOML file whose [online] table (with [online.access]) sets the service; "
@@ -139,6 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning(
             "binding to %s without an API key (--insecure): anyone reaching the port can write "
             "events and songs", args.host)
+    if args.bundle or args.bundle_root:
+        _check_bundle(args, cfg.namespace)
     import uvicorn
 
     from apex_rank.ranking.online.service import CONFIG_ENV, HEADER_TIMEOUT_ENV, HTTP_PROTOCOL
@@ -148,6 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ[HEADER_TIMEOUT_ENV] = repr(cfg.access.header_timeout_s)
     if args.bundle:
         os.environ["APEX_RANK_BUNDLE"] = args.bundle
+    if args.bundle_root:
+        os.environ["APEX_RANK_BUNDLE_ROOT"] = args.bundle_root
     keys = f"{len(ring.digests)} API key(s)" if ring else "no API key"
     print(f"serving namespace {cfg.namespace!r} from {redact_url(args.redis)} on "
           f"http://{args.host}:{args.port} with {args.workers} worker(s), {keys}")
@@ -156,6 +166,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 timeout_keep_alive=cfg.access.keep_alive_s,
                 h11_max_incomplete_event_size=cfg.access.max_header_bytes)
     return 0
+
+
+def _check_bundle(args: argparse.Namespace, namespace: str) -> None:
+    """Refuse (BundleMismatchError, exit 2) a --bundle or --bundle-root that lacks the published
+    version's bundle, before any worker starts; an unreachable Redis only warns (the workers
+    serve --bundle degraded and retry)."""
+    import logging
+
+    from apex_rank.errors import StoreError
+    from apex_rank.ranking.online import RedisStore
+    from apex_rank.ranking.online.bundles import check_published
+
+    log = logging.getLogger(__name__)
+    try:
+        store = RedisStore(args.redis, namespace, timeout_s=5.0)
+        try:
+            found = check_published(store, bundle=args.bundle, bundle_root=args.bundle_root)
+        finally:
+            store.close()
+    except StoreError as err:
+        log.warning("cannot check the bundle against the published version: %s", err)
+        return
+    if found is not None:
+        log.info("version %d is served from %s", *found)
 
 
 def cmd_export_events(args: argparse.Namespace) -> int:

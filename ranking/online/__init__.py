@@ -4,6 +4,7 @@ Modules, in data-flow order: :mod:`.keys` (the versioned key format and codecs),
 :mod:`.store` (the store contract, ``RedisStore``, ``InProcessStore``), :mod:`.engine` (the
 contract of a loaded bundle) and :mod:`.recommender_engine` (the offline ``Recommender``
 behind it), :mod:`.publisher` (stage a version, move ``current`` atomically),
+:mod:`.bundles` (a bundle's fingerprint, the local folder serving a version),
 :mod:`.ranker` (``OnlineRanker.rank``), :mod:`.events` (events, export, song ingestion) and
 :mod:`.service` (the FastAPI app; needs the ``serve`` extra, imported only when serving).
 """

@@ -22,6 +22,14 @@ confirms that the served version still has its manifest and song records. While 
 gone the answers are the fallback list, marked ``degraded``, until the version is back or
 another one is published.
 
+Bundles (see :mod:`.bundles`): a version's manifest names the fingerprint of the bundle it was
+published from. A host serving it loads the local folder with that fingerprint (``bundle``,
+a sub-folder of ``bundle_root``, or the publisher's path when neither is given) and refuses
+any other: at start the refusal is an error; a version published later whose bundle this host
+does not hold is not switched to. The old version keeps serving, its answers marked
+``degraded`` with the reason (and ``/health`` degraded), and the lookup is retried every
+``retry_s`` (copy the bundle in and the host switches).
+
 Example
 -------
 >>> ranker = OnlineRanker.connect("redis://127.0.0.1:6379/0", namespace="prod")  # doctest: +SKIP
@@ -44,6 +52,7 @@ from apex_rank.errors import ConfigError, StoreError
 from apex_rank.ranking.candidates import FactorIndexConfig
 from apex_rank.ranking.reranker import check_cold_share
 
+from .bundles import BundleMismatchError, locate_bundle
 from .config import OnlineConfig
 from .engine import RankingEngine
 from .keys import RequestError, check_id, decode_song_record, decode_vector
@@ -69,7 +78,9 @@ class Ranking:
 
     ``model_version`` is the published version that produced it (``"fallback"`` when no
     version could be read); ``degraded`` is true when the store was unavailable and the items
-    come from the popularity-and-quality list; ``cold_user`` when the user had no state.
+    come from the popularity-and-quality list, or when this host lacks the current version's
+    bundle and the items come from the older version it still serves (``reason`` says which);
+    ``cold_user`` when the user had no state.
     """
 
     user_id: str
@@ -145,7 +156,12 @@ class OnlineRanker:
     loader:
         Bundle folder -> engine (default: the offline ``Recommender``'s engine).
     bundle_dir:
-        Optional bundle to serve (degraded) when the store is unreachable at start.
+        The bundle folder this host serves: loaded at start (served degraded when the store is
+        unreachable), and the only folder a version is loaded from; a version published from
+        another bundle (another fingerprint) is refused (see the module doc).
+    bundle_root:
+        A folder of bundles, one per sub-folder: a version is loaded from the sub-folder whose
+        fingerprint it names. With neither, the publisher's ``bundle_dir`` is loaded.
     engine:
         An already loaded engine for ``bundle_dir`` (skips loading it again).
     follow_store:
@@ -156,7 +172,7 @@ class OnlineRanker:
     def __init__(self, store: OnlineStore, *, config: OnlineConfig | None = None,
                  loader: EngineLoader | None = None, bundle_dir: str | None = None,
                  engine: RankingEngine | None = None,
-                 follow_store: OnlineStore | None = None) -> None:
+                 follow_store: OnlineStore | None = None, bundle_root: str | None = None) -> None:
         self.config = config or OnlineConfig()
         self.store = store
         self._loader = loader or engine_loader(self.config.fallback_size, self.config.max_batch,
@@ -168,6 +184,9 @@ class OnlineRanker:
         self._catalogue_id = "0-0"
         self.stats: dict[str, int] = {"requests": 0, "degraded": 0, "cold_users": 0, "switches": 0}
         self._missing: str | None = None  # why the served version's keys look gone (check_data)
+        self._bundle, self._bundle_root = bundle_dir, bundle_root
+        self._refused: tuple[int, str] | None = None  # (version, why) not switched to
+        self._retry_refused = 0.0
         self._next_check = 0.0
         self._thread: threading.Thread | None = None
         if follow_store is not None:
@@ -187,7 +206,8 @@ class OnlineRanker:
     @classmethod
     def connect(cls, url: str, *, namespace: str | None = None, config: OnlineConfig | None = None,
                 bundle_dir: str | None = None, loader: EngineLoader | None = None,
-                engine: RankingEngine | None = None, follow: bool = True) -> OnlineRanker:
+                engine: RankingEngine | None = None, follow: bool = True,
+                bundle_root: str | None = None) -> OnlineRanker:
         """A ranker over Redis at ``url`` with a follower thread (the usual way to build one)."""
         cfg = config or OnlineConfig()
         ns = namespace or cfg.namespace
@@ -195,7 +215,7 @@ class OnlineRanker:
         follow_store = (RedisStore(url, ns, timeout_s=cfg.follow_interval_s + 5.0)
                         if follow else None)
         return cls(store, config=cfg, loader=loader, bundle_dir=bundle_dir, engine=engine,
-                   follow_store=follow_store)
+                   follow_store=follow_store, bundle_root=bundle_root)
 
     # -- versions ---------------------------------------------------------------------------
 
@@ -208,11 +228,16 @@ class OnlineRanker:
         meta = store.read_meta(version)
         if meta is None:
             raise StoreError(f"version {version} has no manifest {store.keys.meta(version)}")
-        if engine is None or engine.fingerprint != meta.get("fingerprint"):
-            engine = self._loader(str(meta["bundle_dir"]))
-        if engine.fingerprint != meta.get("fingerprint"):
-            raise StoreError(f"bundle {meta['bundle_dir']} has fingerprint {engine.fingerprint}, "
-                             f"version {version} was published from {meta.get('fingerprint')}")
+        fp = str(meta.get("fingerprint"))
+        if engine is None or engine.fingerprint != fp:
+            published = meta.get("bundle_dir")
+            folder = locate_bundle(fp, bundle=self._bundle, bundle_root=self._bundle_root,
+                                   published_dir=None if published is None else str(published),
+                                   version=version)
+            engine = self._loader(folder)
+        if engine.fingerprint != fp:  # the folder changed while it was loaded
+            raise BundleMismatchError(f"bundle {engine.bundle_dir} has fingerprint "
+                                      f"{engine.fingerprint}, version {version} serves fingerprint {fp}")
         self._apply_ingested(engine, version, store.ingested_ids(version), store)
         return self._make_active(version, engine, meta)
 
@@ -242,11 +267,18 @@ class OnlineRanker:
         with self._switch_lock:
             if self._active.version == version:
                 return
+            if (self._refused is not None and self._refused[0] == version
+                    and time.monotonic() < self._retry_refused):
+                return
             self._switching = version
             try:
                 new = self._load_version(version, store)
+            except BundleMismatchError as err:
+                self._refuse(version, str(err))
+                return
             finally:
                 self._switching = None
+            self._refused = None
             old = self._active
             self._active = new  # one reference assignment: a request sees old or new, never both
             self.stats["switches"] += 1
@@ -255,6 +287,19 @@ class OnlineRanker:
             log.info("switched from version %s to %d", old.version, version)
             del old
             self._settle_heap()
+
+    def _refuse(self, version: int, why: str) -> None:
+        """Keep serving the old version: this host lacks ``version``'s bundle (see the module doc)."""
+        self._retry_refused = time.monotonic() + self.config.retry_s
+        if self._refused != (version, why):
+            log.error("not switching to version %d, still serving version %s (degraded): %s",
+                      version, self._active.version, why)
+        self._refused = (version, why)
+
+    @property
+    def bundle_refused(self) -> str | None:
+        """Why the current version's bundle was refused (this host serves an older one), or ``None``."""
+        return None if self._refused is None else self._refused[1]
 
     def _settle_heap(self) -> None:
         """See ``OnlineConfig.freeze_gc``: unfreeze (so a replaced engine's cycles are found),
@@ -302,6 +347,8 @@ class OnlineRanker:
             missing = f"version {version} is current but its manifest or song records are missing"
         else:
             missing = None  # present, or a newer version to switch to
+        if cur == version:
+            self._refused = None  # the pointer is back on the version served here
         if missing != self._missing:
             if missing is not None:
                 log.error("%s (did the store lose its data?); answering degraded until a version "
@@ -434,10 +481,15 @@ class OnlineRanker:
             self._request_switch(cur)
         if rec is None:
             self.stats["cold_users"] += 1
+        refused = self._refused
+        stale = refused is not None and cur == refused[0]  # this host lacks the current bundle
+        if stale:
+            self.stats["degraded"] += 1
         items = active.engine.rank_user(user_id, rec, k, excl, cold_share)
         short = None if cold_share is None else active.engine.cold_shortfall([s for s, _, _ in items], k, cold_share)
-        return Ranking(user_id, str(active.version), False,
+        return Ranking(user_id, str(active.version), stale,
                        [RankedItem(s, sc, src) for s, sc, src in items], cold_user=rec is None,
+                       reason=refused[1] if stale and refused is not None else None,
                        cold_shortfall=short)
 
     def close(self) -> None:

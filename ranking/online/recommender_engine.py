@@ -27,7 +27,6 @@ calls; results are identical because every candidate, feature and score is compu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Collection, Iterator
@@ -39,11 +38,11 @@ from typing import Any, cast
 import numpy as np
 import polars as pl
 
-from apex_rank.errors import ArtifactError
 from apex_rank.ranking.candidates import CandidateSource, FactorIndexConfig, FactorIndexSource, FactorSource
 from apex_rank.ranking.recommender import Recommender, cold_shortfall, load_recommender
 from apex_rank.ranking.state import UserState
 
+from .bundles import bundle_fingerprint
 from .engine import FallbackList, Item, SongBlock
 from .store import UserRecord
 
@@ -82,15 +81,6 @@ class _RWLock:
         with self._cond:
             self._writer = False
             self._cond.notify_all()
-
-
-def bundle_fingerprint(folder: str | Path) -> str:
-    """sha256 (16 hex) of a bundle's ``manifest.json``: changes with every build."""
-    path = Path(folder) / "manifest.json"
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    except OSError as err:
-        raise ArtifactError(f"bundle manifest {path} cannot be read: {err}") from err
 
 
 def state_from_record(user_id: str, rec: UserRecord | None) -> UserState:

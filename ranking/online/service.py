@@ -537,8 +537,11 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
             except StoreError as err:
                 log.warning("health: data check failed: %s", err)
                 ok = False
-        body = {"status": "ok" if ok and missing is None else "degraded", "store": ranker.store.kind,
+        refused = ranker.bundle_refused  # the reason goes to the log, not to the body
+        body = {"status": "ok" if ok and missing is None and refused is None else "degraded",
+                "store": ranker.store.kind,
                 "store_reachable": ok, "version_keys_present": ok and missing is None,
+                "bundle_current": refused is None,
                 "model_version": str(ranker.version),
                 "requests": ranker.stats["requests"], "degraded": ranker.stats["degraded"]}
         return JSONResponse(body, status_code=200)
@@ -556,7 +559,8 @@ CONFIG_ENV = "APEX_RANK_ONLINE_CONFIG"
 
 def app_from_env() -> Any:
     """App factory for ``uvicorn --factory`` and worker processes: reads ``APEX_RANK_REDIS_URL``,
-    ``APEX_RANK_BUNDLE`` (optional), ``APEX_RANK_ONLINE_CONFIG`` (the whole
+    ``APEX_RANK_BUNDLE`` and ``APEX_RANK_BUNDLE_ROOT`` (optional, see :mod:`.bundles`),
+    ``APEX_RANK_ONLINE_CONFIG`` (the whole
     :class:`OnlineConfig` as JSON, what ``apex-rank serve`` passes its workers) or else
     ``APEX_RANK_NAMESPACE`` and ``APEX_RANK_BUDGET_MS``, the API keys of
     :func:`~.access.load_key_ring`, and ``APEX_RANK_THREADS`` (default 1: a serving process
@@ -573,5 +577,7 @@ def app_from_env() -> Any:
     else:
         cfg = OnlineConfig(namespace=os.environ.get("APEX_RANK_NAMESPACE", "default"),
                            budget_ms=float(os.environ.get("APEX_RANK_BUDGET_MS", "50")))
-    ranker = OnlineRanker.connect(url, namespace=cfg.namespace, config=cfg, bundle_dir=bundle)
+    root = os.environ.get("APEX_RANK_BUNDLE_ROOT") or None
+    ranker = OnlineRanker.connect(url, namespace=cfg.namespace, config=cfg, bundle_dir=bundle,
+                                  bundle_root=root)
     return create_app(ranker, config=cfg)
