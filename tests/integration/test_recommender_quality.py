@@ -118,3 +118,25 @@ def test_cold_share_shortfall_fills_with_warm_songs_and_is_logged(caplog) -> Non
     for bad in (1.5, -0.1, float("nan"), True, "0.3"):
         with pytest.raises(ConfigError, match="cold_share must be a number in"):
             rec.recommend(u, k=10, cold_share=bad)  # type: ignore[arg-type]
+
+
+def test_sparse_catalogue_item_cold_hybrid_keeps_als_on_warm_and_beats_every_input() -> None:
+    """A sparse long-tail catalogue under the natural item-cold protocol (each user's latest 25 %
+    is the test, 20 % of songs lose their earlier plays). Song ages used to be taken at the
+    table's end while the reranker learned on each user's latest plays, which end long before
+    it: every song looked older when serving than in training and the hybrid flooded the top
+    with new songs (warm NDCG@10 0.084 against ALS's 0.122). Ages are now taken at each user's
+    latest interaction (measured: warm 0.206, all 0.189; a second world and split seed: 0.177,
+    0.165 against ALS 0.109, 0.083). Floors leave room for the seed spread."""
+    from apex_rank.offline_eval.datasets import EvalDataset
+    from apex_rank.offline_eval.protocols import RankingEvalConfig, evaluate_ranking
+    from apex_rank.synthetic import WorldConfig, make_world
+
+    w = make_world(WorldConfig(n_users=2000, n_songs=6000, interactions_per_user=20, temperature=0.3))
+    r = evaluate_ranking(EvalDataset("sparse", w.songs, w.embeddings, w.interactions),
+                         RankingEvalConfig(split="item-cold", seed=42, ks=(10,), models=("als", "content", "hybrid"),
+                                           n_permutations=200, n_bootstrap=100))
+    m = {name: {s: v["ndcg@10"] for s, v in res.items()} for name, res in r["models"].items()}
+    assert 0.15 < r["split"]["test_cold_share"] < 0.25  # the natural share, not the 81 % of old
+    assert m["hybrid"]["warm"] >= 1.2 * m["als"]["warm"]
+    assert m["hybrid"]["all"] >= 1.3 * max(m["als"]["all"], m["content"]["all"])
