@@ -937,10 +937,18 @@ class Recommender:
         return _attach_song_columns(frame, self.songs)
 
     # ------------------------------------------------------------------ catalogue changes
-    def add_songs(self, embeddings: pl.DataFrame, songs: pl.DataFrame | None = None) -> int:
+    def add_songs(self, embeddings: pl.DataFrame, songs: pl.DataFrame | None = None, *,
+                  priors: np.ndarray | None = None) -> int:
         """Add new (cold) songs: APEX priors, pseudo factors and index entries are computed now, so
         they are rankable at once. Ids already in the catalogue are a :class:`SchemaError`.
-        Returns the number of songs added."""
+        Returns the number of songs added.
+
+        ``priors`` ((n, 7) in ``APEX_TASKS`` order, rows in the order of ``embeddings``) are
+        priors the APEX predictor already computed for these songs (the online store keeps them
+        in the song record); given, the predictor is not run again. The columns of the tasks the
+        predictor was trained for must be finite and the others NaN, as its ``predict`` returns
+        them; anything else is a :class:`SchemaError`.
+        """
         ids, E_raw = embedding_matrix(embeddings, expected_width=self.songs.embeddings.shape[1])
         check_id_column(embeddings, "song_id", "embeddings")
         dup = [s for s in ids if s in self.songs._pos]
@@ -952,7 +960,7 @@ class Recommender:
             if "created_at" in songs.columns:
                 m = dict(zip(songs["song_id"].to_list(), _to_seconds(songs["created_at"])))
                 created = np.asarray([m.get(s, np.nan) for s in ids], dtype=np.float64)
-        priors = self.apex.predict(E_raw)
+        priors = self.apex.predict(E_raw) if priors is None else self._check_priors(priors, ids)
         E = l2_normalize(E_raw)
         f = self.songs.cf_factors.shape[1]
         pop = np.zeros(len(ids), dtype=np.float32)
@@ -976,6 +984,22 @@ class Recommender:
         self._make_sources()
         log.info("added %d songs (catalogue now %d)", len(ids), len(self.songs))
         return len(ids)
+
+    def _check_priors(self, priors: np.ndarray, ids: list[str]) -> np.ndarray:
+        """Given priors as ``predict`` would return them for ``ids``, as float32 (n, 7)."""
+        P = np.array(priors, dtype=np.float32)  # a copy: the caller's array is not kept
+        if P.shape != (len(ids), len(APEX_TASKS)):
+            raise SchemaError(f"priors must be ({len(ids)}, {len(APEX_TASKS)}) for {len(ids)} songs; "
+                              f"got shape {P.shape}")
+        trained = np.isin(APEX_TASKS, self.apex.tasks)
+        finite_where_trained = (np.isfinite(P) == trained[None, :]).all(axis=1)
+        bad = ~finite_where_trained | np.isinf(P).any(axis=1)  # an untrained column is NaN, not inf
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise SchemaError(f"priors of song {ids[i]!r} are {P[i].tolist()}: the tasks the APEX "
+                              f"predictor was trained for ({', '.join(self.apex.tasks)}) must be "
+                              f"finite and the others NaN ({int(bad.sum())} bad rows)")
+        return P
 
     # ------------------------------------------------------------------ evaluation helpers
     @property

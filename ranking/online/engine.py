@@ -65,7 +65,8 @@ class RankingEngine(Protocol):
     def has_song(self, song_id: str) -> bool: ...
 
     def add_song(self, song_id: str, embedding: np.ndarray, priors: np.ndarray) -> None:
-        """Make an ingested song rankable in this process."""
+        """Make an ingested song rankable in this process with the given (7,) APEX priors, the
+        ones stored in its song record; they are not predicted again."""
         ...
 
     def predict_priors(self, embeddings: np.ndarray) -> np.ndarray:

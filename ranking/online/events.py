@@ -12,7 +12,9 @@ older or foreign writer left unusable.
 
 ``ingest`` scores a new song with the APEX predictor, writes its record and embedding under
 the current version, makes it rankable in this process and announces it on the catalogue
-stream that every other ranker process follows.
+stream that every other ranker process follows. The priors are predicted once, here: this
+process and every other one (the catalogue follower, a version loading its ingested songs,
+the carry-over at publish, which copies the record) use the priors of the stored record.
 """
 
 from __future__ import annotations

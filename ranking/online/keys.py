@@ -22,8 +22,8 @@ key                                 type      holds
 ``apexrank:{NS}:v{V}:songs``        hash      song id -> song record (``SONG_RECORD`` below)
 ``apexrank:{NS}:v{V}:emb``          hash      song id -> content embedding, little-endian f32
                                               (published songs: the bundle's L2-normalised row;
-                                              ingested songs: as given, so followers recompute
-                                              the same APEX priors)
+                                              ingested songs: as given; loaders index it and take
+                                              the APEX priors from the record, never re-predict)
 ``apexrank:{NS}:v{V}:ingested``     set       song ids ingested into ``V`` after it was published
 ``apexrank:{NS}:v{V}:u:{USER}``     hash      user state: ``f`` CF factor (f32 bytes, absent for
                                               users without one), ``p`` content profile (f32

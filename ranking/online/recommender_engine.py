@@ -277,14 +277,14 @@ class RecommenderEngine:
         return bool(self.recommender.songs.index_of([song_id])[0] >= 0)
 
     def add_song(self, song_id: str, embedding: np.ndarray, priors: np.ndarray) -> None:
-        """Add a song by its (raw) embedding; the Recommender recomputes the same priors."""
+        """Add a song by its (raw) embedding with its stored APEX priors (not recomputed)."""
         frame = pl.DataFrame({"song_id": [song_id],
                               "embedding": [np.asarray(embedding, np.float32).tolist()]},
                              schema={"song_id": pl.String, "embedding": pl.List(pl.Float32)})
         self._lock.acquire_write()
         try:
             if not self.has_song(song_id):
-                self.recommender.add_songs(frame)
+                self.recommender.add_songs(frame, priors=np.asarray(priors, np.float32)[None, :])
         finally:
             self._lock.release_write()
 

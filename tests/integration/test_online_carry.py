@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,8 @@ def _unplayed(engine: RecommenderEngine, user: str, n: int) -> list[str]:
 
 
 def test_republish_keeps_events_and_ingested_songs(engine: RecommenderEngine, redis_url: str,
-                                                   redis_prefix: str) -> None:
+                                                   redis_prefix: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = OnlineConfig(namespace=redis_prefix)
     store = RedisStore(redis_url, redis_prefix)
     assert engine.data_until_s < 1e12 and publish(engine, store, config=cfg).version == 1
@@ -44,7 +46,7 @@ def test_republish_keeps_events_and_ingested_songs(engine: RecommenderEngine, re
     with OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=serving,
                               follow=False) as ranker:
         emb = np.asarray(engine.recommender.songs.embeddings[5], np.float32) + 0.01
-        ingest(ranker, "carried-song", embedding=emb)
+        ingested = ingest(ranker, "carried-song", embedding=emb)
     serving.close()
     record(store, u2, "carried-song", "like", config=cfg)
     record(store, "brand-new-user", played[0], "play", config=cfg)
@@ -59,11 +61,22 @@ def test_republish_keeps_events_and_ingested_songs(engine: RecommenderEngine, re
     assert store.read_user(2, u2)[1].history[-1] == "carried-song"
     assert store.read_user(2, "brand-new-user")[1].history == [played[0]]
     assert store.ingested_ids(2) == ["carried-song"] and store.read_songs(2, ["carried-song"])[0][1]
-    # a ranker starting on version 2 can rank the carried song
+    # a ranker starting on version 2 can rank the carried song, with the priors ingest stored
     fresh = RecommenderEngine.load(bundle_dir(7), max_batch=1)
+    predicted: list[int] = []
+    real = fresh.recommender.apex.predict
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        predicted.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fresh.recommender.apex, "predict", counting)
     with OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=fresh,
                               follow=False) as r2:
         assert r2.version == 2 and r2.engine.has_song("carried-song")
+    t = fresh.recommender.songs
+    np.testing.assert_array_equal(t.priors[t.index_of(["carried-song"])[0]], ingested.priors)
+    assert predicted == []  # read back from the carried record, not predicted again
     fresh.close()
 
     plain = publish(engine, store, config=cfg, carry=False)  # opt out: the bundle's state only

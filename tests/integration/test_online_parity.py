@@ -4,6 +4,7 @@ events and ingested songs change the next ranking, across ranker processes' foll
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -98,6 +99,47 @@ def test_played_song_and_ingested_song_change_next_ranking_in_other_process(
         got_a = [i.song_id for i in a.rank("fresh-listener", k=50).items]
         got_b = [i.song_id for i in b.rank("fresh-listener", k=50).items]
         assert got_a == got_b and "brand-new-song" in got_a and seed_song not in got_a
+    finally:
+        a.close()
+        b.close()
+
+
+def test_ingested_priors_are_predicted_once_and_read_back_by_followers(
+        bundle: str, published: RecommenderEngine, redis_url: str, redis_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (issue 14, point 4): ingest ran APEX twice and every follower ran it again;
+    the priors stored in the song record were never read back."""
+    follower = RecommenderEngine.load(bundle)
+    calls: list[str] = []
+    for name, eng in (("ingesting", published), ("follower", follower)):
+        real = eng.recommender.apex.predict
+
+        def counting(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(eng.recommender.apex, "predict", counting)
+    cfg = OnlineConfig(namespace=redis_prefix, follow_interval_s=0.2)
+    a = OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=published)
+    b = OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=follower)
+    try:
+        songs = published.recommender.songs
+        raw = np.asarray(songs.embeddings[5], np.float32) * 3.0
+        res = ingest(a, "priors-once", embedding=raw)
+        deadline = time.monotonic() + 2.0
+        while not b.engine.has_song("priors-once") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b.engine.has_song("priors-once")
+        assert calls == ["ingesting"]  # once, in the ingesting process
+        rec_a, rec_b = published.recommender.songs, follower.recommender.songs
+        pa = rec_a.priors[rec_a.index_of(["priors-once"])[0]]
+        pb = rec_b.priors[rec_b.index_of(["priors-once"])[0]]
+        np.testing.assert_array_equal(pa, res.priors)
+        np.testing.assert_array_equal(pb, res.priors)
+        record(a.store, "priors-listener", songs.song_ids[5], "like", config=cfg)
+        got_a = [(i.song_id, i.score) for i in a.rank("priors-listener", k=50).items]
+        got_b = [(i.song_id, i.score) for i in b.rank("priors-listener", k=50).items]
+        assert "priors-once" in dict(got_a) and got_a == got_b
     finally:
         a.close()
         b.close()

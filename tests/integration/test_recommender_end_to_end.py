@@ -318,6 +318,29 @@ def test_add_songs_rankable_immediately(tmp_path: Path) -> None:
     assert back.recommend(u, k=len(rec.songs)).equals(out)
 
 
+def test_add_songs_with_given_priors_skips_the_predictor(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = load_recommender(recommender().save(tmp_path / "b"), device="cpu")
+    E = np.asarray(world().embeddings["embedding"].to_list()[:2], dtype=np.float32) + 0.01
+    P = rec.apex.predict(E)
+    real, calls = rec.apex.predict, []
+
+    def counting(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec.apex, "predict", counting)
+    frame = embeddings_frame(["new-a", "new-b"], E, encoder="synthetic")
+    for bad, match in [(P[:1], r"priors must be \(2, 7\) for 2 songs; got shape \(1, 7\)"),
+                       (np.where(np.arange(7) == 0, np.inf, P), r"priors of song 'new-a' are \[inf"),
+                       (np.full_like(P, np.nan), r"priors of song 'new-a' .* must be finite")]:
+        with pytest.raises(SchemaError, match=match):
+            rec.add_songs(frame, priors=bad)
+    assert not rec.songs.index_of(["new-a"])[0] >= 0  # a refused call adds nothing
+    assert rec.add_songs(frame, priors=P) == 2 and calls == []
+    np.testing.assert_array_equal(rec.songs.priors[rec.songs.index_of(["new-a", "new-b"])], P)
+
+
 def test_user_with_every_song_consumed() -> None:
     w = world()
     songs = w.songs.head(60)
