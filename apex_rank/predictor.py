@@ -79,6 +79,14 @@ class ApexPredictor:
     def input_dim(self) -> int:
         return self.head.input_dim
 
+    def bad_prior_rows(self, priors: np.ndarray) -> np.ndarray:
+        """(n,) bool: the rows of (n, 7) priors that are not what :meth:`predict` returns for a
+        sound input: a trained task's value not finite, an untrained task's value not NaN (a head
+        trained without aesthetic labels predicts NaN for those tasks; that is not a fault)."""
+        P = np.asarray(priors, dtype=np.float64)
+        trained = np.isin(APEX_TASKS, self.tasks)
+        return ~(np.isfinite(P) == trained[None, :]).all(axis=1) | np.isinf(P).any(axis=1)
+
     def predict(self, embeddings: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
         """(n, d) embeddings → (n, 7) float32 in ``APEX_TASKS`` order.
 

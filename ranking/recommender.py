@@ -991,9 +991,7 @@ class Recommender:
         if P.shape != (len(ids), len(APEX_TASKS)):
             raise SchemaError(f"priors must be ({len(ids)}, {len(APEX_TASKS)}) for {len(ids)} songs; "
                               f"got shape {P.shape}")
-        trained = np.isin(APEX_TASKS, self.apex.tasks)
-        finite_where_trained = (np.isfinite(P) == trained[None, :]).all(axis=1)
-        bad = ~finite_where_trained | np.isinf(P).any(axis=1)  # an untrained column is NaN, not inf
+        bad = self.apex.bad_prior_rows(P)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise SchemaError(f"priors of song {ids[i]!r} are {P[i].tolist()}: the tasks the APEX "

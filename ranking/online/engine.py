@@ -70,7 +70,8 @@ class RankingEngine(Protocol):
         ...
 
     def predict_priors(self, embeddings: np.ndarray) -> np.ndarray:
-        """(n, d) embeddings -> (n, 7) APEX priors."""
+        """(n, d) embeddings -> (n, 7) APEX priors, NaN for the tasks the predictor was not
+        trained on; priors that are not finite where it was trained are a SchemaError."""
         ...
 
     def song_block(self) -> SongBlock: ...

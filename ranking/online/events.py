@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from apex_rank.errors import StoreError, UnknownIdError
+from apex_rank.errors import SchemaError, StoreError, UnknownIdError
 from apex_rank.schemas import MAX_WEIGHT, time_unit
 
 from .config import OnlineConfig
@@ -385,10 +385,10 @@ def ingest(ranker: OnlineRanker, song_id: str, *, embedding: np.ndarray | None =
         raise StoreError("the ranker serves no published version (store unreachable at start)")
     if engine.has_song(song_id):
         raise RequestError(f"song_id {song_id!r} already exists in version {ranker.version}")
-    priors = engine.predict_priors(emb[None, :])[0].astype(np.float32)
-    if not np.all(np.isfinite(priors)):
-        raise RequestError(f"embedding of song {song_id!r}: the APEX priors predicted from it are "
-                           f"not finite ({priors.tolist()}); the song is not added")
+    try:
+        priors = engine.predict_priors(emb[None, :])[0].astype(np.float32)
+    except SchemaError as err:
+        raise RequestError(f"embedding of song {song_id!r}: {err}; the song is not added") from err
     rec = encode_song_record(priors, popularity, 0.0, True)
     ttl = ranker.config.version_ttl_s
     for _ in range(5):

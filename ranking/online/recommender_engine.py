@@ -38,6 +38,7 @@ from typing import Any, cast
 import numpy as np
 import polars as pl
 
+from apex_rank.errors import SchemaError
 from apex_rank.ranking.candidates import CandidateSource, FactorIndexConfig, FactorIndexSource, FactorSource
 from apex_rank.ranking.recommender import Recommender, cold_shortfall, load_recommender
 from apex_rank.ranking.state import UserState
@@ -289,8 +290,14 @@ class RecommenderEngine:
             self._lock.release_write()
 
     def predict_priors(self, embeddings: np.ndarray) -> np.ndarray:
-        return np.asarray(self.recommender.apex.predict(np.asarray(embeddings, np.float32)),
-                          dtype=np.float32)
+        apex = self.recommender.apex
+        P = np.asarray(apex.predict(np.asarray(embeddings, np.float32)), dtype=np.float32)
+        bad = apex.bad_prior_rows(P)
+        if bad.any():
+            raise SchemaError(f"the APEX priors predicted from embedding row {int(np.flatnonzero(bad)[0])} are "
+                              f"{P[bad][0].tolist()}: not finite where the predictor was trained "
+                              f"({', '.join(apex.tasks)})")
+        return P
 
     def song_block(self) -> SongBlock:
         t = self.recommender.songs

@@ -183,3 +183,30 @@ def test_engine_answers_als_from_the_ivf_index_above_min_songs(bundle: str) -> N
                     np.zeros(7, np.float32))
     for u in users[:10]:
         assert ranked(engine, u, 50) == rec.recommend(u, k=50)["song_id"].to_list(), u
+
+
+def test_regression_ingest_works_with_a_predictor_trained_without_aesthetic_labels(
+        tmp_path: Any, redis_url: str, redis_prefix: str) -> None:
+    """A bundle built from a songs table without aesthetic labels has an APEX head trained on
+    streams and likes only, whose priors are NaN for the five other tasks: ingest refused every
+    new song of such a bundle ('priors ... not finite'). Untrained tasks are NaN as predict
+    returns them (``ApexPredictor.bad_prior_rows`` holds the rule)."""
+    import polars as pl
+
+    from apex_rank.ranking.recommender import Recommender
+    from apex_rank.synthetic import WorldConfig, make_world
+
+    w = make_world(WorldConfig(n_users=120, n_songs=400, seed=3))
+    rec = Recommender.build(w.songs.select("song_id", "created_at"), w.embeddings,
+                            w.interactions.filter(pl.col("ts") < w.cutoff))
+    assert rec.apex.tasks == ("score_streams", "score_likes")
+    engine = RecommenderEngine.load(rec.save(tmp_path / "b"), max_batch=1)
+    cfg = OnlineConfig(namespace=redis_prefix)
+    store = RedisStore(redis_url, redis_prefix)
+    publish(engine, store, config=cfg)
+    with OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=engine, follow=False) as r:
+        res = ingest(r, "new-song", embedding=np.asarray(rec.songs.embeddings[3], np.float32))
+        assert np.isfinite(res.priors[:2]).all() and np.isnan(res.priors[2:]).all()
+        assert engine.has_song("new-song") and "new-song" in [i.song_id for i in r.rank(rec.user_ids[0], k=400).items]
+    store.close()
+    engine.close()
