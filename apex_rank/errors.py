@@ -53,3 +53,16 @@ class MissingDependencyError(ApexRankError, ImportError):
 
 class StoreError(ApexRankError, RuntimeError):
     """The online store (Redis) failed or holds inconsistent data."""
+
+
+class VersionMovedError(StoreError):
+    """A write aimed at the current version found the pointer moved (a publish committed in
+    between); the caller re-reads the pointer and writes to the new version."""
+
+
+class ContentionError(StoreError):
+    """An optimistic transaction lost every retry to concurrent writers; nothing was written."""
+
+
+class RequestError(ApexRankError, ValueError):
+    """A caller passed an invalid argument to the online layer (malformed id, bad ``k``...)."""

@@ -11,9 +11,11 @@ behind it), :mod:`.publisher` (stage a version, move ``current`` atomically),
 
 from __future__ import annotations
 
+from apex_rank.errors import RequestError
+
 from .config import OnlineConfig
 from .events import EVENT_WEIGHTS, Interaction, export_events, ingest, record, record_many
-from .keys import Keys, RequestError
+from .keys import Keys
 from .publisher import PublishResult, publish
 from .ranker import OnlineRanker, RankedItem, Ranking
 from .store import InProcessStore, OnlineStore, RedisStore, UserRecord, open_store

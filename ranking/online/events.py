@@ -31,13 +31,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from apex_rank.errors import SchemaError, StoreError, UnknownIdError
+from apex_rank.errors import RequestError, SchemaError, StoreError, UnknownIdError, VersionMovedError
 from apex_rank.schemas import MAX_WEIGHT, time_unit
 
 from .config import OnlineConfig
-from .keys import RequestError, check_id, decode_vector, encode_song_record
+from .keys import check_id, decode_vector, encode_song_record
 from .ranker import OnlineRanker
-from .store import Event, OnlineStore, UserRecord, VersionMovedError, stream_key
+from .store import Event, OnlineStore, UserRecord, stream_key
 
 log = logging.getLogger(__name__)
 

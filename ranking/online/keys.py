@@ -48,16 +48,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from apex_rank.errors import ApexRankError, StoreError
+from apex_rank.errors import RequestError, StoreError
 from apex_rank.schemas import ID_PATTERN, ID_RULE  # one id rule for tables and the online API
 
 KEY_SCHEMA = 1
 SONG_RECORD_WIDTH = 10  # 7 priors, popularity, age_days, is_cold
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-
-
-class RequestError(ApexRankError, ValueError):
-    """A caller passed an invalid argument to the online layer (malformed id, bad ``k``...)."""
 
 
 def check_id(value: object, what: str) -> str:

@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from apex_rank.errors import StoreError
+from apex_rank.errors import ContentionError, StoreError, VersionMovedError
 
 from .config import OnlineConfig
 from .engine import RankingEngine
 from .keys import KEY_SCHEMA, decode_vector, encode_song_record
-from .store import ContentionError, Event, OnlineStore, UserRecord, VersionMovedError, stream_key
+from .store import Event, OnlineStore, UserRecord, stream_key
 
 log = logging.getLogger(__name__)
 

@@ -48,14 +48,14 @@ from typing import Any
 
 import numpy as np
 
-from apex_rank.errors import ConfigError, StoreError
+from apex_rank.errors import ConfigError, RequestError, StoreError
 from apex_rank.ranking.candidates import FactorIndexConfig
 from apex_rank.ranking.reranker import check_cold_share
 
 from .bundles import BundleMismatchError, locate_bundle
 from .config import OnlineConfig
 from .engine import RankingEngine
-from .keys import RequestError, check_id, decode_song_record, decode_vector
+from .keys import check_id, decode_song_record, decode_vector
 from .store import OnlineStore, RedisStore
 
 log = logging.getLogger(__name__)

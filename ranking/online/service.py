@@ -44,12 +44,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from apex_rank.errors import ApexRankError, StoreError, UnknownIdError
+from apex_rank.errors import ApexRankError, RequestError, StoreError, UnknownIdError
 
 from .access import AccessGuard, AccessPolicy, KeyRing, load_key_ring
 from .config import OnlineConfig
 from .events import Interaction, check_embedding, check_popularity, ingest, record_many
-from .keys import ID_PATTERN, RequestError
+from .keys import ID_PATTERN
 from .ranker import OnlineRanker
 from .store import RedisStore
 

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from apex_rank.errors import MissingDependencyError, StoreError
+from apex_rank.errors import ContentionError, MissingDependencyError, StoreError, VersionMovedError
 
 from .keys import Keys, decode_history, decode_vector, encode_history, encode_vector
 
@@ -88,15 +88,6 @@ _SCRIPTS = (_READ_USERS_LUA, _WRITE_BATCH_LUA)
 # run by EVALSHA (loaded on NOSCRIPT): redis-py's Script in a pipeline costs a SCRIPT EXISTS
 # round trip per call
 _READ_USERS_SHA, _WRITE_BATCH_SHA = (hashlib.sha1(s.encode()).hexdigest() for s in _SCRIPTS)
-
-
-class ContentionError(StoreError):
-    """An optimistic transaction lost every retry to concurrent writers; nothing was written."""
-
-
-class VersionMovedError(StoreError):
-    """A write aimed at the current version found the pointer moved (a publish committed in
-    between); the caller re-reads the pointer and writes to the new version."""
 
 
 class CommitResult(NamedTuple):

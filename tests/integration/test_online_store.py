@@ -167,7 +167,7 @@ def test_last_seen_is_the_latest_event_time_whatever_the_arrival_order() -> None
 def test_writes_to_a_replaced_version_are_refused(store: OnlineStore) -> None:
     """record_event / add_song / update_users(require_current) write only while their version is
     current: a publish that moved the pointer in between sends the caller to the new version."""
-    from apex_rank.ranking.online.store import VersionMovedError
+    from apex_rank.errors import VersionMovedError
 
     old = _publish_empty(store)
     new = _publish_empty(store)

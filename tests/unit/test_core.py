@@ -15,7 +15,8 @@ import torch
 from apex_rank import ConfigError, DeviceError, SchemaError
 from apex_rank.config import from_dict, load_config, to_dict
 from apex_rank.device import resolve_device
-from apex_rank.ranking.online.keys import RequestError, check_id
+from apex_rank.errors import RequestError
+from apex_rank.ranking.online.keys import check_id
 from apex_rank.schemas import embedding_matrix, embeddings_frame, validate_interactions, validate_songs
 from apex_rank.threads import blas_single_threaded, configure_threads, thread_count
 from apex_rank.training import TrainConfig
