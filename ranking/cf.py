@@ -5,7 +5,9 @@ sorted id maps; implicit fits user factors U (n_users, f) and item factors V (n_
 inside :func:`~apex_rank.threads.blas_single_threaded` (implicit runs its own OpenMP loop and
 asks for single-threaded BLAS). Users unseen at fit time get a factor from their history by the
 ALS user step (one regularised least-squares solve against the fixed V), which is what
-implicit's ``recalculate_user`` computes; the same solve serves BPR as an approximation.
+implicit's ``recalculate_user`` computes; the same solve serves BPR as an approximation. The
+item step (:func:`solve_item_factor`, a song's factor from its listeners against the fixed U)
+is the same solve with the roles swapped; online warm-up runs both between retrains.
 
 Scores are inner products u·v. Songs without interactions are not in the model (cold): their
 scores are NaN and they are never recommended by it.
@@ -115,6 +117,33 @@ def interactions_to_csr(
     return M, users, songs
 
 
+def _als_half_step(
+    fixed: np.ndarray,
+    idx: np.ndarray,
+    weights: np.ndarray,
+    *,
+    alpha: float,
+    regularization: float,
+    gram: np.ndarray | None,
+) -> np.ndarray:
+    """One side of an ALS sweep for one row: argmin_x Σ_j c_j (p_j − x·y_j)² + λ‖x‖² over every
+    row y_j of ``fixed`` (p_j = 1, c_j = alpha·w_j for the rows in ``idx``; p_j = 0, c_j = 1 for
+    the others), as implicit's CPU solver computes it: (YᵀY + λI + Y_hᵀ (C_h − I) Y_h) x = Y_hᵀ C_h 1.
+
+    ``gram`` is YᵀY (computed when None). Returns a float32 (f,) vector; empty ``idx``: zeros.
+    """
+    Y = fixed.astype(np.float64, copy=False)
+    f = Y.shape[1]
+    if len(idx) == 0:
+        return np.zeros(f, dtype=np.float32)
+    G = Y.T @ Y if gram is None else gram
+    Yh = Y[idx]
+    c = alpha * np.asarray(weights, dtype=np.float64)
+    A = G + regularization * np.eye(f) + (Yh * (c - 1.0)[:, None]).T @ Yh
+    b = (Yh * c[:, None]).sum(axis=0)
+    return np.linalg.solve(A, b).astype(np.float32)
+
+
 def solve_user_factor(
     item_factors: np.ndarray,
     item_idx: np.ndarray,
@@ -126,18 +155,32 @@ def solve_user_factor(
 ) -> np.ndarray:
     """The ALS user step: argmin_u Σ_i c_i (p_i − u·v_i)² + λ‖u‖² with c = alpha·w on the history.
 
+    ``item_factors`` (n_items, f), ``item_idx`` the history's rows in it (each once),
+    ``weights`` their summed weights, ``gram`` VᵀV when the caller keeps it. Offline fold-in
+    (:meth:`CFModel.factor_from_history`) and the online warm-up of a new user both call it.
     Returns a float32 (f,) vector; an empty history gives zeros.
     """
-    V = item_factors.astype(np.float64, copy=False)
-    f = V.shape[1]
-    if len(item_idx) == 0:
-        return np.zeros(f, dtype=np.float32)
-    G = V.T @ V if gram is None else gram
-    Vh = V[item_idx]
-    c = alpha * np.asarray(weights, dtype=np.float64)
-    A = G + regularization * np.eye(f) + (Vh * (c - 1.0)[:, None]).T @ Vh
-    b = (Vh * c[:, None]).sum(axis=0)
-    return np.linalg.solve(A, b).astype(np.float32)
+    return _als_half_step(item_factors, item_idx, weights, alpha=alpha, regularization=regularization, gram=gram)
+
+
+def solve_item_factor(
+    user_factors: np.ndarray,
+    user_idx: np.ndarray,
+    weights: np.ndarray,
+    *,
+    alpha: float,
+    regularization: float,
+    gram: np.ndarray | None = None,
+) -> np.ndarray:
+    """The ALS item step, the mirror of :func:`solve_user_factor`: a song's factor from its
+    listeners, argmin_v Σ_u c_u (p_u − u·v)² + λ‖v‖² with c = alpha·w on the listeners.
+
+    ``user_factors`` (n_users, f) the users the step runs over, ``user_idx`` the song's
+    listeners among them (each once), ``weights`` their summed weights, ``gram`` UᵀU over all
+    of ``user_factors`` (or a caller's larger user set; see :mod:`~.online.warmup`). The online
+    warm-up of a new song calls it. Returns a float32 (f,) vector; no listeners gives zeros.
+    """
+    return _als_half_step(user_factors, user_idx, weights, alpha=alpha, regularization=regularization, gram=gram)
 
 
 class CFModel:
@@ -195,6 +238,12 @@ class CFModel:
         self._spos = {s: i for i, s in enumerate(self.song_ids)}
         self._gram = self.item_factors.astype(np.float64).T @ self.item_factors.astype(np.float64)
 
+    @property
+    def step_alpha(self) -> float:
+        """The confidence scale of the ALS steps run on this model's factors (fold-in, warm-up):
+        ``config.alpha`` for ALS, 1 for BPR (whose factors the steps only approximate)."""
+        return self.config.alpha if self.config.model == "als" else 1.0
+
     # ------------------------------------------------------------------ lookups
     def has_user(self, user_id: str) -> bool:
         return user_id in self._upos
@@ -226,7 +275,7 @@ class CFModel:
             self.item_factors,
             uniq,
             wsum,
-            alpha=self.config.alpha if self.config.model == "als" else 1.0,
+            alpha=self.step_alpha,
             regularization=self.config.regularization,
             gram=self._gram,
         )

@@ -228,6 +228,19 @@ class TestALS(CFContract):
         fitted = model.user_factor("u04")
         assert float(u @ fitted / np.linalg.norm(u) / np.linalg.norm(fitted)) > 0.99
 
+    def test_item_step_matches_fitted_factor(self, model: CFModel) -> None:
+        """solve_item_factor, the mirror of the user step, over a song's listeners with the
+        fitted user factors gives (nearly) the song's fitted factor, as the user step does."""
+        from apex_rank.ranking.cf import solve_item_factor
+
+        col = model.user_items.tocsc()[:, 3]
+        v = solve_item_factor(model.user_factors, col.indices, col.data, alpha=model.step_alpha,
+                              regularization=model.config.regularization)
+        fitted = model.item_factors[3]
+        assert v.dtype == np.float32 and float(v @ fitted / np.linalg.norm(v) / np.linalg.norm(fitted)) > 0.99
+        assert not solve_item_factor(model.user_factors, np.zeros(0, np.int64), np.zeros(0),
+                                     alpha=1.0, regularization=0.1).any()
+
 
 class TestBPR(CFContract):
     config = CFConfig(model="bpr", factors=8, iterations=20, learning_rate=0.05)
