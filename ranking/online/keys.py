@@ -13,6 +13,9 @@ key                                 type      holds
                                               versions; never expires, trimmed by length)
 ``apexrank:{NS}:catalogue``         stream    announcements of ingested songs: ``s`` song, ``v``
                                               version (other ranker processes follow it)
+``apexrank:{NS}:warmlog``           stream    announcements of warmed factors: ``v`` version, ``s``
+                                              the song ids written (comma-separated; ids hold no
+                                              comma); ranker processes follow it like the catalogue
 ``apexrank:{NS}:metrics``           hash      ``serve`` worker (``hostname-pid``) -> JSON snapshot
                                               of its request metrics and the Redis time it was
                                               written (every ``metrics_flush_s``; a snapshot older
@@ -25,8 +28,14 @@ key                                 type      holds
                                               ingested songs: as given; loaders index it and take
                                               the APEX priors from the record, never re-predict)
 ``apexrank:{NS}:v{V}:ingested``     set       song ids ingested into ``V`` after it was published
+``apexrank:{NS}:v{V}:warm``         hash      song id -> warm record (below): the CF factor
+                                              the warm-up consumer solved from the song's
+                                              listeners since the bundle's cutoff (songs cold in
+                                              the bundle only); carried over at publish
 ``apexrank:{NS}:v{V}:u:{USER}``     hash      user state: ``f`` CF factor (f32 bytes, absent for
-                                              users without one), ``p`` content profile (f32
+                                              users without one; for users the bundle has no
+                                              factor for, written by the warm-up consumer from
+                                              their history), ``p`` content profile (f32
                                               bytes), ``h`` recent history (JSON list of song ids,
                                               oldest first, bounded), ``n`` activity (JSON number),
                                               ``t`` time of the latest interaction (JSON number of
@@ -37,6 +46,8 @@ Every ``v{V}`` key carries a TTL: ``staging_ttl_s`` while a publish is running (
 publish leaves nothing behind for long), ``version_ttl_s`` once committed, and ``grace_s``
 after a newer version replaced it. The song record is 10 little-endian float32 values:
 the 7 APEX priors in ``APEX_TASKS`` order, popularity, age in days, is_cold (0 or 1).
+The warm record is ``1 + f`` little-endian float32 values: the song's play count since the
+bundle's cutoff (its popularity once warm), then its (f,) CF factor.
 No pickle anywhere: vectors are raw float32 bytes, lists and manifests are JSON.
 """
 
@@ -107,6 +118,10 @@ class Keys:
         return f"{self.root}:catalogue"
 
     @property
+    def warm_log(self) -> str:
+        return f"{self.root}:warmlog"
+
+    @property
     def metrics(self) -> str:
         return f"{self.root}:metrics"
 
@@ -124,6 +139,9 @@ class Keys:
 
     def ingested(self, version: int) -> str:
         return f"{self.version_prefix(version)}ingested"
+
+    def warm(self, version: int) -> str:
+        return f"{self.version_prefix(version)}warm"
 
     def user(self, version: int, user_id: str) -> str:
         return f"{self.version_prefix(version)}u:{user_id}"
@@ -160,6 +178,19 @@ def decode_song_record(raw: bytes, where: str) -> dict[str, object]:
         "age_days": float(vec[8]),
         "is_cold": bool(vec[9] > 0.5),
     }
+
+
+def encode_warm_song(factor: np.ndarray, plays: float) -> bytes:
+    """Pack one warm record (see the module doc): plays, then the (f,) factor."""
+    return encode_vector(np.concatenate([[plays], np.asarray(factor, dtype=np.float64)]))
+
+
+def decode_warm_song(raw: bytes, where: str) -> tuple[np.ndarray, float]:
+    """Unpack a warm record into ``((f,) float32 factor, plays)``."""
+    vec = decode_vector(raw, where)
+    if vec.shape[0] < 2:
+        raise StoreError(f"{where}: warm record has {vec.shape[0]} values, expected 1 + factor width")
+    return vec[1:].copy(), float(vec[0])
 
 
 def encode_history(history: list[str]) -> bytes:

@@ -23,7 +23,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -100,6 +100,11 @@ class CommitResult(NamedTuple):
     catalogue_mark: str
 
 
+def stream_id_before(ms: int) -> str:
+    """The stream id just before millisecond ``ms`` (an exclusive start that includes ``ms``)."""
+    return "0-0" if ms <= 0 else f"{ms - 1}-18446744073709551615"
+
+
 def stream_key(eid: str) -> tuple[int, int]:
     """A stream id ``"ms-seq"`` as a comparable pair."""
     ms, _, seq = eid.partition("-")
@@ -161,6 +166,17 @@ def _user_from_fields(raw: dict[Any, Any], where: str) -> UserRecord | None:
         activity=activity,
         last_seen_s=last_seen,
     )
+
+
+def _with_factor(factors: Mapping[str, np.ndarray]) -> Callable[[str, UserRecord | None], UserRecord]:
+    """The pure user update of :meth:`OnlineStore.write_warm`: the state with its CF factor set."""
+
+    def update(uid: str, old: UserRecord | None) -> UserRecord:
+        rec = old or UserRecord()
+        return UserRecord(np.asarray(factors[uid], dtype=np.float32), rec.profile, list(rec.history),
+                          rec.activity, rec.last_seen_s)
+
+    return update
 
 
 class OnlineStore:
@@ -281,6 +297,40 @@ class OnlineStore:
         raise NotImplementedError
 
     def ingested_ids(self, version: int) -> list[str]:
+        raise NotImplementedError
+
+    def read_new_events(self, after_id: str, *, block_ms: int = 0,
+                        count: int = 1000) -> tuple[list[Event], str]:
+        """Up to ``count`` events after stream id ``after_id``, waiting up to ``block_ms`` for one
+        when there are none (0: do not wait), and the last stream id read (rows that are not
+        events are skipped, as in :meth:`read_events`, but read past). The warm-up consumer
+        follows the event stream with it."""
+        raise NotImplementedError
+
+    def last_event_id(self) -> str:
+        """The id of the latest event on the stream (``"0-0"``: none)."""
+        raise NotImplementedError
+
+    def write_warm(self, version: int, songs: Sequence[tuple[str, bytes]],
+                   users: Mapping[str, np.ndarray], ttl_s: int, *, require_current: bool) -> None:
+        """Store what the warm-up consumer solved, as one transaction: warm records (see
+        :mod:`.keys`) of ``songs`` in ``v{V}:warm``, the CF factor (field ``f``) of each user in
+        ``users`` (the rest of their state is kept; a user without a state gets one holding
+        only the factor), and one announcement of the songs on the warm log. With
+        ``require_current``, only while ``version`` is current (else
+        :class:`VersionMovedError`, nothing written)."""
+        raise NotImplementedError
+
+    def read_warm(self, version: int, ids: Sequence[str] | None = None) -> dict[str, bytes]:
+        """Warm records of ``version`` by song id: those of ``ids`` that exist, or all (None)."""
+        raise NotImplementedError
+
+    def read_warm_log(self, after_id: str) -> list[tuple[str, list[str], int]]:
+        """Warm-log announcements after ``after_id``: (stream id, song ids, version)."""
+        raise NotImplementedError
+
+    def last_warm_id(self) -> str:
+        """The id of the latest warm-log announcement (``"0-0"``: none)."""
         raise NotImplementedError
 
     def read_catalogue(self, after_id: str, block_ms: int = 0) -> list[tuple[str, str, int]]:
@@ -574,10 +624,12 @@ class RedisStore(OnlineStore):
     def _write_batch(self, version: int, user_ids: Sequence[str],
                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int,
                      events: Sequence[dict[str, str]], maxlen: int, require_current: bool,
-                     what: str) -> tuple[list[str], dict[str, UserRecord]]:
+                     what: str, also: Callable[[Any], None] | None = None
+                     ) -> tuple[list[str], dict[str, UserRecord]]:
         """Replace users by ``update`` and append ``events`` in one optimistic transaction of
         three round trips and two commands besides the WATCH (the scripts above), whatever the
-        batch size: per-command overhead, not the network, bounds a batch's cost here."""
+        batch size: per-command overhead, not the network, bounds a batch's cost here.
+        ``also(pipe)`` queues more writes into the same MULTI (before the script)."""
         users = list(dict.fromkeys(user_ids))
         keys = [self.keys.user(version, u) for u in users]
         new: dict[str, UserRecord] = {}
@@ -587,6 +639,8 @@ class RedisStore(OnlineStore):
 
         def write(pipe: Any, results: list[Any]) -> None:
             new.clear()  # a retried transaction starts over
+            if also is not None:
+                also(pipe)
             args: list[Any] = [ttl_s, maxlen, len(events)]
             for e in events:
                 args.append(len(e))
@@ -704,6 +758,73 @@ class RedisStore(OnlineStore):
         except redis.RedisError as err:
             raise self._fail(f"SMEMBERS {self.keys.ingested(version)}", err) from err
 
+    def read_new_events(self, after_id: str, *, block_ms: int = 0,
+                        count: int = 1000) -> tuple[list[Event], str]:
+        import redis
+
+        try:
+            res = self.client.xread({self.keys.events: after_id}, count=count, block=block_ms or None)
+        except redis.RedisError as err:
+            raise self._fail(f"XREAD {self.keys.events}", err) from err
+        rows = [row for _, page in res or [] for row in page]
+        return _parse_events(rows, None), (_text(rows[-1][0]) if rows else after_id)
+
+    def write_warm(self, version: int, songs: Sequence[tuple[str, bytes]],
+                   users: Mapping[str, np.ndarray], ttl_s: int, *, require_current: bool) -> None:
+        if not songs and not users:
+            return
+        key = self.keys.warm(version)
+
+        def also(pipe: Any) -> None:
+            if songs:
+                pipe.hset(key, mapping=dict(songs))
+                pipe.expire(key, ttl_s)
+                pipe.xadd(self.keys.warm_log, {"v": str(version), "s": ",".join(s for s, _ in songs)},
+                          maxlen=100000, approximate=True)
+
+        self._write_batch(version, list(users), _with_factor(users), ttl_s, [], 0, require_current,
+                          f"writing {len(songs)} warmed song(s) and {len(users)} user factor(s)",
+                          also=also)
+
+    def read_warm(self, version: int, ids: Sequence[str] | None = None) -> dict[str, bytes]:
+        import redis
+
+        key = self.keys.warm(version)
+        try:
+            if ids is None:
+                return {_text(k): v for k, v in self.client.hgetall(key).items()}
+            if not ids:
+                return {}
+            return {s: v for s, v in zip(ids, self.client.hmget(key, list(ids)), strict=True)
+                    if v is not None}
+        except redis.RedisError as err:
+            raise self._fail(f"reading {key}", err) from err
+
+    def read_warm_log(self, after_id: str) -> list[tuple[str, list[str], int]]:
+        import redis
+
+        try:
+            res = self.client.xread({self.keys.warm_log: after_id}, count=1000)
+        except redis.RedisError as err:
+            raise self._fail(f"XREAD {self.keys.warm_log}", err) from err
+        return [(_text(eid), _text(f[b"s"]).split(","), int(f[b"v"]))
+                for _, rows in res or [] for eid, f in rows]
+
+    def last_warm_id(self) -> str:
+        return self._last_id(self.keys.warm_log)
+
+    def last_event_id(self) -> str:
+        return self._last_id(self.keys.events)
+
+    def _last_id(self, key: str) -> str:
+        import redis
+
+        try:
+            rows = self.client.xrevrange(key, count=1)
+        except redis.RedisError as err:
+            raise self._fail(f"XREVRANGE {key}", err) from err
+        return _text(rows[0][0]) if rows else "0-0"
+
     def read_catalogue(self, after_id: str, block_ms: int = 0) -> list[tuple[str, str, int]]:
         import redis
 
@@ -753,6 +874,8 @@ class InProcessStore(OnlineStore):
         self._users: dict[int, dict[str, UserRecord]] = {}
         self._events: list[tuple[str, dict[str, str]]] = []
         self._catalogue: list[tuple[str, str, int]] = []
+        self._warm: dict[int, dict[str, bytes]] = {}
+        self._warm_log: list[tuple[str, list[str], int]] = []
         self._last_ms, self._last_seq = 0, 0
         self._cv = threading.Condition(self._lock)
 
@@ -840,6 +963,7 @@ class InProcessStore(OnlineStore):
                 ids.append(self._stream_id())
                 self._events.append((ids[-1], dict(e)))
             del self._events[: max(0, len(self._events) - maxlen)]
+            self._cv.notify_all()
             return ids, new
 
     def update_users(self, version: int, user_ids: Sequence[str],
@@ -881,6 +1005,48 @@ class InProcessStore(OnlineStore):
 
     def ingested_ids(self, version: int) -> list[str]:
         return sorted(self._ingested.get(version, set()))
+
+    def read_new_events(self, after_id: str, *, block_ms: int = 0,
+                        count: int = 1000) -> tuple[list[Event], str]:
+        after = stream_key(after_id)
+        with self._cv:
+            rows = [r for r in self._events if stream_key(r[0]) > after][:count]
+            if not rows and block_ms:
+                self._cv.wait(block_ms / 1000)
+                rows = [r for r in self._events if stream_key(r[0]) > after][:count]
+        return _parse_events(rows, None), (rows[-1][0] if rows else after_id)
+
+    def write_warm(self, version: int, songs: Sequence[tuple[str, bytes]],
+                   users: Mapping[str, np.ndarray], ttl_s: int, *, require_current: bool) -> None:
+        if not songs and not users:
+            return
+        with self._cv:
+            if require_current:
+                self._check_current(version, "writing warmed factors")
+            self._warm.setdefault(version, {}).update(songs)
+            states = self._users.setdefault(version, {})
+            update = _with_factor(users)
+            for u in users:
+                states[u] = update(u, states.get(u))
+            if songs:
+                self._warm_log.append((self._stream_id(), [s for s, _ in songs], version))
+            self._cv.notify_all()
+
+    def read_warm(self, version: int, ids: Sequence[str] | None = None) -> dict[str, bytes]:
+        with self._lock:
+            warm = self._warm.get(version, {})
+            return dict(warm) if ids is None else {s: warm[s] for s in ids if s in warm}
+
+    def read_warm_log(self, after_id: str) -> list[tuple[str, list[str], int]]:
+        after = stream_key(after_id)
+        with self._lock:
+            return [r for r in self._warm_log if stream_key(r[0]) > after]
+
+    def last_warm_id(self) -> str:
+        return self._warm_log[-1][0] if self._warm_log else "0-0"
+
+    def last_event_id(self) -> str:
+        return self._events[-1][0] if self._events else "0-0"
 
     def read_catalogue(self, after_id: str, block_ms: int = 0) -> list[tuple[str, str, int]]:
         after = stream_key(after_id)

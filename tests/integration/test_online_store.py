@@ -215,3 +215,34 @@ def test_malformed_store_urls_fail_at_construction() -> None:
         RedisStore("redis://127.0.0.1:6379/0?ssl_ca_certs=/etc/ca.pem", "x")
     with pytest.raises(StoreError, match="must start with redis://"):
         RedisStore("http://127.0.0.1:6379/0", "x")
+
+
+def test_warm_write_read_and_log(store: OnlineStore) -> None:
+    """write_warm stores warm records and users' factors (the rest of a state kept) in one
+    transaction, announces the songs on the warm log, and refuses a version that moved."""
+    from apex_rank.errors import VersionMovedError
+    from apex_rank.ranking.online.keys import decode_warm_song, encode_warm_song
+
+    v = _publish_empty(store)
+    e = np.array([1, 0, 0, 0], np.float32)
+    store.record_event(v, {"u": "p", "s": "a", "k": "play", "t": "1.7e9", "w": "1"}, "p",
+                       lambda old: apply_event(old, "a", e, 1.0, history_len=3, alpha=0.1, ts=1.7e9), 60, 1000)
+    events, last = store.read_new_events("0-0", count=10)
+    assert [x.user_id for x in events] == ["p"] and last == events[0].event_id == store.last_event_id()
+    assert store.read_new_events(last, block_ms=10) == ([], last)
+    assert store.last_warm_id() == "0-0"
+    f = np.array([0.5, -1.0], np.float32)
+    store.write_warm(v, [("s1", encode_warm_song(f, 3)), ("s2", encode_warm_song(-f, 1))], {"p": f},
+                     60, require_current=True)
+    back = store.read_warm(v)
+    assert sorted(back) == ["s1", "s2"] and store.read_warm(v, ["s2", "nope"]).keys() == {"s2"}
+    factor, plays = decode_warm_song(back["s1"], "s1")
+    assert np.array_equal(factor, f) and plays == 3.0
+    rec = store.read_user(v, "p")[1]
+    assert np.array_equal(rec.factor, f) and rec.history == ["a"] and rec.last_seen_s == 1.7e9
+    (eid, songs, ver), = store.read_warm_log("0-0")
+    assert (songs, ver) == (["s1", "s2"], v) and store.last_warm_id() == eid
+    _publish_empty(store)
+    with pytest.raises(VersionMovedError, match="no longer current"):
+        store.write_warm(v, [("s3", encode_warm_song(f, 1))], {}, 60, require_current=True)
+    assert "s3" not in store.read_warm(v) and store.read_warm_log(eid) == []
