@@ -5,7 +5,8 @@ Modules, in data-flow order: :mod:`.keys` (the versioned key format and codecs),
 contract of a loaded bundle) and :mod:`.recommender_engine` (the offline ``Recommender``
 behind it), :mod:`.publisher` (stage a version, move ``current`` atomically),
 :mod:`.bundles` (a bundle's fingerprint, the local folder serving a version),
-:mod:`.ranker` (``OnlineRanker.rank``), :mod:`.events` (events, export, song ingestion) and
+:mod:`.ranker` (``OnlineRanker.rank``), :mod:`.events` (events, export, song ingestion),
+:mod:`.warmup` (plays move CF factors between retrains: the background consumer) and
 :mod:`.service` (the FastAPI app; needs the ``serve`` extra, imported only when serving).
 """
 
@@ -19,9 +20,11 @@ from .keys import Keys
 from .publisher import PublishResult, publish
 from .ranker import OnlineRanker, RankedItem, Ranking
 from .store import InProcessStore, OnlineStore, RedisStore, UserRecord, open_store
+from .warmup import WarmUp, WarmUpConsumer, bundle_cf_loader
 
 __all__ = [
     "EVENT_WEIGHTS", "InProcessStore", "Interaction", "Keys", "OnlineConfig", "OnlineRanker", "OnlineStore",
-    "PublishResult", "RankedItem", "Ranking", "RedisStore", "RequestError", "UserRecord",
-    "export_events", "ingest", "open_store", "publish", "record", "record_many",
+    "PublishResult", "RankedItem", "Ranking", "RedisStore", "RequestError", "UserRecord", "WarmUp",
+    "WarmUpConsumer", "bundle_cf_loader", "export_events", "ingest", "open_store", "publish", "record",
+    "record_many",
 ]

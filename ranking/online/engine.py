@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from apex_rank.ranking.cf import CFModel
+
 from .store import UserRecord
 
 Item = tuple[str, float, str]  # (song_id, score, source)
@@ -67,6 +69,19 @@ class RankingEngine(Protocol):
     def add_song(self, song_id: str, embedding: np.ndarray, priors: np.ndarray) -> None:
         """Make an ingested song rankable in this process with the given (7,) APEX priors, the
         ones stored in its song record; they are not predicted again."""
+        ...
+
+    @property
+    def cf_model(self) -> CFModel:
+        """The bundle's CF model (the factors the warm-up steps run against)."""
+        ...
+
+    def warm_songs(self, song_ids: list[str], factors: np.ndarray, plays: np.ndarray, *,
+                   replace: bool = False) -> int:
+        """Give songs the bundle has no CF factor for their warmed factors ((n, f) float32) and
+        play counts ((n,)), so they rank as warm songs (see :mod:`.warmup`); songs this engine
+        lacks or that the bundle fitted are skipped. ``replace``: these are all the warmed
+        songs (the ones warmed before and not named go back to cold). Returns songs applied."""
         ...
 
     def predict_priors(self, embeddings: np.ndarray) -> np.ndarray:

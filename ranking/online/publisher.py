@@ -20,6 +20,12 @@ positions at the moment the pointer moved, so after the commit the entries betwe
 pre-commit replay and that moment are replayed onto the new version too: every event and
 ingest lands in the new version exactly once. (Events replayed after the commit may land
 after a newer event of the same user in its history; the window is one round trip long.)
+
+Warmed factors (:mod:`.warmup`) are carried by solving them again from the events since the
+cutoff with the new bundle's factors (:func:`~.warmup.replay_warmup`), into the staged version
+before the commit; factors of two fits are not comparable, so they are never copied across
+versions. After the commit the warm-up consumer, which follows the pointer, continues from the
+manifest's ``events_since_ms``.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from apex_rank.errors import ContentionError, StoreError, VersionMovedError
 from .config import OnlineConfig
 from .engine import RankingEngine
 from .keys import KEY_SCHEMA, decode_vector, encode_song_record
-from .store import Event, OnlineStore, UserRecord, stream_key
+from .store import Event, OnlineStore, UserRecord, stream_id_before, stream_key
+from .warmup import replay_warmup
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,8 @@ class PublishResult:
     seconds: float
     carried_songs: int = 0
     replayed_events: int = 0
+    warmed_songs: int = 0
+    warmed_users: int = 0
 
 
 def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig | None = None,
@@ -136,13 +145,16 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
             store.write_users(version, batch, cfg.staging_ttl_s)
             step(len(batch))
         since_ms = int(1000 * (engine.data_until_s if carry_since_s is None else carry_since_s))
-        carried = replayed = 0
+        carried = replayed = warmed_songs = warmed_users = 0
         if carry:
             known = set(block.ids)
-            carried, cat_pos = carry_songs(store, version, known, _before(since_ms), None,
+            carried, cat_pos = carry_songs(store, version, known, stream_id_before(since_ms), None,
                                            cfg.staging_ttl_s, require_current=False)
-            replayed, ev_pos = replay_events(store, version, _before(since_ms), None, cfg,
+            replayed, ev_pos = replay_events(store, version, stream_id_before(since_ms), None, cfg,
                                              require_current=False)
+            warmed_songs, warmed_users = replay_warmup(store, version, engine.cf_model,
+                                                       stream_id_before(since_ms), config=cfg,
+                                                       require_current=False)
         meta = {
             "schema": KEY_SCHEMA,
             "version": version,
@@ -152,6 +164,7 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
             "n_songs": n_songs,
             "n_users": n_users,
             "embedding_dim": engine.embedding_dim,
+            "events_since_ms": since_ms,  # where the warm-up consumer starts on this version
             **(extra_meta or {}),
         }
         store.write_meta(version, meta, cfg.staging_ttl_s)
@@ -181,13 +194,10 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
         store.expire_version(before, cfg.grace_s)
     secs = time.perf_counter() - t0
     log.info("version %d is current (was %s); %d songs, %d users in %.1f s; carried %d ingested "
-             "songs and %d events", version, before, n_songs, n_users, secs, carried, replayed)
-    return PublishResult(version, before, n_songs, n_users, secs, carried, replayed)
-
-
-def _before(ms: int) -> str:
-    """The stream id just before millisecond ``ms`` (an exclusive start that includes ``ms``)."""
-    return "0-0" if ms <= 0 else f"{ms - 1}-18446744073709551615"
+             "songs and %d events, warmed %d songs and %d users", version, before, n_songs, n_users,
+             secs, carried, replayed, warmed_songs, warmed_users)
+    return PublishResult(version, before, n_songs, n_users, secs, carried, replayed, warmed_songs,
+                         warmed_users)
 
 
 def carry_songs(store: OnlineStore, version: int, known: set[str], after_id: str,

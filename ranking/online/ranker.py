@@ -7,6 +7,11 @@ per version and live in the engine loaded from the version's bundle; songs inges
 arrive through the catalogue stream, which a background follower applies within
 ``follow_interval_s``.
 
+Warm-up (see :mod:`.warmup`): factors the warm-up consumer solves for new songs are announced
+on the warm log; the follower reads them from ``v{V}:warm`` into the engine within
+``follow_interval_s``, and a version is loaded with all of its warmed songs. New users' factors
+need nothing: they are in the user state each request reads.
+
 Versions: the follower (and every request, through the pointer read) notices a moved pointer;
 the new version's engine is loaded in the background and swapped in as one reference
 assignment, while requests keep being served by the old version (its keys live on for the
@@ -55,7 +60,7 @@ from apex_rank.ranking.reranker import check_cold_share
 from .bundles import BundleMismatchError, locate_bundle
 from .config import OnlineConfig
 from .engine import RankingEngine
-from .keys import check_id, decode_song_record, decode_vector
+from .keys import check_id, decode_song_record, decode_vector, decode_warm_song
 from .store import OnlineStore, RedisStore
 
 log = logging.getLogger(__name__)
@@ -182,6 +187,7 @@ class OnlineRanker:
         self._switching: int | None = None
         self._stop = threading.Event()
         self._catalogue_id = "0-0"
+        self._warm_id = "0-0"
         self.stats: dict[str, int] = {"requests": 0, "degraded": 0, "cold_users": 0, "switches": 0}
         self._missing: str | None = None  # why the served version's keys look gone (check_data)
         self._bundle, self._bundle_root = bundle_dir, bundle_root
@@ -194,6 +200,7 @@ class OnlineRanker:
             # is then seen twice (harmless), never missed.
             try:
                 self._catalogue_id = follow_store.last_catalogue_id()
+                self._warm_id = follow_store.last_warm_id()
             except StoreError as err:
                 log.warning("catalogue not readable yet: %s", err)
         self._active = self._initial(bundle_dir, engine)
@@ -239,6 +246,7 @@ class OnlineRanker:
             raise BundleMismatchError(f"bundle {engine.bundle_dir} has fingerprint "
                                       f"{engine.fingerprint}, version {version} serves fingerprint {fp}")
         self._apply_ingested(engine, version, store.ingested_ids(version), store)
+        self._apply_warm(engine, version, None, store)
         return self._make_active(version, engine, meta)
 
     def _initial(self, bundle_dir: str | None, engine: RankingEngine | None) -> _Active:
@@ -389,22 +397,54 @@ class OnlineRanker:
             n += 1
         return n
 
+    @staticmethod
+    def _apply_warm(engine: RankingEngine, version: int, ids: list[str] | None,
+                    store: OnlineStore) -> int:
+        """Give the engine the warmed factors of ``ids`` (None: all of ``version``'s, replacing
+        what it had) from ``v{V}:warm``; a song the engine lacks yet is loaded first."""
+        raw = store.read_warm(version, ids)
+        missing = [s for s in raw if not engine.has_song(s)]
+        if missing:  # the catalogue announcement is still on its way: read the song now
+            OnlineRanker._apply_ingested(engine, version, missing, store)
+        if not raw and ids is not None:
+            return 0
+        recs = [decode_warm_song(r, f"{store.keys.warm(version)}[{s}]") for s, r in raw.items()]
+        width = engine.cf_model.item_factors.shape[1]
+        F = np.stack([f for f, _ in recs]) if recs else np.zeros((0, width), np.float32)
+        return engine.warm_songs(list(raw), F, np.asarray([p for _, p in recs], np.float32),
+                                 replace=ids is None)
+
+    def follow_once(self, store: OnlineStore | None = None, block_ms: int = 0) -> None:
+        """One round of the follower: apply songs ingested and factors warmed since the last
+        round (catalogue stream, waiting up to ``block_ms`` for an entry, then the warm log),
+        switch if the pointer moved, check the data every ``data_check_s``. The follower thread
+        loops on it; a ranker without one may call it."""
+        store = store or self.store
+        rows = store.read_catalogue(self._catalogue_id, block_ms=block_ms)
+        active = self._active
+        for eid, sid, ver in rows:
+            self._catalogue_id = eid
+            if ver == active.version:
+                self._apply_ingested(active.engine, ver, [sid], store)
+        warmed: dict[str, None] = {}
+        for eid, sids, ver in store.read_warm_log(self._warm_id):
+            self._warm_id = eid
+            if ver == active.version:
+                warmed.update(dict.fromkeys(sids))
+        if warmed and active.version is not None:
+            self._apply_warm(active.engine, active.version, list(warmed), store)
+        cur = store.current_version()
+        if cur is not None and cur != self._active.version:
+            self._switch(cur, store)
+        if time.monotonic() >= self._next_check:
+            self.check_data(store)
+
     def _follow(self) -> None:
         store = self._follow_store
         wait_ms = int(self.config.follow_interval_s * 1000)
         while not self._stop.is_set():
             try:
-                rows = store.read_catalogue(self._catalogue_id, block_ms=wait_ms)
-                active = self._active
-                for eid, sid, ver in rows:
-                    self._catalogue_id = eid
-                    if ver == active.version:
-                        self._apply_ingested(active.engine, ver, [sid], store)
-                cur = store.current_version()
-                if cur is not None and cur != self._active.version:
-                    self._switch(cur, store)
-                if time.monotonic() >= self._next_check:
-                    self.check_data(store)
+                self.follow_once(store, wait_ms)
             except StoreError as err:
                 log.warning("catalogue follower: %s", err)
                 self._stop.wait(self.config.retry_s)

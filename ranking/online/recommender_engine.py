@@ -12,6 +12,12 @@ engine answers the ``als`` source from an IVF index over the item factors
 scanning them all; the offline paths (``recommend``, ``recommend_batch``, evaluation) stay
 exact. Everything else ``rank_items`` reads comes from the live Recommender.
 
+Warm-up (:mod:`.warmup`): songs whose factors were solved online since the bundle
+(:meth:`RecommenderEngine.warm_songs`) become warm songs of the engine's song table, join the
+``als`` source (:class:`WarmedFactorSource`: the bundle's source merged with an exact scan of
+the small warmed set) and leave the cold-song sources. Until then, and without warmed songs,
+online ranking equals offline ranking as above.
+
 The Recommender mutates its song table and indexes when songs are added, so ranking and
 adding are guarded by a readers-writer lock: many concurrent rankings, one exclusive add.
 
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +46,7 @@ import polars as pl
 
 from apex_rank.errors import SchemaError
 from apex_rank.ranking.candidates import CandidateSource, FactorIndexConfig, FactorIndexSource, FactorSource
+from apex_rank.ranking.cf import CFModel
 from apex_rank.ranking.recommender import Recommender, cold_shortfall, load_recommender
 from apex_rank.ranking.state import UserState
 
@@ -98,24 +105,89 @@ def record_from_state(state: UserState) -> UserRecord:
     return UserRecord(f, p, list(state.history), float(state.activity), float(state.last_seen_s))
 
 
-class _WithApproximateAls:
-    """The Recommender as ``Recommender.rank_items`` reads it, with its exact ``als`` source
-    swapped for an approximate one; every other attribute is read from the live Recommender
-    at each access, so songs added later (and the ``fresh`` source rebuilt for them) are seen
-    at once. The swap holds only while the exact source covers the songs the index was built
-    on (adding songs adds cold ones, so it always does; a changed warm set falls back to it)."""
+class WarmedFactorSource(CandidateSource):
+    """``als`` over the bundle's warm songs and the songs warmed online since (:mod:`.warmup`):
+    the bundle's source (exact, or the IVF index) merged with an exact scan of the warmed
+    songs' factors, a small set. A row keeps its n best of both by score (float64 dot products,
+    one row at a time, so a batch equals single calls), ties to the bundle's songs."""
 
-    def __init__(self, recommender: Recommender, als: FactorIndexSource) -> None:
+    name = "als"
+
+    def __init__(self, base: CandidateSource, song_ids: Sequence[str], factors: np.ndarray) -> None:
+        self.base = base
+        self.song_ids = np.asarray(list(song_ids), dtype=object)
+        self.factors = np.ascontiguousarray(factors, dtype=np.float64)
+
+    def retrieve_batch(self, states: Sequence[UserState], n: int,
+                       excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+        ids, sc = self.base.retrieve_batch(states, n, excludes)
+        if n == 0 or len(self.song_ids) == 0:
+            return ids, sc
+        names = self.song_ids.tolist()
+        for i, st in enumerate(states):
+            if st.cf_factor is None:
+                continue
+            keep = [j for j, x in enumerate(names) if x not in excludes[i]]
+            have = ids[i] != ""
+            cand = np.concatenate([ids[i][have], self.song_ids[keep]])
+            score = np.concatenate([sc[i][have], (self.factors[keep] @ np.asarray(st.cf_factor, np.float64))
+                                    .astype(np.float32)])
+            top = np.argsort(-score, kind="stable")[:n]
+            ids[i], sc[i] = "", -np.inf
+            ids[i, : len(top)], sc[i, : len(top)] = cand[top], score[top]
+        return ids, sc
+
+
+class _WithoutSongs(CandidateSource):
+    """A source that never returns ``song_ids`` (the warmed songs, from the cold-song sources)."""
+
+    def __init__(self, base: CandidateSource, song_ids: frozenset[str]) -> None:
+        self.base = base
+        self.name = base.name
+        self.song_ids = song_ids
+
+    def retrieve_batch(self, states: Sequence[UserState], n: int,
+                       excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+        return self.base.retrieve_batch(states, n, [e | self.song_ids for e in excludes])
+
+
+class _ServingView:
+    """The Recommender as ``Recommender.rank_items`` reads it, with the engine's ``als`` source
+    (the bundle's warm songs, exactly or from the IVF index, plus the warmed songs) and the
+    warmed songs left out of the cold-song sources (``pseudo_cf``, ``fresh``: a warmed song is a
+    warm song). Every other attribute is read from the live Recommender at each access, so songs
+    added later (and the ``fresh`` source rebuilt for them) are seen at once."""
+
+    def __init__(self, recommender: Recommender, als: CandidateSource) -> None:
         self._rec = recommender
-        self._als = als
+        self._bundle_als = als
+        self._als: CandidateSource = als
+        self._warmed: frozenset[str] = frozenset()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._rec, name)
 
     @property
+    def swaps_sources(self) -> bool:
+        """Whether :attr:`sources` differs from the Recommender's: warmed songs, an IVF ``als``
+        source, or a source list the Recommender rebuilt (an ingest) after songs were warmed."""
+        return bool(self._warmed) or all(s is not self._bundle_als for s in self._rec.sources)
+
+    def set_warmed(self, song_ids: list[str], factors: np.ndarray) -> None:
+        self._warmed = frozenset(song_ids)
+        self._als = WarmedFactorSource(self._bundle_als, song_ids, factors) if song_ids else self._bundle_als
+
+    @property
     def sources(self) -> list[CandidateSource]:
-        return [self._als if isinstance(s, FactorSource) and len(s.song_ids) == len(self._als.index) else s
-                for s in self._rec.sources]
+        out: list[CandidateSource] = []
+        for s in self._rec.sources:
+            if s.name == "als":
+                out.append(self._als)
+            elif self._warmed and s.name in ("pseudo_cf", "fresh"):
+                out.append(_WithoutSongs(s, self._warmed))
+            else:
+                out.append(s)
+        return out
 
 
 def approximate_als(recommender: Recommender,
@@ -168,7 +240,13 @@ class RecommenderEngine:
                  als_index: FactorIndexConfig | None = None) -> None:
         self.recommender = recommender
         als = approximate_als(recommender, als_index)
-        self._ranker = recommender if als is None else cast(Recommender, _WithApproximateAls(recommender, als))
+        exact = next(s for s in recommender.sources if isinstance(s, FactorSource))
+        self._approximate = als is not None
+        self._view = _ServingView(recommender, exact if als is None else als)
+        t0 = recommender.songs
+        self._bundle_warm = np.asarray(t0.warm, dtype=bool).copy()  # ingested songs come after
+        self._popularity_scale = t0.popularity_scale
+        self._warmed: dict[str, int] = {}  # warmed song id -> song-table index
         self.bundle_dir = str(Path(bundle_dir).resolve())
         self.fingerprint = bundle_fingerprint(bundle_dir)
         self._lock = _RWLock()
@@ -190,7 +268,7 @@ class RecommenderEngine:
     @property
     def approximate_als(self) -> bool:
         """Whether the ``als`` source is answered from the IVF index (see the module doc)."""
-        return self._ranker is not self.recommender
+        return self._approximate
 
     def close(self) -> None:
         """Nothing to release: requests are ranked by the calling threads themselves."""
@@ -200,10 +278,10 @@ class RecommenderEngine:
         self._lock.acquire_read()
         try:
             ex = [set(e) for e in excludes]
-            if self._ranker is self.recommender:
+            if self._view.swaps_sources:  # the Recommender's own method, on the engine's sources
+                items = Recommender.rank_items(cast(Recommender, self._view), states, k, ex, cold_share)
+            else:
                 items = self.recommender.rank_items(states, k, ex, cold_share)
-            else:  # the Recommender's own method, reading the swapped source list
-                items = Recommender.rank_items(self._ranker, states, k, ex, cold_share)
         finally:
             self._lock.release_read()
         return {s.user_id: it for s, it in zip(states, items, strict=True)}
@@ -286,8 +364,51 @@ class RecommenderEngine:
         try:
             if not self.has_song(song_id):
                 self.recommender.add_songs(frame, priors=np.asarray(priors, np.float32)[None, :])
+                # the table's reindex counted warmed songs' online plays into the mean count of
+                # warm songs that log_popularity is relative to: keep the bundle's
+                self.recommender.songs.popularity_scale = self._popularity_scale
         finally:
             self._lock.release_write()
+
+    @property
+    def cf_model(self) -> CFModel:
+        return self.recommender.cf
+
+    def warm_songs(self, song_ids: list[str], factors: np.ndarray, plays: np.ndarray, *,
+                   replace: bool = False) -> int:
+        """Warmed songs become warm songs of the song table: ``cf_factors`` holds their factor
+        (so ``als_score`` and ``recent_cf_sim`` read it), ``warm`` is set (``is_cold`` 0, and
+        ``cold_share`` no longer counts them as new), ``popularity`` is their online play count
+        (``log_popularity`` as for a bundle song with that many plays). That is what the next
+        retrain will make of them, and what the reranker learned warm songs look like; left cold,
+        a song with a real factor would still be scored as if it had none. They join the ``als``
+        source and leave ``pseudo_cf`` and ``fresh`` (see :class:`_ServingView`). The published
+        song records (:meth:`song_block`) keep the bundle's view."""
+        t = self.recommender.songs
+        F = np.asarray(factors, dtype=np.float32)
+        if F.shape != (len(song_ids), t.cf_factors.shape[1]):
+            raise SchemaError(f"warmed factors of {len(song_ids)} songs have shape {F.shape}; the "
+                              f"bundle's CF factors have width {t.cf_factors.shape[1]}")
+        P = np.asarray(plays, dtype=np.float32).reshape(len(song_ids))
+        self._lock.acquire_write()
+        try:
+            if replace:
+                named = set(song_ids)
+                for sid in [s for s in self._warmed if s not in named]:
+                    i = self._warmed.pop(sid)
+                    t.cf_factors[i], t.warm[i], t.popularity[i] = 0.0, False, 0.0
+            n = 0
+            for sid, i, f, p in zip(song_ids, t.index_of(song_ids).tolist(), F, P, strict=True):
+                if i < 0 or (i < len(self._bundle_warm) and self._bundle_warm[i]):
+                    continue
+                t.cf_factors[i], t.warm[i], t.popularity[i] = f, True, p
+                self._warmed[sid] = i
+                n += 1
+            pos = np.asarray(list(self._warmed.values()), dtype=np.int64)
+            self._view.set_warmed(list(self._warmed), t.cf_factors[pos])
+        finally:
+            self._lock.release_write()
+        return n
 
     def predict_priors(self, embeddings: np.ndarray) -> np.ndarray:
         apex = self.recommender.apex
@@ -302,10 +423,14 @@ class RecommenderEngine:
     def song_block(self) -> SongBlock:
         t = self.recommender.songs
         age = (t.now_s - np.asarray(t.created_s, dtype=np.float64)) / 86400.0
+        warm = np.array(t.warm, dtype=bool)
+        pop = np.array(t.popularity, dtype=np.float32)
+        pos = np.asarray(list(self._warmed.values()), dtype=np.int64)
+        warm[pos], pop[pos] = False, 0.0  # the bundle's view: warmed factors live in v{V}:warm
         return SongBlock(ids=list(t.song_ids), priors=np.asarray(t.priors, np.float32),
-                         popularity=np.asarray(t.popularity, np.float32),
+                         popularity=pop,
                          age_days=np.nan_to_num(age, nan=-1.0).astype(np.float32),
-                         is_cold=~np.asarray(t.warm, bool),
+                         is_cold=~warm,
                          embeddings=np.asarray(t.embeddings, np.float32))
 
     def user_records(self) -> Iterator[tuple[str, UserRecord]]:
