@@ -118,7 +118,8 @@ def profile_head(batch: int, rounds: int = 10) -> str:
     return "\n".join(tables)
 
 
-def _print(r: dict[str, Any]) -> None:
+def print_result(r: dict[str, Any]) -> None:
+    """Print one :func:`measure_head` result (two lines)."""
     b = r["batch"]
     print(f"batch {b}: " + ", ".join(f"{n} {s * 1e3:.3f} ms" for n, s in r["median_s"].items()))
     print(f"  fused {b / r['median_s']['fused']:,.0f} songs/s; fused/floor x{r['fused_over_floor']:.2f} "
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats} interleaved rounds at batch >= 1024, 20x that below")
     # The issue's batch (4096) plus the small batches an online service scores per request.
     for batch in sorted({1, 64, args.batch}):
-        _print(measure_head(batch, args.repeats if batch >= 1024 else 20 * args.repeats))
+        print_result(measure_head(batch, args.repeats if batch >= 1024 else 20 * args.repeats))
     if args.profile:
         print(profile_head(args.batch))
 

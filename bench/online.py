@@ -307,9 +307,14 @@ def main(argv: list[str] | None = None) -> int:
             inproc(u)
         table: list[dict[str, Any]] = []
         for c in LEVELS:
+            t0 = time.perf_counter()
             fl, fe = _run_concurrent(floor, users, c, n_req, 60)
+            t1 = time.perf_counter()
             ip, ie = _run_concurrent(inproc, users, c, n_req, 90)
-            row = {"concurrency": c, "floor": _summ(fl), "in_process": _summ(ip),
+            t2 = time.perf_counter()
+            # throughput: answers per second of wall time while c threads kept one request each in flight
+            row = {"concurrency": c, "floor": {**_summ(fl), "per_s": round(len(fl) / (t1 - t0), 1)},
+                   "in_process": {**_summ(ip), "per_s": round(len(ip) / (t2 - t1), 1)},
                    "errors": fe + ie}
             if fl and ip:
                 row["ratio_p50"] = round(percentile(ip, 50) / percentile(fl, 50), 1)
