@@ -2,10 +2,16 @@
 
 A vectorised synthetic world (default 100k songs x 50k users x 2M interactions; ``--small``:
 10k x 5k x 200k) with planted taste clusters, quality and a cold share of never-played songs.
-Measures: ``Recommender.build`` time split by stage, ``recommend_batch`` throughput over all
-users, single ``recommend`` latency p50/p99, and our ALS fit (polars -> CSR -> implicit) next to
-a bare implicit fit on the same CSR in the same run (medians over ``--repeats``). Prints the
-machine, thread settings and library versions. Everything printed is synthetic-data timing.
+Measures: ``Recommender.build`` time split by stage, ``recommend_batch`` throughput next to bare
+implicit ``recommend`` on the same users and the same ALS factors (interleaved rounds, medians
+and their ratio), single ``recommend`` latency p50/p99, and our ALS fit (polars -> CSR ->
+implicit) next to a bare implicit fit on the same CSR in the same run (medians over
+``--repeats``). Prints the machine, thread settings and library versions. Everything printed is
+synthetic-data timing.
+
+``--bundle DIR`` saves the built recommender there and loads it on later runs (the world is
+regenerated from its seed; the ALS-fit comparison and the build are skipped), so before/after
+runs rank with the same model and a 100k-song run does not rebuild for each measurement.
 """
 
 from __future__ import annotations
@@ -134,6 +140,36 @@ def machine() -> str:
     return f"{platform.node()} | {cpu} | {n} usable cores | load avg {load:.1f} | {platform.platform()}"
 
 
+def batch_vs_bare(rec, users: list[str], repeats: int, k: int = 20) -> dict[str, float]:
+    """``recommend_batch`` users/s next to bare implicit ``recommend`` (same users with a CF
+    factor, the Recommender's own ALS factors and history, k, history filtered) in interleaved
+    rounds; prints and returns the medians and their ratio."""
+    from apex_rank.ranking.cf import make_implicit_model
+    from bench.common import interleaved
+
+    cf = rec.cf
+    rows = np.asarray([cf._upos[u] for u in users if cf.has_user(u)], dtype=np.int64)
+    bare = make_implicit_model(cf.config)
+    bare.user_factors, bare.item_factors = cf.user_factors, cf.item_factors
+    liked = cf.user_items[rows]
+    times = interleaved(
+        {
+            "hybrid": lambda: rec.recommend_batch(users, k),
+            "bare": lambda: bare.recommend(rows, liked, N=k, filter_already_liked_items=True),
+        },
+        repeats,
+    )
+    ours = len(users) / statistics.median(times["hybrid"])
+    base = len(rows) / statistics.median(times["bare"])
+    print(
+        f"batch   : recommend_batch {len(users)} users, k={k}: {ours:.0f} users/s | bare implicit recommend "
+        f"({len(rows)} users, same factors): {base:.0f} users/s | bare/hybrid {base / ours:.2f}x "
+        f"[median of {repeats} interleaved rounds; chunks of {rec.config.batch_users} users; "
+        f"hybrid rounds {', '.join(f'{t:.2f}' for t in times['hybrid'])} s]"
+    )
+    return {"hybrid_users_s": ours, "bare_users_s": base, "ratio": base / ours}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ranking", description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="10k songs x 5k users x 200k interactions")
@@ -145,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--content-factory", default=None, help="FAISS factory of the content index (default IVF)")
     ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--bundle", default=None, help="save the build here, or load it when it exists")
+    ap.add_argument("--batch-users", type=int, default=None,
+                    help="users ranked per batch round (default: all; the same users for bare implicit)")
+    ap.add_argument("--batch-repeats", type=int, default=3, help="interleaved rounds of the batch comparison")
     args = ap.parse_args(argv)
     S, U, N = (10_000, 5_000, 200_000) if args.small else (100_000, 50_000, 2_000_000)
     S, U, N = args.songs or S, args.users or U, args.interactions or N
@@ -171,63 +211,71 @@ def main(argv: list[str] | None = None) -> int:
         f"{inter['song_id'].n_unique()} played songs)"
     )
 
-    # APEX: a small head trained on a 5k-song sample outside the timed build (build then predicts all songs)
-    from apex_rank.features.apex_tables import build_apex_dataset, train_apex
-    from apex_rank.training import TrainConfig
+    from pathlib import Path
 
-    t0 = time.perf_counter()
-    sample = songs.sample(min(5000, S), seed=0)
-    data = build_apex_dataset(sample, emb.filter(pl.col("song_id").is_in(sample["song_id"].implode())), seed=0)
-    apex, _, _ = train_apex(
-        data, TrainConfig(epochs=5, lr=2e-3, batch_size=512, patience=3, device="cpu", progress=False)
-    )
-    print(f"apex    : head trained on {sample.height} songs in {time.perf_counter() - t0:.1f} s (not part of build)")
+    from apex_rank.ranking.recommender import load_recommender
 
-    # IVF for the 100k-song content index (an exact Flat scan per query costs ~n*d flops on 1-2 cores)
-    cfg = replace(RecommenderConfig(), index=IndexConfig(content_factory=args.content_factory, nprobe=args.nprobe))
-    print(f"config  : {to_dict(cfg)}")
-    # ALS: ours (polars -> CSR -> implicit) vs bare implicit on the same CSR
-    ours, ours_fit, bare = [], [], []
-    for _ in range(repeats):
+    if args.bundle and (Path(args.bundle) / "manifest.json").is_file():
         t0 = time.perf_counter()
-        m = CFModel(cfg.cf).fit(inter)
-        ours.append(time.perf_counter() - t0)
-        ours_fit.append(m.fit_seconds)
-        M, _, _ = interactions_to_csr(inter)
-        import implicit.cpu.als  # noqa: F401
+        rec = load_recommender(args.bundle, device="cpu")
+        print(f"bundle  : loaded {args.bundle} in {time.perf_counter() - t0:.1f} s (build skipped)")
+    else:
+        # APEX: a small head trained on a 5k-song sample outside the timed build (build then predicts all songs)
+        from apex_rank.features.apex_tables import build_apex_dataset, train_apex
+        from apex_rank.training import TrainConfig
 
-        with blas_single_threaded():
-            model = make_implicit_model(cfg.cf)
+        t0 = time.perf_counter()
+        sample = songs.sample(min(5000, S), seed=0)
+        data = build_apex_dataset(sample, emb.filter(pl.col("song_id").is_in(sample["song_id"].implode())), seed=0)
+        apex, _, _ = train_apex(
+            data, TrainConfig(epochs=5, lr=2e-3, batch_size=512, patience=3, device="cpu", progress=False)
+        )
+        print(f"apex    : head trained on {sample.height} songs in {time.perf_counter() - t0:.1f} s "
+              "(not part of build)")
+
+        # IVF for the 100k-song content index (an exact Flat scan per query costs ~n*d flops on 1-2 cores)
+        cfg = replace(RecommenderConfig(), index=IndexConfig(content_factory=args.content_factory, nprobe=args.nprobe))
+        print(f"config  : {to_dict(cfg)}")
+        # ALS: ours (polars -> CSR -> implicit) vs bare implicit on the same CSR
+        ours, ours_fit, bare = [], [], []
+        for _ in range(repeats):
             t0 = time.perf_counter()
-            model.fit(M, show_progress=False)
-            bare.append(time.perf_counter() - t0)
-    med = statistics.median
-    print(
-        f"ALS fit : ours {med(ours):.2f} s (of which implicit fit {med(ours_fit):.2f} s) | bare implicit "
-        f"{med(bare):.2f} s | ratio ours/bare {med(ours) / med(bare):.2f} (fit-only {med(ours_fit) / med(bare):.2f}) "
-        f"[median of {repeats}; factors={cfg.cf.factors}, iterations={cfg.cf.iterations}]"
-    )
+            m = CFModel(cfg.cf).fit(inter)
+            ours.append(time.perf_counter() - t0)
+            ours_fit.append(m.fit_seconds)
+            M, _, _ = interactions_to_csr(inter)
+            import implicit.cpu.als  # noqa: F401
 
-    t0 = time.perf_counter()
-    rec = Recommender.build(songs, emb, inter, cfg, apex=apex)
-    total = time.perf_counter() - t0
-    tm = rec.report["timings"]
-    print(f"build   : {total:.1f} s total; " + ", ".join(f"{k} {v:.1f}s" for k, v in tm.items()))
-    print(
-        f"          reranker: {rec.report['n_rerank_rows']} rows, "
-        f"best iteration {rec.report['reranker_best_iteration']}, "
-        f"val NDCG@10 {rec.report['reranker_val_ndcg']:.3f}; {rec.report['n_warm_songs']} warm / "
-        f"{rec.report['n_cold_songs']} cold songs"
-    )
+            with blas_single_threaded():
+                model = make_implicit_model(cfg.cf)
+                t0 = time.perf_counter()
+                model.fit(M, show_progress=False)
+                bare.append(time.perf_counter() - t0)
+        med = statistics.median
+        print(
+            f"ALS fit : ours {med(ours):.2f} s (of which implicit fit {med(ours_fit):.2f} s) | bare implicit "
+            f"{med(bare):.2f} s | ratio ours/bare {med(ours) / med(bare):.2f} "
+            f"(fit-only {med(ours_fit) / med(bare):.2f}) "
+            f"[median of {repeats}; factors={cfg.cf.factors}, iterations={cfg.cf.iterations}]"
+        )
+
+        t0 = time.perf_counter()
+        rec = Recommender.build(songs, emb, inter, cfg, apex=apex)
+        total = time.perf_counter() - t0
+        tm = rec.report["timings"]
+        print(f"build   : {total:.1f} s total; " + ", ".join(f"{k} {v:.1f}s" for k, v in tm.items()))
+        print(
+            f"          reranker: {rec.report['n_rerank_rows']} rows, "
+            f"best iteration {rec.report['reranker_best_iteration']}, "
+            f"val NDCG@10 {rec.report['reranker_val_ndcg']:.3f}; {rec.report['n_warm_songs']} warm / "
+            f"{rec.report['n_cold_songs']} cold songs"
+        )
+        if args.bundle:
+            rec.save(args.bundle)
+            print(f"bundle  : saved to {args.bundle}")
 
     users = rec.user_ids
-    t0 = time.perf_counter()
-    out = rec.recommend_states([rec.user_state(u) for u in users], 20, progress=True)
-    dt = time.perf_counter() - t0
-    print(
-        f"batch   : recommend_batch for {len(users)} users, k=20: {dt:.1f} s = {len(users) / dt:.0f} users/s "
-        f"({out.height} rows; chunks of {cfg.batch_users} users)"
-    )
+    batch_vs_bare(rec, users if args.batch_users is None else users[: args.batch_users], args.batch_repeats)
 
     rng = np.random.default_rng(1)
     pick = rng.choice(len(users), size=min(args.latency_users, len(users)), replace=False)
