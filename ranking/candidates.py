@@ -29,17 +29,16 @@ Example
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from apex_rank.errors import ConfigError
-from apex_rank.ranking.cf import top_k_by_factors
+from apex_rank.errors import ConfigError, SchemaError
+from apex_rank.ranking.cf import top_k_items
 from apex_rank.ranking.index import CandidateIndex
-from apex_rank.ranking.state import UserState
+from apex_rank.ranking.state import SongTable, UserState, history_positions
 
 SOURCE_ORDER = ("als", "content", "pseudo_cf", "fresh")
 RANK_COLUMNS = tuple(f"rank_{s}" for s in SOURCE_ORDER)
@@ -109,125 +108,287 @@ class FactorIndexConfig:
         return max(1, min(n_songs // 39, max(16, int(4 * np.sqrt(n_songs)) // 16 * 16)))
 
 
-def _filter_rows(
-    ids: np.ndarray, scores: np.ndarray, excludes: Sequence[set[str]], n: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Drop excluded ids and padding from each row, keep the first n (order preserved).
+@dataclass(frozen=True)
+class Exclusions:
+    """The items each of b rows must not get, as positions: a CSR (``indptr`` (b + 1,),
+    ``indices`` sorted and unique within a row) over some item space, and ``sizes`` (b,), how
+    many ids each row excludes in all, ids outside that item space included (the over-fetch
+    rule of :func:`_two_pass` reads it, so a source answers alike whatever space it searches).
+    ``id_sets``: the id sets themselves, when built from them (for a source that searches by id,
+    see :meth:`CandidateSource.retrieve_positions`)."""
 
-    One set lookup per fetched id (b·m in all), no per-call frame building: a single user's
-    request costs microseconds.
+    indptr: np.ndarray
+    indices: np.ndarray
+    sizes: np.ndarray
+    id_sets: Sequence[set[str]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @classmethod
+    def from_cells(cls, rows: np.ndarray, items: np.ndarray, sizes: np.ndarray,
+                   id_sets: Sequence[set[str]] | None = None) -> Exclusions:
+        """From (row, item) cells in any order, repeats allowed."""
+        b = len(sizes)
+        rows, items = np.asarray(rows, dtype=np.int64), np.asarray(items, dtype=np.int64)
+        order = np.lexsort((items, rows))
+        rows, items = rows[order], items[order]
+        if len(rows):
+            first = np.r_[True, (np.diff(rows) != 0) | (np.diff(items) != 0)]
+            rows, items = rows[first], items[first]
+        indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=b))].astype(np.int64)
+        return cls(indptr, items, np.asarray(sizes, dtype=np.int64), id_sets)
+
+    @classmethod
+    def from_ids(cls, excludes: Sequence[set[str]], positions: Callable[[list[str]], np.ndarray]) -> Exclusions:
+        """From id sets, through ``positions`` (ids → item positions, -1 outside the item space)."""
+        sizes = np.asarray([len(e) for e in excludes], dtype=np.int64)
+        pos = positions([x for e in excludes for x in e])
+        rows = np.repeat(np.arange(len(excludes), dtype=np.int64), sizes)
+        return cls.from_cells(rows[pos >= 0], pos[pos >= 0], sizes, excludes)
+
+    @classmethod
+    def of_states(
+        cls,
+        states: Sequence[UserState],
+        catalogue: SongTable,
+        excludes: Sequence[set[str] | None] | None = None,
+        *,
+        history: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> Exclusions:
+        """Each state's history plus its ``excludes``, as catalogue positions; ``history`` is
+        :func:`~apex_rank.ranking.state.history_positions` of the states when already known."""
+        indptr, hist = history if history is not None else history_positions(states, catalogue)
+        rows = [np.repeat(np.arange(len(states), dtype=np.int64), np.diff(indptr))]
+        items = [hist]
+        extra = [excludes[i] or set() for i in range(len(states))] if excludes is not None else []
+        if any(extra):
+            n_extra = [len(e) for e in extra]
+            rows.append(np.repeat(np.arange(len(states), dtype=np.int64), n_extra))
+            items.append(catalogue.index_of([x for e in extra for x in e]))
+        sets = [set(st.history).union(extra[i]) if extra and extra[i] else set(st.history)
+                for i, st in enumerate(states)]
+        r, p = np.concatenate(rows), np.concatenate(items)
+        return cls.from_cells(r[p >= 0], p[p >= 0], np.asarray([len(e) for e in sets], dtype=np.int64), sets)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> Exclusions:
+        """The exclusions of the given rows, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lens = np.diff(self.indptr)[rows]
+        starts = self.indptr[rows]
+        at = np.repeat(starts - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(int(lens.sum()))
+        sets = None if self.id_sets is None else [self.id_sets[i] for i in rows.tolist()]
+        return Exclusions(np.r_[0, np.cumsum(lens)].astype(np.int64), self.indices[at], self.sizes[rows], sets)
+
+    def mapped(self, to_items: np.ndarray) -> Exclusions:
+        """The same exclusions in another item space: position p becomes ``to_items[p]``
+        (-1: not an item there, dropped); ``sizes`` are kept."""
+        new = to_items[self.indices]
+        return Exclusions.from_cells(self.cell_rows()[new >= 0], new[new >= 0], self.sizes, self.id_sets)
+
+    def cell_rows(self) -> np.ndarray:
+        """The row of each entry of ``indices``."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.indptr))
+
+
+def _filter_rows(
+    items: np.ndarray, scores: np.ndarray, excluded: Exclusions, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop excluded items and padding (-1) from each row, keep the first n (order preserved).
+
+    Vectorised: one sorted membership test of every (row, item) against the excluded cells.
     """
-    b, m = ids.shape
-    out_ids = np.full((b, n), "", dtype=object)
+    b, m = items.shape
+    out_items = np.full((b, n), -1, dtype=np.int64)
     out_sc = np.full((b, n), -np.inf, dtype=np.float32)
     if b == 0 or n == 0 or m == 0:
-        return out_ids, out_sc
-    for i in range(b):
-        ex = excludes[i]
-        keep = [j for j, x in enumerate(ids[i].tolist()) if x and x not in ex][:n]
-        if keep:
-            out_ids[i, : len(keep)] = ids[i, keep]
-            out_sc[i, : len(keep)] = scores[i, keep]
-    return out_ids, out_sc
+        return out_items, out_sc
+    keep = items >= 0
+    if len(excluded.indices):
+        width = int(max(items.max(), excluded.indices.max())) + 1
+        cells = excluded.cell_rows() * width + excluded.indices  # sorted: rows ascending, items sorted within
+        key = np.arange(b, dtype=np.int64)[:, None] * width + items
+        at = np.minimum(np.searchsorted(cells, key), len(cells) - 1)
+        keep &= cells[at] != key
+    col = np.cumsum(keep, axis=1) - 1
+    keep &= col < n
+    r, c = np.nonzero(keep)
+    out_items[r, col[r, c]] = items[r, c]
+    out_sc[r, col[r, c]] = scores[r, c]
+    return out_items, out_sc
 
 
 FIRST_FETCH_EXTRA = 32
 
 
 def _two_pass(
-    search: Callable[[list[int], int], tuple[np.ndarray, np.ndarray]],
-    excludes: Sequence[set[str]],
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    excluded: Exclusions,
     n: int,
     cap: int,
     available: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-n non-excluded results per row with few searches.
+    """Top-n non-excluded items per row with few searches.
 
     Pass 1 fetches ``n + FIRST_FETCH_EXTRA`` for every row. A row left with fewer than n results
     whose exclusions exceed that margin is searched again with ``n + min(cap, |excluded|)``
     (rounded up to a power of two, rows grouped by that size). Both sizes depend only on the row,
     so a batch equals single calls, and one heavy user does not make a whole batch fetch
-    thousands of results. ``search(rows, k)`` returns ``(scores, ids)`` for those rows.
+    thousands of results. ``search(rows, k)`` returns ``(scores, items)`` for those rows.
     """
-    b = len(excludes)
-    rows = list(range(b))
-    D, hits = search(rows, min(available, n + FIRST_FETCH_EXTRA))
-    ids, sc = _filter_rows(hits, D, excludes, n)
-    short = [
-        i
-        for i in rows
-        if (ids[i] != "").sum() < n and len(excludes[i]) > FIRST_FETCH_EXTRA and available > n + FIRST_FETCH_EXTRA
-    ]
+    b = len(excluded)
+    D, hits = search(np.arange(b), min(available, n + FIRST_FETCH_EXTRA))
+    items, sc = _filter_rows(hits, D, excluded, n)
+    short = np.flatnonzero(((items >= 0).sum(axis=1) < n) & (excluded.sizes > FIRST_FETCH_EXTRA))
+    if available <= n + FIRST_FETCH_EXTRA:
+        short = short[:0]
     groups: dict[int, list[int]] = {}
-    for i in short:
-        need = n + min(cap, len(excludes[i]))
+    for i in short.tolist():
+        need = n + min(cap, int(excluded.sizes[i]))
         groups.setdefault(1 << (need - 1).bit_length(), []).append(i)
     for fetch, group in groups.items():
-        D, hits = search(group, min(available, fetch))
-        fi, fs = _filter_rows(hits, D, [excludes[i] for i in group], n)
-        ids[group], sc[group] = fi, fs
-    return ids, sc
+        D, hits = search(np.asarray(group), min(available, fetch))
+        fi, fs = _filter_rows(hits, D, excluded.take(group), n)
+        items[group], sc[group] = fi, fs
+    return items, sc
 
 
-class CandidateSource(abc.ABC):
-    """The contract every candidate source implements (see module doc)."""
+class CandidateSource:
+    """The contract every candidate source implements (see module doc).
+
+    A source implements either :meth:`retrieve_batch` (by id) or, the fast form,
+    :attr:`item_ids` and :meth:`search_items` (its own item space, by position), from which
+    the base class answers :meth:`retrieve_batch` in song ids and :meth:`retrieve_positions`
+    in positions of a catalogue (a :class:`SongTable`), the form the ranking path carries until
+    the final top-k. A source implementing only :meth:`retrieve_batch` is answered through it
+    there (its ids looked up in the catalogue).
+    """
 
     name: str = ""
 
-    @abc.abstractmethod
+    @property
+    def item_ids(self) -> Sequence[str | None]:
+        """The id of each item position :meth:`search_items` returns (None: no longer an item)."""
+        raise NotImplementedError(f"{type(self).__name__} searches by id only (retrieve_batch)")
+
+    def search_items(
+        self, states: Sequence[UserState], n: int, excluded: Exclusions
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-n per state: ``(items (b, n) int64 positions in item_ids, scores (b, n) float32)``
+        sorted best first, the ``excluded`` items (positions in item_ids) removed, ``-1`` /
+        ``-inf`` padding."""
+        raise NotImplementedError(f"{type(self).__name__} searches by id only (retrieve_batch)")
+
+    def _searches_items(self) -> bool:
+        return type(self).search_items is not CandidateSource.search_items
+
+    def item_positions(self, ids: list[str]) -> np.ndarray:
+        """Position in ``item_ids`` of each id, -1 where it is not an item."""
+        key = len(self.item_ids)
+        if getattr(self, "_item_pos", (None,))[0] != key:
+            self._item_pos = (key, {s: i for i, s in enumerate(self.item_ids) if s is not None})
+        pos = self._item_pos[1]
+        return np.asarray([pos.get(s, -1) for s in ids], dtype=np.int64)
+
     def retrieve_batch(
         self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-n per state: ``(ids (b, n) object, scores (b, n) float32)``, excluded ids removed."""
+        """Top-n per state: ``(ids (b, n) object, scores (b, n) float32)`` sorted best first,
+        excluded ids removed, ``""`` / ``-inf`` padding."""
+        if not self._searches_items():
+            raise NotImplementedError(f"{type(self).__name__} implements neither retrieve_batch nor search_items")
+        items, sc = self.search_items(states, n, Exclusions.from_ids(excludes, self.item_positions))
+        if getattr(self, "_lookup", None) is None or len(self._lookup) != len(self.item_ids) + 1:
+            self._lookup = np.asarray([s or "" for s in self.item_ids] + [""], dtype=object)
+        return self._lookup[np.where(items >= 0, items, len(self._lookup) - 1)], sc
 
     def retrieve(self, state: UserState, n: int, exclude: set[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One user: ``(ids (n,), scores (n,))``."""
         ids, sc = self.retrieve_batch([state], n, [exclude or set()])
         return ids[0], sc[0]
 
+    def retrieve_positions(
+        self, states: Sequence[UserState], n: int, excluded: Exclusions, catalogue: SongTable
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`retrieve_batch` in catalogue positions: ``excluded`` and the returned
+        ``(positions (b, n) int64, scores (b, n) float32)`` index ``catalogue.song_ids``
+        (``-1`` / ``-inf`` padding). An item outside the catalogue is a :class:`SchemaError`."""
+        if not self._searches_items():
+            if excluded.id_sets is None:
+                raise ConfigError(f"source {self.name!r} searches by id: its exclusions need their id sets")
+            ids, sc = self.retrieve_batch(states, n, excluded.id_sets)
+            found = ids != ""
+            pos = np.full(ids.shape, -1, dtype=np.int64)
+            pos[found] = catalogue.index_of(ids[found].tolist())
+            if (pos[found] < 0).any():
+                raise SchemaError(f"candidate song_id {ids[found][pos[found] < 0][0]!r} is not in the catalogue")
+            return pos, sc
+        to_cat, from_cat = self._catalogue_maps(catalogue)
+        items, sc = self.search_items(states, n, excluded.mapped(from_cat))
+        pos = np.where(items >= 0, to_cat[np.maximum(items, 0)], -1)
+        lost = (items >= 0) & (pos < 0)
+        if lost.any():
+            raise SchemaError(f"candidate song_id {self.item_ids[int(items[lost][0])]!r} is not in the catalogue")
+        return pos, sc
+
+    def _catalogue_maps(self, catalogue: SongTable) -> tuple[np.ndarray, np.ndarray]:
+        """(item position → catalogue position, catalogue position → item position), -1 where
+        none; computed once per catalogue size and item count (both only grow)."""
+        key = (len(catalogue), len(self.item_ids))
+        cached = getattr(self, "_maps", None)
+        if cached is None or cached[0] is not catalogue or cached[1] != key:
+            ids = self.item_ids
+            known = [i for i, s in enumerate(ids) if s is not None]
+            to_cat = np.full(len(ids), -1, dtype=np.int64)
+            to_cat[known] = catalogue.index_of([ids[i] for i in known])
+            from_cat = np.full(len(catalogue), -1, dtype=np.int64)
+            ok = np.flatnonzero(to_cat >= 0)
+            from_cat[to_cat[ok]] = ok
+            cached = self._maps = (catalogue, key, to_cat, from_cat)
+        return cached[2], cached[3]
+
     @staticmethod
     def _empty(b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.full((b, n), "", dtype=object), np.full((b, n), -np.inf, dtype=np.float32)
+        return np.full((b, n), -1, dtype=np.int64), np.full((b, n), -np.inf, dtype=np.float32)
 
 
 class FactorSource(CandidateSource):
-    """``als``: exact u·V top-N over warm songs."""
+    """``als``: exact u·V top-N over warm songs.
+
+    ``factors`` is used as given when it is contiguous float32 (the CF model's item matrix is
+    not copied)."""
 
     name = "als"
 
     def __init__(self, song_ids: Sequence[str], factors: np.ndarray) -> None:
         self.song_ids = list(song_ids)
         self.factors = np.ascontiguousarray(factors, dtype=np.float32)
-        self._pos = {s: i for i, s in enumerate(self.song_ids)}
-        self._lookup = np.asarray(self.song_ids + [""], dtype=object)
+        if self.factors.shape[0] != len(self.song_ids):
+            raise ConfigError(f"{len(self.song_ids)} song ids for factors of shape {self.factors.shape}")
         self._max_norm = float(np.linalg.norm(self.factors, axis=1).max()) if len(self.factors) else 0.0
 
-    def retrieve_batch(
-        self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]
+    @property
+    def item_ids(self) -> Sequence[str | None]:
+        return self.song_ids
+
+    def search_items(
+        self, states: Sequence[UserState], n: int, excluded: Exclusions
     ) -> tuple[np.ndarray, np.ndarray]:
         b = len(states)
-        ids, sc = self._empty(b, n)
+        items, sc = self._empty(b, n)
         rows = [i for i, s in enumerate(states) if s.cf_factor is not None]
         if n == 0 or not rows or not self.song_ids:
-            return ids, sc
+            return items, sc
         import scipy.sparse as sp
 
         U = np.stack([states[i].cf_factor for i in rows]).astype(np.float32)
         if U.shape[1] != self.factors.shape[1]:
             raise ConfigError(f"user factor width {U.shape[1]} != item factor width {self.factors.shape[1]}")
-        cols: list[int] = []
-        indptr = [0]
-        for i in rows:
-            cols.extend(j for j in (self._pos.get(s, -1) for s in excludes[i]) if j >= 0)
-            indptr.append(len(cols))
-        mask = sp.csr_matrix(
-            (np.ones(len(cols), np.float32), np.asarray(cols, np.int64), np.asarray(indptr)),
-            shape=(len(rows), len(self.song_ids)),
-        )
-        hits, D = top_k_by_factors(U, self.factors, self.song_ids, n, exclude=mask, lookup=self._lookup,
-                                   max_norm=self._max_norm)
-        ids[rows], sc[rows] = hits, D
-        return ids, sc
+        ex = excluded.take(rows)
+        mask = sp.csr_matrix((np.ones(len(ex.indices), np.float32), ex.indices, ex.indptr),
+                             shape=(len(rows), len(self.song_ids)))
+        items[rows], sc[rows] = top_k_items(U, self.factors, n, exclude=mask, max_norm=self._max_norm)
+        return items, sc
 
 
 class IndexSource(CandidateSource):
@@ -241,24 +402,30 @@ class IndexSource(CandidateSource):
         self.query = query
         self.max_overfetch = max_overfetch
 
-    def retrieve_batch(
-        self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]
+    @property
+    def item_ids(self) -> Sequence[str | None]:
+        return self.index.labels
+
+    def item_positions(self, ids: list[str]) -> np.ndarray:
+        return self.index.labels_of(ids)
+
+    def search_items(
+        self, states: Sequence[UserState], n: int, excluded: Exclusions
     ) -> tuple[np.ndarray, np.ndarray]:
         b = len(states)
-        ids, sc = self._empty(b, n)
+        items, sc = self._empty(b, n)
         rows = [i for i, s in enumerate(states) if getattr(s, self.query) is not None]
         if n == 0 or not rows or len(self.index) == 0:
-            return ids, sc
+            return items, sc
         Q = self._queries([getattr(states[i], self.query) for i in rows])
-        fi, fs = _two_pass(
-            lambda sel, k: self.index.search(Q[sel], k),
-            [excludes[i] for i in rows],
+        items[rows], sc[rows] = _two_pass(
+            lambda sel, k: self.index.search_labels(Q[sel], k),
+            excluded.take(rows),
             n,
             self.max_overfetch,
             len(self.index),
         )
-        ids[rows], sc[rows] = fi, fs
-        return ids, sc
+        return items, sc
 
     def _queries(self, vectors: list[np.ndarray]) -> np.ndarray:
         """The (b, d) float32 query matrix for the index from the states' vectors."""
@@ -317,21 +484,26 @@ class RankedListSource(CandidateSource):
     def __init__(self, name: str, song_ids: Sequence[str], scores: np.ndarray, *, max_overfetch: int = 2000) -> None:
         order = np.lexsort((np.arange(len(song_ids)), -np.asarray(scores, dtype=np.float64)))
         self.name = name
-        self.song_ids = np.asarray(list(song_ids), dtype=object)[order]
+        self.song_ids = np.asarray(list(song_ids), dtype=object).reshape(-1)[order]
         self.scores = np.asarray(scores, dtype=np.float32)[order]
         self.max_overfetch = max_overfetch
 
-    def retrieve_batch(
-        self, states: Sequence[UserState], n: int, excludes: Sequence[set[str]]
+    @property
+    def item_ids(self) -> Sequence[str | None]:
+        return self.song_ids  # type: ignore[return-value]  # an object array of str
+
+    def search_items(
+        self, states: Sequence[UserState], n: int, excluded: Exclusions
     ) -> tuple[np.ndarray, np.ndarray]:
         b = len(states)
         if n == 0 or b == 0 or len(self.song_ids) == 0:
             return self._empty(b, n)
 
-        def search(sel: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
-            return np.broadcast_to(self.scores[:k], (len(sel), k)), np.broadcast_to(self.song_ids[:k], (len(sel), k))
+        def search(sel: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            return (np.broadcast_to(self.scores[:k], (len(sel), k)),
+                    np.broadcast_to(np.arange(k, dtype=np.int64), (len(sel), k)))
 
-        return _two_pass(search, excludes, n, self.max_overfetch, len(self.song_ids))
+        return _two_pass(search, excluded, n, self.max_overfetch, len(self.song_ids))
 
 
 _NULL_RANK = np.iinfo(np.int32).max
@@ -360,6 +532,74 @@ def sorted_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq[order], rank[inv]
 
 
+def _gather(
+    sources: Sequence[CandidateSource],
+    config: CandidateConfig,
+    min_per_source: int,
+    fetch: Callable[[CandidateSource, int], tuple[np.ndarray, np.ndarray]],
+    pad: object,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every source's hits as cells: ``(row, item, source index, 1-based rank)``; None when
+    there are none. ``fetch(source, n)`` returns its (b, n) hits, ``pad`` where there are none."""
+    rs, items, srcs, rks = [], [], [], []
+    for src in sources:
+        if src.name not in SOURCE_ORDER:
+            raise ConfigError(f"candidate source {src.name!r} is not one of {SOURCE_ORDER}")
+        n = max(config.limit(src.name), min_per_source if config.limit(src.name) > 0 else 0)
+        if n == 0:
+            continue
+        hits, _ = fetch(src, n)
+        r, c = np.nonzero(hits != pad)
+        rs.append(r.astype(np.int64))
+        items.append(hits[r, c])
+        srcs.append(np.full(len(r), SOURCE_ORDER.index(src.name), dtype=np.int64))
+        rks.append((c + 1).astype(np.int64))
+    if not rs or sum(len(r) for r in rs) == 0:
+        return None
+    return np.concatenate(rs), np.concatenate(items), np.concatenate(srcs), np.concatenate(rks)
+
+
+def lex_order(*keys: np.ndarray) -> np.ndarray:
+    """``np.lexsort(keys)`` (the last key primary) for non-negative integer keys: one stable
+    argsort of the keys packed into an int64 when their ranges fit in 63 bits (several times
+    faster than a sort pass per key), ``np.lexsort`` otherwise."""
+    bits = [int(k.max()).bit_length() if len(k) else 0 for k in keys]
+    if sum(bits) > 63:
+        return np.lexsort(keys)
+    packed = np.zeros(len(keys[0]), dtype=np.int64)
+    shift = 0
+    for k, nb in zip(keys, bits):
+        packed |= np.asarray(k, dtype=np.int64) << shift
+        shift += nb
+    return np.argsort(packed, kind="stable")
+
+
+def _union(
+    row: np.ndarray, item: np.ndarray, src_: np.ndarray, rank: np.ndarray, code: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One row per (row, item) of the cells, ordered by row, best source, best rank, ``code``
+    (the item's place in song-id order): ``(rows, items, best, ranks)`` as
+    :func:`candidate_arrays` returns them."""
+    nsrc = len(SOURCE_ORDER)
+    packed = rank * nsrc + src_  # (rank, source): ties go to the earlier source
+    by = lex_order(packed, code, row)  # each (row, code) group together, its best cell first
+    row, code, packed = row[by], code[by], packed[by]
+    first = np.r_[True, (np.diff(row) != 0) | (np.diff(code) != 0)]
+    ginv = np.cumsum(first) - 1
+    R = np.full((int(first.sum()), nsrc), _NULL_RANK, dtype=np.int64)
+    np.minimum.at(R, (ginv, src_[by]), rank[by])
+    best, minrank = packed[first] % nsrc, packed[first] // nsrc
+    grow, gcode, gitem = row[first], code[first], item[by[first]]
+    order = lex_order(gcode, minrank, best, grow)
+    R = np.where(R == _NULL_RANK, 0, R)[order].astype(np.int32)
+    return grow[order], gitem[order], best[order].astype(np.int8), R
+
+
+def _no_candidates(item_dtype: object) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return (np.zeros(0, np.int64), np.zeros(0, dtype=item_dtype), np.zeros(0, np.int8),
+            np.zeros((0, len(SOURCE_ORDER)), np.int32))
+
+
 def candidate_arrays(
     states: Sequence[UserState],
     sources: Sequence[CandidateSource],
@@ -368,8 +608,9 @@ def candidate_arrays(
     excludes: Sequence[set[str] | None] | None = None,
     min_per_source: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The union of the sources' candidates per user as arrays: the one implementation behind
-    :func:`generate_candidates` (which wraps it in a frame) and the small-batch serving path.
+    """The union of the sources' candidates per user as arrays, in song ids: what
+    :func:`generate_candidates` wraps in a frame. :func:`candidate_positions` is the same
+    union in catalogue positions (the serving path).
 
     Parameters are those of :func:`generate_candidates`.
 
@@ -393,40 +634,36 @@ def candidate_arrays(
         if excludes is not None and excludes[i]:
             e |= set(excludes[i])  # type: ignore[arg-type]
         excl.append(e)
-    rs, ids, srcs, rks = [], [], [], []
-    for src in sources:
-        if src.name not in SOURCE_ORDER:
-            raise ConfigError(f"candidate source {src.name!r} is not one of {SOURCE_ORDER}")
-        n = max(config.limit(src.name), min_per_source if config.limit(src.name) > 0 else 0)
-        if n == 0:
-            continue
-        hits, _ = src.retrieve_batch(states, n, excl)
-        r, c = np.nonzero(hits != "")
-        rs.append(r.astype(np.int64))
-        ids.append(hits[r, c])
-        srcs.append(np.full(len(r), SOURCE_ORDER.index(src.name), dtype=np.int64))
-        rks.append((c + 1).astype(np.int64))
-    nsrc = len(SOURCE_ORDER)
-    if not rs or sum(len(r) for r in rs) == 0:
-        return (
-            np.zeros(0, np.int64),
-            np.zeros(0, dtype=object),
-            np.zeros(0, np.int8),
-            np.zeros((0, nsrc), np.int32),
-        )
-    row, sid = np.concatenate(rs), np.concatenate(ids)
-    src_, rank = np.concatenate(srcs), np.concatenate(rks)
-    uniq, code = sorted_codes(sid)  # codes follow song-id order (the final tie-break)
-    group, ginv = np.unique(row * len(uniq) + code, return_inverse=True)
-    R = np.full((len(group), nsrc), _NULL_RANK, dtype=np.int64)
-    np.minimum.at(R, (ginv, src_), rank)
-    key = np.full(len(group), np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(key, ginv, rank * nsrc + src_)  # (rank, source) packed: ties go to the earlier source
-    best, minrank = key % nsrc, key // nsrc
-    grow, gcode = group // len(uniq), group % len(uniq)
-    order = np.lexsort((gcode, minrank, best, grow))
-    R = np.where(R == _NULL_RANK, 0, R)[order].astype(np.int32)
-    return grow[order], uniq[gcode[order]], best[order].astype(np.int8), R
+    cells = _gather(sources, config, min_per_source, lambda src, n: src.retrieve_batch(states, n, excl), "")
+    if cells is None:
+        return _no_candidates(object)
+    row, sid, src_, rank = cells
+    _, code = sorted_codes(sid)  # codes follow song-id order (the final tie-break)
+    return _union(row, sid, src_, rank, code)
+
+
+def candidate_positions(
+    states: Sequence[UserState],
+    sources: Sequence[CandidateSource],
+    config: CandidateConfig,
+    catalogue: SongTable,
+    *,
+    excluded: Exclusions | None = None,
+    min_per_source: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`candidate_arrays` in positions of ``catalogue``: the same rows, with ``songs``
+    (n,) int64 catalogue positions in place of song ids; no string is touched per candidate.
+
+    ``excluded``: what each state may not get (:meth:`Exclusions.of_states`: its history and
+    the caller's excludes; computed from the histories when None).
+    """
+    ex = excluded if excluded is not None else Exclusions.of_states(states, catalogue)
+    cells = _gather(sources, config, min_per_source,
+                    lambda src, n: src.retrieve_positions(states, n, ex, catalogue), -1)
+    if cells is None:
+        return _no_candidates(np.int64)
+    row, pos, src_, rank = cells
+    return _union(row, pos, src_, rank, catalogue.id_rank[pos])
 
 
 def generate_candidates(

@@ -516,9 +516,32 @@ def top_k_by_factors(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of U·Vᵀ per row, with a CSR mask of excluded items; ``""``/-inf padding.
 
-    ``chunk`` bounds the rows searched together. ``lookup``, when given, is ``item_ids + [""]``
-    as an object array, and ``max_norm`` the largest row norm of V: kept by a caller that
-    searches often, so that no per-call pass over the ids or V is made.
+    :func:`top_k_items` with the item indices turned into ids. ``lookup``, when given, is
+    ``item_ids + [""]`` as an object array: kept by a caller that searches often, so that no
+    per-call pass over the ids is made.
+
+    Returns ``(ids (n, k) object, scores (n, k) float32)`` sorted by descending score, ties by item
+    index (deterministic).
+    """
+    if lookup is None:
+        lookup = np.asarray(list(item_ids) + [""], dtype=object)
+    items, scores = top_k_items(U, V, k, exclude=exclude, chunk=chunk, max_norm=max_norm)
+    return lookup[np.where(items >= 0, items, len(lookup) - 1)], scores
+
+
+def top_k_items(
+    U: np.ndarray,
+    V: np.ndarray,
+    k: int,
+    *,
+    exclude: sp.csr_matrix | None = None,
+    chunk: int = 1024,
+    max_norm: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of U·Vᵀ per row as item indices, with a CSR mask of excluded items.
+
+    ``chunk`` bounds the rows searched together. ``max_norm``, when given, is the largest row
+    norm of V (kept by a caller that searches often, so that no per-call pass over V is made).
 
     How: float32 scores through BLAS matrix products, whatever the batch size (FAISS's exact
     k-NN switches to BLAS only from ``faiss.cvar.distance_compute_blas_threshold`` queries,
@@ -531,17 +554,15 @@ def top_k_by_factors(
     items (equal factors) straddles the k-th place. Nothing process-global (such as FAISS's
     threshold) is changed.
 
-    Returns ``(ids (n, k) object, scores (n, k) float32)`` sorted by descending score, ties by item
-    index (deterministic).
+    Returns ``(items (n, k) int64, scores (n, k) float32)`` sorted by descending score, ties by
+    item index; ``-1`` / ``-inf`` padding where fewer than k items remain.
     """
     n = U.shape[0]
-    if lookup is None:
-        lookup = np.asarray(list(item_ids) + [""], dtype=object)
     n_items = V.shape[0]
-    ids = np.full((n, k), "", dtype=object)
+    items = np.full((n, k), -1, dtype=np.int64)
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     if n == 0 or n_items == 0:
-        return ids, scores
+        return items, scores
     kk = min(k, n_items)
     Vc = np.ascontiguousarray(V, dtype=np.float32)
     # |float32 dot - exact| <= f * 2^-24 * |u| * |v| (+ rounding of the sum): 4x that as the bound
@@ -554,7 +575,7 @@ def top_k_by_factors(
     def write(at: np.ndarray, top: np.ndarray, ts: np.ndarray) -> None:
         ok = np.isfinite(ts)
         scores[at, : ts.shape[1]] = np.where(ok, ts, -np.inf)
-        ids[at, : ts.shape[1]] = lookup[np.where(ok, top, n_items)]
+        items[at, : ts.shape[1]] = np.where(ok, top, -1)
 
     for start in range(0, n, rows_per_pass):
         Uc = np.ascontiguousarray(U[start : start + rows_per_pass], dtype=np.float32)
@@ -577,6 +598,6 @@ def top_k_by_factors(
             r = np.repeat(np.arange(len(redo)), [len(c) for c, _ in found])
             Hr, Pr = _padded(r, _row_positions(r, len(redo)), np.concatenate([c for c, _ in found]),
                              np.concatenate([v for _, v in found]), len(redo))
-            ids[start + redo], scores[start + redo] = "", -np.inf
+            items[start + redo], scores[start + redo] = -1, -np.inf
             write(start + redo, *_finish(Uc[redo], Vc, Hr, Pr, kk, tol[redo]))
-    return ids, scores
+    return items, scores

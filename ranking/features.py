@@ -44,7 +44,7 @@ import polars as pl
 
 from apex_rank.errors import SchemaError
 from apex_rank.ranking.candidates import RANK_COLUMNS
-from apex_rank.ranking.state import SongTable, UserState
+from apex_rank.ranking.state import SongTable, UserState, history_positions
 from apex_rank.tasks import APEX_TASKS
 
 RECENT = 10  # latest history songs behind ``recent_cf_sim``
@@ -79,8 +79,33 @@ def _stack_present(vectors: Sequence[np.ndarray | None], width: int) -> tuple[np
     return present, out
 
 
+def _history_means(
+    values: np.ndarray, history: tuple[np.ndarray, np.ndarray], keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per user, the mean of ``values`` over its history entries where ``keep``: ``(means (b, w)
+    float32, has (b,) bool)``. The same arithmetic as ``values[entries].mean(axis=0)`` per user
+    (float32 sums in history order, divided in float64, rounded to float32), for all users at
+    once."""
+    indptr, idx = history
+    b = len(indptr) - 1
+    rows = np.repeat(np.arange(b, dtype=np.int64), np.diff(indptr))[keep]
+    sums = np.zeros((b, values.shape[1]), dtype=np.float32)
+    np.add.at(sums, rows, values[idx[keep]])
+    counts = np.bincount(rows, minlength=b)
+    has = counts > 0
+    means = np.zeros_like(sums)
+    means[has] = (sums[has].astype(np.float64) / counts[has, None]).astype(np.float32)
+    return means, has
+
+
 def feature_array(
-    states: Sequence[UserState], users: np.ndarray, songs: np.ndarray, ranks: np.ndarray, song_table: SongTable
+    states: Sequence[UserState],
+    users: np.ndarray,
+    songs: np.ndarray,
+    ranks: np.ndarray,
+    song_table: SongTable,
+    *,
+    history: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The feature logic: a float32 (n, len(FEATURES)) matrix in ``FEATURES`` order, NaN = missing.
 
@@ -99,6 +124,9 @@ def feature_array(
         (n, len(RANK_COLUMNS)) source ranks, NaN where the source did not return the song.
     song_table:
         The song side.
+    history:
+        :func:`~apex_rank.ranking.state.history_positions` of ``states`` when the caller has it
+        (looked up here otherwise).
     """
     u = np.asarray(users, dtype=np.int64)
     s = np.asarray(songs, dtype=np.int64)
@@ -107,22 +135,17 @@ def feature_array(
 
     has_cf, U = _stack_present([x.cf_factor for x in states], st.cf_factors.shape[1])
     has_prof, P = _stack_present([x.profile for x in states], st.embeddings.shape[1])
-    # per user, from one lookup of its history: mean priors over the known history songs, and
+    # per user, from one lookup of all histories: mean priors over the known history songs, and
     # the mean CF factor of the warm songs among its RECENT latest entries
-    hist_mean = np.full((len(states), len(APEX_TASKS)), np.nan, dtype=np.float32)
-    R_u = np.zeros((len(states), st.cf_factors.shape[1]), dtype=np.float32)
-    has_recent = np.zeros(len(states), dtype=bool)
-    for i, x in enumerate(states):
-        idx = st.index_of(x.history)
-        hi = idx[idx >= 0]
-        if len(hi):
-            hist_mean[i] = st.priors[hi].mean(axis=0)
-        recent = idx[-RECENT:]
-        recent = recent[recent >= 0]
-        recent = recent[st.warm[recent]]
-        if len(recent):
-            R_u[i] = st.cf_factors[recent].mean(axis=0)
-            has_recent[i] = True
+    hist = history if history is not None else history_positions(states, st)
+    indptr, idx = hist
+    known = idx >= 0
+    hist_mean, has_hist = _history_means(st.priors, hist, known)
+    hist_mean[~has_hist] = np.nan
+    from_end = np.repeat(indptr[1:], np.diff(indptr)) - np.arange(len(idx))  # 1 for a history's latest entry
+    recent = known & (from_end <= RECENT)
+    recent[recent] = st.warm[idx[recent]]
+    R_u, has_recent = _history_means(st.cf_factors, hist, recent)
     activity = np.log1p(np.asarray([x.activity for x in states], dtype=np.float32))
 
     X = np.empty((n, len(FEATURES)), dtype=np.float32)
@@ -141,7 +164,9 @@ def feature_array(
     rec = np.full(n, np.nan, dtype=np.float32)
     mr = has_recent[u]
     if mr.any():
-        V = np.where(warm[mr, None], st.cf_factors[s[mr]], st.pseudo_factors[s[mr]])
+        V = st.pseudo_factors[s[mr]]
+        w = warm[mr]
+        V[w] = st.cf_factors[s[mr][w]]
         rec[mr] = _rowdot(R_u[u[mr]], V)
     X[:, col["recent_cf_sim"]] = rec
     csim = np.full(n, np.nan, dtype=np.float32)

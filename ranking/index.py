@@ -216,6 +216,14 @@ class CandidateIndex:
         ids:
             (n, k) object array of song ids, ``""`` as padding.
         """
+        scores, labels = self.search_labels(queries, k)
+        if self._lookup is None or len(self._lookup) != len(self._ids) + 1:
+            self._lookup = np.asarray(self._ids + [""], dtype=object)
+        return scores, self._lookup[np.where(labels >= 0, labels, len(self._ids))]
+
+    def search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` with int64 labels (positions in :attr:`labels`) instead of ids:
+        ``(scores (n, k) float32 with -inf padding, labels (n, k) int64 with -1 padding)``."""
         Q = np.asarray(queries, dtype=np.float32)
         if Q.ndim == 1:
             Q = Q[None, :]
@@ -225,19 +233,25 @@ class CandidateIndex:
             raise ConfigError(f"k must be >= 1, got {k}")
         n = Q.shape[0]
         scores = np.full((n, k), -np.inf, dtype=np.float32)
-        out = np.full((n, k), "", dtype=object)
+        labels = np.full((n, k), -1, dtype=np.int64)
         if n == 0 or self.ntotal == 0:
-            return scores, out
+            return scores, labels
         Q = l2_normalize(Q) if self.normalize else np.ascontiguousarray(Q)
         kk = min(k, self.ntotal)
         D, hits = self._searcher().search(Q, kk)  # type: ignore[attr-defined]
         valid = hits >= 0
-        if self._lookup is None or len(self._lookup) != len(self._ids) + 1:
-            self._lookup = np.asarray(self._ids + [""], dtype=object)
-        lookup = self._lookup
         scores[:, :kk] = np.where(valid, D, -np.inf)
-        out[:, :kk] = lookup[np.where(valid, hits, len(self._ids))]
-        return scores, out
+        labels[:, :kk] = np.where(valid, hits, -1)
+        return scores, labels
+
+    @property
+    def labels(self) -> list[str | None]:
+        """The id of every label :meth:`search_labels` can return, by label (None: removed)."""
+        return self._ids
+
+    def labels_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The label of each id, -1 for ids not in the index."""
+        return np.asarray([self._pos.get(s, -1) for s in ids], dtype=np.int64)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> list[Path]:

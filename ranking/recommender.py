@@ -58,10 +58,11 @@ from apex_rank.ranking.candidates import (
     SOURCE_ORDER,
     CandidateConfig,
     CandidateSource,
+    Exclusions,
     FactorSource,
     IndexSource,
     RankedListSource,
-    candidate_arrays,
+    candidate_positions,
     generate_candidates,
     sorted_codes,
 )
@@ -70,7 +71,7 @@ from apex_rank.ranking.content_map import ContentToCF
 from apex_rank.ranking.features import build_feature_frame, feature_array
 from apex_rank.ranking.index import CandidateIndex, l2_normalize
 from apex_rank.ranking.reranker import Reranker, RerankerConfig, check_cold_share, grade_labels, select_top_k
-from apex_rank.ranking.state import SongTable, UserState, quality_score
+from apex_rank.ranking.state import SongTable, UserState, history_positions, quality_score
 from apex_rank.schemas import check_id_column, embedding_matrix, validate_interactions, validate_songs
 from apex_rank.tasks import APEX_TASKS
 from apex_rank.training import TrainConfig
@@ -680,11 +681,10 @@ class Recommender:
 
     def _make_sources(self) -> None:
         t = self.songs
-        warm = np.flatnonzero(t.warm)
         cold = np.flatnonzero(~t.warm & (True if self._rankable is None else self._rankable))
         mo = self.config.candidates.max_overfetch
         self.sources: list[CandidateSource] = [
-            FactorSource([t.song_ids[i] for i in warm], t.cf_factors[warm]),
+            FactorSource(self.cf.song_ids, self.cf.item_factors),  # the CF model's matrix, not a copy
             IndexSource("content", self.content_index, "profile", max_overfetch=mo),
             IndexSource("pseudo_cf", self.pseudo_index, "cf_factor", max_overfetch=mo),
             RankedListSource("fresh", [t.song_ids[i] for i in cold], t.quality[cold], max_overfetch=mo),
@@ -1169,34 +1169,55 @@ def rank_arrays(
     ``cold_share`` (exposure control, see :func:`select_top_k`): exactly that share of new
     songs; None: the scores decide, with at least ``min_cold_share`` new songs.
 
-    Runs on arrays (:func:`~apex_rank.ranking.candidates.candidate_arrays`,
-    :func:`~apex_rank.ranking.features.feature_array`, ``Reranker.score_matrix``): the same
-    functions ``generate_candidates`` / ``build_feature_frame`` wrap, without building frames.
-    Ties within a user go to the smaller song id. :func:`rank_states` is its frame form.
+    Runs on arrays of catalogue positions (:func:`~apex_rank.ranking.candidates.candidate_positions`,
+    :func:`~apex_rank.ranking.features.feature_array`, ``Reranker.score_matrix``): the union and
+    features ``generate_candidates`` / ``build_feature_frame`` compute, without frames; the
+    histories are looked up once for the batch and ids are read only for the top-k. Ties within
+    a user go to the smaller song id. :func:`rank_states` is its frame form.
     """
-    rows, ids, best, R = candidate_arrays(states, sources, candidate_config, excludes=excludes, min_per_source=k)
+    hist = history_positions(states, song_table)
+    excluded = Exclusions.of_states(states, song_table, excludes, history=hist)
+    rows, s, best, R = candidate_positions(states, sources, candidate_config, song_table, excluded=excluded,
+                                           min_per_source=k)
     if len(rows) == 0:
         e = np.zeros(0, np.int64)
         return RankedArrays(e, np.zeros(0, object), e, np.zeros(0), np.zeros(0, np.int8), np.zeros(0, np.int32))
-    s = song_table.index_of(ids.tolist())
-    if (s < 0).any():
-        raise SchemaError(f"candidate song_id {ids[int(np.flatnonzero(s < 0)[0])]!r} is not in the catalogue")
     upos = {st.user_id: i for i, st in enumerate(states)}  # a repeated user id reads its last state
-    uids = np.asarray([st.user_id for st in states], dtype=object)
-    u = np.asarray([upos[x] for x in uids[rows].tolist()], dtype=np.int64)
-    X = feature_array(states, u, s, np.where(R > 0, R, np.nan).astype(np.float32), song_table)
+    last = np.asarray([upos[st.user_id] for st in states], dtype=np.int64)
+    X = feature_array(states, last[rows], s, np.where(R > 0, R, np.nan).astype(np.float32), song_table, history=hist)
     scores = reranker.score_matrix(X)
     # users by user id, then score descending, ties by song id
-    _, urank = sorted_codes(uids)
-    _, code = sorted_codes(ids)
-    user_key = urank[rows]
-    order = np.lexsort((code, -scores, user_key))
+    _, urank = sorted_codes(np.asarray([st.user_id for st in states], dtype=object))
+    cold = ~song_table.warm[s]
+    order = np.flatnonzero(_contenders(rows, scores, cold, k, len(states)))
+    user_key = urank[rows[order]]
+    order = order[np.lexsort((song_table.id_rank[s[order]], -scores[order], user_key))]
     if cold_share is None:
-        keep, rank = select_top_k(user_key[order], ~song_table.warm[s[order]], k, min_cold_share, floor=True)
+        keep, rank = select_top_k(urank[rows[order]], cold[order], k, min_cold_share, floor=True)
     else:
-        keep, rank = select_top_k(user_key[order], ~song_table.warm[s[order]], k, cold_share)
+        keep, rank = select_top_k(urank[rows[order]], cold[order], k, cold_share)
     keep = order[keep]
-    return RankedArrays(rows[keep], ids[keep], s[keep], scores[keep].astype(np.float64), best[keep], rank)
+    return RankedArrays(rows[keep], song_table.id_array[s[keep]], s[keep], scores[keep].astype(np.float64), best[keep],
+                        rank)
+
+
+def _contenders(rows: np.ndarray, scores: np.ndarray, cold: np.ndarray, k: int, b: int) -> np.ndarray:
+    """(n,) bool: the candidates that can make their state's top k, each state's k best new and
+    k best warm songs by score (and any tied with the k-th). :func:`select_top_k` only ever
+    takes a user's best new and best warm songs, at most k of each, so sorting these alone
+    gives its answer, at every ``cold_share``. ``rows`` (the state of each candidate) ascending."""
+    keep = np.zeros(len(rows), dtype=bool)
+    for part in (np.flatnonzero(cold), np.flatnonzero(~cold)):
+        r = rows[part]
+        counts = np.bincount(r, minlength=b)
+        if len(part) == 0 or counts.max() <= k:
+            keep[part] = True
+            continue
+        M = np.full((b, int(counts.max())), -np.inf)
+        M[r, np.arange(len(r)) - (np.cumsum(counts) - counts)[r]] = scores[part]
+        kth = -np.partition(-M, k - 1, axis=1)[:, k - 1]  # -inf for a state with fewer than k
+        keep[part] = scores[part] >= kth[r]
+    return keep
 
 
 MAX_K = 1000  # longest list the Python API and CLI rank (the HTTP service caps at its max_k, 500)

@@ -93,14 +93,23 @@ class SongTable:
     _frame: pl.DataFrame | None = field(default=None, repr=False)
     popularity_scale: float = field(default=1.0, init=False)
     cold_fraction: float = field(default=0.0, init=False)
+    id_array: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object), init=False, repr=False)
+    id_rank: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.reindex()
 
     def reindex(self) -> None:
         """Rebuild the id lookups, ``popularity_scale`` (1 + the mean count of warm songs) and
-        ``cold_fraction`` (share of songs without a CF factor)."""
+        ``cold_fraction`` (share of songs without a CF factor).
+
+        ``id_array`` is ``song_ids`` as an object array (position → id for whole arrays of
+        positions) and ``id_rank`` each song's place in song-id order: the ranking path carries
+        positions and breaks ties by song id through it, without touching strings."""
         self._pos = {s: i for i, s in enumerate(self.song_ids)}
+        self.id_array = np.asarray(self.song_ids, dtype=object).reshape(-1)
+        self.id_rank = np.empty(len(self.song_ids), dtype=np.int64)
+        self.id_rank[np.argsort(self.id_array, kind="stable")] = np.arange(len(self.song_ids))
         w = np.asarray(self.warm, dtype=bool)
         self.popularity_scale = 1.0 + (float(np.mean(self.popularity[w])) if w.any() else 0.0)
         self.cold_fraction = float(1.0 - w.mean()) if len(w) else 0.0
@@ -182,6 +191,15 @@ class SongTable:
             setattr(self, name, np.ascontiguousarray(np.concatenate([getattr(self, name), getattr(other, name)])))
         self.song_ids = self.song_ids + list(other.song_ids)
         self.reindex()
+
+
+def history_positions(states: Sequence[UserState], song_table: SongTable) -> tuple[np.ndarray, np.ndarray]:
+    """The states' histories as ``song_table`` positions, in one lookup for the whole batch:
+    ``(indptr (b + 1,), positions)`` in CSR form, each history in its own order, -1 for ids
+    outside the table."""
+    lens = np.fromiter((len(x.history) for x in states), dtype=np.int64, count=len(states))
+    indptr = np.r_[0, np.cumsum(lens)].astype(np.int64)
+    return indptr, song_table.index_of([s for x in states for s in x.history])
 
 
 def quality_score(priors: np.ndarray, popularity: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:

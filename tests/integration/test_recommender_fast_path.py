@@ -11,9 +11,24 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from apex_rank.ranking.candidates import RANK_COLUMNS, SOURCE_ORDER, candidate_arrays, generate_candidates
-from apex_rank.ranking.features import FEATURES, build_feature_frame, feature_array, feature_matrix
-from apex_rank.ranking.recommender import rank_states
+from apex_rank.ranking.candidates import (
+    RANK_COLUMNS,
+    SOURCE_ORDER,
+    candidate_arrays,
+    candidate_positions,
+    generate_candidates,
+)
+from apex_rank.ranking.features import (
+    FEATURES,
+    GAP_COLUMNS,
+    RECENT,
+    _rowdot,
+    build_feature_frame,
+    feature_array,
+    feature_matrix,
+)
+from apex_rank.ranking.recommender import rank_arrays, rank_states
+from apex_rank.ranking.reranker import select_top_k
 from apex_rank.ranking.state import UserState
 from apex_rank.threads import using_threads
 from tests.integration.test_recommender_fixtures import recommender
@@ -78,3 +93,69 @@ def test_frame_wrappers_share_the_array_functions() -> None:
     assert list(frame.columns[:3]) == ["user_id", "song_id", "source"]
     with using_threads(1):
         np.testing.assert_array_equal(rec.reranker.score(frame), rec.reranker.score_matrix(X))
+
+
+def test_positions_path_equals_id_path() -> None:
+    """candidate_positions is candidate_arrays in catalogue positions, row for row."""
+    rec = recommender()
+    states = [rec.user_state(u) for u in rec.user_ids[:30]]
+    rows, ids, best, R = candidate_arrays(states, rec.sources, rec.config.candidates, min_per_source=20)
+    prow, pos, pbest, pR = candidate_positions(states, rec.sources, rec.config.candidates, rec.songs, min_per_source=20)
+    np.testing.assert_array_equal(prow, rows)
+    assert rec.songs.id_array[pos].tolist() == ids.tolist()
+    np.testing.assert_array_equal(pbest, best)
+    np.testing.assert_array_equal(pR, R)
+
+
+def test_history_features_equal_the_per_user_means() -> None:
+    """The batch's history means (one lookup, grouped sums) are bit-identical to a per-user
+    ``mean(axis=0)``, with ids outside the catalogue and cold songs in the histories."""
+    rec = recommender()
+    st = rec.songs
+    cold = [st.song_ids[i] for i in np.flatnonzero(~st.warm)[:3]]
+    states = [rec.user_state(u) for u in rec.user_ids[:25]]
+    states[0] = UserState("x0", states[0].cf_factor, states[0].profile, ("nope", *states[0].history, "gone", *cold))
+    states[1] = UserState("x1", states[1].cf_factor, None, ("nope",))
+    states[2] = UserState("x2", states[2].cf_factor, None, tuple(cold))
+    rows, ids, _, R = candidate_arrays(states, rec.sources, rec.config.candidates)
+    s = st.index_of(ids.tolist())
+    X = feature_array(states, rows, s, np.where(R > 0, R, np.nan), st)
+    for i, x in enumerate(states):
+        idx = st.index_of(x.history)
+        hi = idx[idx >= 0]
+        mean = st.priors[hi].mean(axis=0) if len(hi) else np.full(7, np.nan, np.float32)
+        recent = idx[-RECENT:]
+        recent = recent[(recent >= 0)]
+        recent = recent[st.warm[recent]]
+        m = rows == i
+        gaps = X[m][:, [FEATURES.index(c) for c in GAP_COLUMNS]]
+        np.testing.assert_array_equal(gaps, (st.priors[s[m]] - mean).astype(np.float32))
+        got = X[m, FEATURES.index("recent_cf_sim")]
+        if len(recent):
+            V = np.where(st.warm[s[m], None], st.cf_factors[s[m]], st.pseudo_factors[s[m]])
+            want = _rowdot(np.repeat(st.cf_factors[recent].mean(axis=0)[None], m.sum(), axis=0), V)
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert np.isnan(got).all()
+
+
+def test_top_k_of_the_contenders_equals_the_top_k_of_all() -> None:
+    """rank_arrays sorts only each user's k best new and k best warm candidates: its lists equal
+    a full sort of every candidate, with and without a new-song share or floor."""
+    rec = recommender()
+    states = [rec.user_state(u) for u in rec.user_ids[:40]]
+    st = rec.songs
+    with using_threads(1):
+        for k, share, floor in ((5, None, 0.0), (10, 0.3, 0.0), (10, None, 0.2), (20, 1.0, 0.0), (3, 0.5, 0.0)):
+            got = rank_arrays(states, k, rec.sources, st, rec.reranker, rec.config.candidates, cold_share=share,
+                              min_cold_share=floor)
+            rows, pos, _, R = candidate_positions(states, rec.sources, rec.config.candidates, st, min_per_source=k)
+            scores = rec.reranker.score_matrix(feature_array(states, rows, pos, np.where(R > 0, R, np.nan), st))
+            order = np.lexsort((st.id_rank[pos], -scores, rows))  # user ids follow state order here
+            if share is None:
+                keep, rank = select_top_k(rows[order], ~st.warm[pos[order]], k, floor, floor=True)
+            else:
+                keep, rank = select_top_k(rows[order], ~st.warm[pos[order]], k, share)
+            np.testing.assert_array_equal(got.song, pos[order[keep]])
+            np.testing.assert_array_equal(got.rank, rank)
+            assert got.song_id.tolist() == st.id_array[pos[order[keep]]].tolist()

@@ -12,6 +12,7 @@ import pytest
 from apex_rank.errors import UnknownIdError
 from apex_rank.ranking.candidates import (
     CandidateSource,
+    Exclusions,
     FactorIndexConfig,
     FactorIndexSource,
     FactorSource,
@@ -20,13 +21,33 @@ from apex_rank.ranking.candidates import (
 )
 from apex_rank.ranking.cf import CFConfig, CFModel
 from apex_rank.ranking.index import CandidateIndex
-from apex_rank.ranking.state import UserState
+from apex_rank.ranking.state import SongTable, UserState
 
 N_SONGS, DIM, F = 60, 8, 4
 RNG = np.random.default_rng(3)
 SONGS = [f"s{i:03d}" for i in range(N_SONGS)]
 E = RNG.normal(size=(N_SONGS, DIM)).astype(np.float32)
 V = RNG.normal(size=(N_SONGS, F)).astype(np.float32)
+
+
+def _catalogue() -> SongTable:
+    """A song table holding SONGS in another order, and two songs no source holds."""
+    ids = [SONGS[i] for i in np.random.default_rng(7).permutation(N_SONGS)] + ["zz-a", "aa-b"]
+    n = len(ids)
+    z = np.zeros(n, np.float32)
+    return SongTable(ids, np.zeros((n, DIM), np.float32), np.zeros((n, F), np.float32), np.ones(n, bool),
+                     np.zeros((n, F), np.float32), np.zeros((n, 7), np.float32), z, np.zeros(n), z, 0.0,
+                     np.zeros(7, np.float32), np.ones(7, np.float32))
+
+
+class _ById(CandidateSource):
+    """A source implementing only the by-id form of the contract."""
+
+    def __init__(self, base: CandidateSource) -> None:
+        self.base, self.name = base, base.name
+
+    def retrieve_batch(self, states, n, excludes):  # type: ignore[no-untyped-def]
+        return self.base.retrieve_batch(states, n, excludes)
 
 
 def _states() -> list[UserState]:
@@ -87,6 +108,21 @@ class SourceContract:
             i1, s1 = src.retrieve(s, 15, set(s.history))
             assert i1.tolist() == ids[r].tolist()
             np.testing.assert_allclose(s1, scores[r], rtol=1e-5, atol=1e-6)
+
+    def test_positions_equal_ids_through_a_catalogue(self) -> None:
+        """retrieve_positions answers what retrieve_batch does, in catalogue positions; so does
+        a source that implements only retrieve_batch."""
+        cat, states = _catalogue(), _states()
+        extra: list[set[str] | None] = [{SONGS[0], "zz-a", "not-a-song"}, None, set(), {SONGS[59]}, None, None]
+        sets = [set(s.history) | (e or set()) for s, e in zip(states, extra)]
+        ids, scores = self.make().retrieve_batch(states, 25, sets)
+        ex = Exclusions.of_states(states, cat, extra)
+        assert ex.sizes.tolist() == [len(e) for e in sets]
+        for src in (self.make(), _ById(self.make())):
+            pos, sc = src.retrieve_positions(states, 25, ex, cat)
+            assert pos.dtype == np.int64 and pos.shape == ids.shape
+            assert np.where(pos >= 0, cat.id_array[pos], "").tolist() == ids.tolist()
+            np.testing.assert_array_equal(sc, scores)
 
     def test_zero_n_and_empty_batch(self) -> None:
         src, states = self.make(), _states()
