@@ -325,21 +325,22 @@ class CandidateSource:
             return pos, sc
         to_cat, from_cat = self._catalogue_maps(catalogue)
         items, sc = self.search_items(states, n, excluded.mapped(from_cat))
-        pos = np.where(items >= 0, to_cat[np.maximum(items, 0)], -1)
+        pos = to_cat[items]  # padding -1 reads the trailing -1
         lost = (items >= 0) & (pos < 0)
         if lost.any():
             raise SchemaError(f"candidate song_id {self.item_ids[int(items[lost][0])]!r} is not in the catalogue")
         return pos, sc
 
     def _catalogue_maps(self, catalogue: SongTable) -> tuple[np.ndarray, np.ndarray]:
-        """(item position → catalogue position, catalogue position → item position), -1 where
-        none; computed once per catalogue size and item count (both only grow)."""
+        """(item position → catalogue position, with a trailing -1 for the padding item -1;
+        catalogue position → item position), -1 where none; computed once per catalogue size
+        and item count (both only grow)."""
         key = (len(catalogue), len(self.item_ids))
         cached = getattr(self, "_maps", None)
         if cached is None or cached[0] is not catalogue or cached[1] != key:
             ids = self.item_ids
             known = [i for i, s in enumerate(ids) if s is not None]
-            to_cat = np.full(len(ids), -1, dtype=np.int64)
+            to_cat = np.full(len(ids) + 1, -1, dtype=np.int64)
             to_cat[known] = catalogue.index_of([ids[i] for i in known])
             from_cat = np.full(len(catalogue), -1, dtype=np.int64)
             ok = np.flatnonzero(to_cat >= 0)
