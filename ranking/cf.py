@@ -312,26 +312,33 @@ class CFModel:
         return top_k_by_factors(U, self.item_factors, self.song_ids, k, exclude=hist)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
-        """Write one ``.npz`` (allow_pickle=False) holding factors, id maps, CSR and config."""
+    def save(self, path: str | Path, *, item_factors_apart: bool = False) -> Path:
+        """Write one ``.npz`` (allow_pickle=False) holding factors, id maps, CSR and config.
+
+        ``item_factors_apart``: the item factors go to :func:`item_factors_file` (a plain
+        ``.npy``, which :meth:`load` can memory-map) instead of the ``.npz``."""
         self._check()
         path = Path(path)
         M = self.user_items
-        np.savez(
-            path,
-            user_ids=np.asarray(self.user_ids, dtype=str),
-            song_ids=np.asarray(self.song_ids, dtype=str),
-            user_factors=self.user_factors,
-            item_factors=self.item_factors,
-            indptr=M.indptr,
-            indices=M.indices,
-            data=M.data,
-            config=np.asarray(json.dumps(to_dict(self.config))),
-        )
+        arrays = {
+            "user_ids": np.asarray(self.user_ids, dtype=str),
+            "song_ids": np.asarray(self.song_ids, dtype=str),
+            "user_factors": self.user_factors,
+            "item_factors": self.item_factors,
+            "indptr": M.indptr,
+            "indices": M.indices,
+            "data": M.data,
+            "config": np.asarray(json.dumps(to_dict(self.config))),
+        }
+        if item_factors_apart:
+            np.save(item_factors_file(path), arrays.pop("item_factors"), allow_pickle=False)
+        np.savez(path, **arrays)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> CFModel:
+    def load(cls, path: str | Path, *, mmap: bool = False) -> CFModel:
+        """Read a model written by :meth:`save`; item factors saved apart are memory-mapped
+        copy-on-write when ``mmap`` (pages shared between processes until one writes)."""
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"CF model file {path} is missing")
@@ -341,11 +348,23 @@ class CFModel:
                 users = z["user_ids"].tolist()
                 songs = z["song_ids"].tolist()
                 M = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(len(users), len(songs)))
+                if "item_factors" in z.files:
+                    V = z["item_factors"]
+                else:
+                    V = np.asarray(np.load(item_factors_file(path), mmap_mode="c" if mmap else None,
+                                           allow_pickle=False))
                 obj = cls(cfg)
-                obj._set(users, songs, z["user_factors"], z["item_factors"], M)
+                obj._set(users, songs, z["user_factors"], V, M)
         except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
             raise ArtifactError(f"CF model file {path} cannot be read: {err}") from err
         return obj
+
+
+def item_factors_file(path: str | Path) -> Path:
+    """Where :meth:`CFModel.save` puts the item factors it saves apart: ``cf.npz`` →
+    ``cf.item_factors.npy``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.item_factors.npy")
 
 
 def make_implicit_model(cfg: CFConfig):

@@ -18,10 +18,14 @@ Per-user path (pure functions, reused by the online ranker): ``rec.user_state(u)
 :func:`~apex_rank.ranking.candidates.generate_candidates` →
 :func:`~apex_rank.ranking.features.build_feature_frame` → ``rec.reranker.score`` → top-k.
 
-A bundle is a folder: ``manifest.json`` (kind ``apex-recommender``, schema, config, files,
-library versions, build report), ``songs.npz``, ``users.npz``, ``cf.npz``, ``content_map.npz``
-(all ``allow_pickle=False``), ``content.faiss`` / ``pseudo_cf.faiss`` (+ ``.ids.json``),
-``reranker.txt`` (LightGBM text) and ``apex/`` (the predictor folder). No pickle anywhere.
+A bundle is a folder: ``manifest.json`` (kind ``apex-recommender``, schema, config, files with
+their SHA-256, library versions, build report), ``songs.npz``, ``users.npz``, ``cf.npz``,
+``content_map.npz`` (all ``allow_pickle=False``), the large arrays as plain ``.npy`` files
+(``songs.embeddings.npy``, ``songs.cf_factors.npy``, ``songs.pseudo_factors.npy``,
+``cf.item_factors.npy``: memory-mapped copy-on-write by :func:`load_recommender` once their
+checksums passed, so worker processes share the pages), ``content.faiss`` / ``pseudo_cf.faiss``
+(+ ``.ids.json``), ``reranker.txt`` (LightGBM text) and ``apex/`` (the predictor folder). No
+pickle anywhere.
 
 Example
 -------
@@ -66,7 +70,7 @@ from apex_rank.ranking.candidates import (
     generate_candidates,
     sorted_codes,
 )
-from apex_rank.ranking.cf import ALS_GRID, CFConfig, CFModel
+from apex_rank.ranking.cf import ALS_GRID, CFConfig, CFModel, item_factors_file
 from apex_rank.ranking.content_map import ContentToCF
 from apex_rank.ranking.features import build_feature_frame, feature_array
 from apex_rank.ranking.index import CandidateIndex, l2_normalize
@@ -81,8 +85,16 @@ log = logging.getLogger(__name__)
 KIND = "apex-recommender"
 # 2: relative log_popularity, age for cold songs, build-time cold simulation (schema-1 rerankers
 # read those features differently, so schema-1 bundles are refused with a "rebuild" message);
-# 3: ages from each user's latest interaction (users.npz ``last_seen``)
-SCHEMA = 3
+# 3: ages from each user's latest interaction (users.npz ``last_seen``);
+# 4: the large song-side arrays in plain .npy files, memory-mapped at load (``songs.<name>.npy``
+# for ``LARGE_SONG_ARRAYS``, ``cf.item_factors.npy``): N serving processes share their pages
+SCHEMA = 4
+LARGE_SONG_ARRAYS = ("embeddings", "cf_factors", "pseudo_factors")
+_OLDER_SCHEMA = {
+    1: "its reranker features differ from this version's",
+    2: "its reranker features differ from this version's",
+    3: "its large arrays are inside .npz files, not in the .npy files this version memory-maps",
+}
 RESULT_SCHEMA: dict[str, Any] = {
     "song_id": pl.String,
     "score": pl.Float64,
@@ -1052,7 +1064,10 @@ class Recommender:
 
     def _write_bundle(self, folder: Path) -> None:
         """Every component file and the manifest into ``folder`` (an empty folder)."""
-        np.savez(folder / "songs.npz", **self.songs.to_arrays())
+        songs = self.songs.to_arrays()
+        for name in LARGE_SONG_ARRAYS:
+            np.save(folder / f"songs.{name}.npy", np.ascontiguousarray(songs.pop(name)), allow_pickle=False)
+        np.savez(folder / "songs.npz", **songs)
         U = self._users
         np.savez(
             folder / "users.npz",
@@ -1064,12 +1079,13 @@ class Recommender:
             activity=U.activity,
             last_seen=U.last_seen,
         )
-        self.cf.save(folder / "cf.npz")
+        self.cf.save(folder / "cf.npz", item_factors_apart=True)
         assert self.content_map.W is not None  # fitted in build
         np.savez(
             folder / "content_map.npz", W=self.content_map.W, regularization=np.asarray(self.content_map.regularization)
         )
-        files = ["songs.npz", "users.npz", "cf.npz", "content_map.npz", "reranker.txt"]
+        files = ["songs.npz", "users.npz", "cf.npz", "content_map.npz", "reranker.txt",
+                 *(f"songs.{name}.npy" for name in LARGE_SONG_ARRAYS), item_factors_file("cf.npz").name]
         files += [p.name for p in self.content_index.save(folder / "content.faiss")]
         files += [p.name for p in self.pseudo_index.save(folder / "pseudo_cf.faiss")]
         self.reranker.save(folder / "reranker.txt")
@@ -1290,17 +1306,20 @@ def _check_bundle(
     def bad(name: str, what: str) -> ArtifactError:
         return ArtifactError(f"{folder / name}: {what}; the bundle's files do not belong together, rebuild it")
 
+    def file(attr: str) -> str:
+        return f"songs.{attr}.npy" if attr in LARGE_SONG_ARRAYS else "songs.npz"
+
     for attr, width in (("embeddings", d), ("cf_factors", cf.item_factors.shape[1]),
                         ("pseudo_factors", cf.item_factors.shape[1]), ("priors", len(APEX_TASKS))):
         arr = getattr(songs, attr)
         if arr.shape != (n, width):
-            raise bad("songs.npz", f"{attr} has shape {arr.shape}, expected ({n}, {width})")
+            raise bad(file(attr), f"{attr} has shape {arr.shape}, expected ({n}, {width})")
     for attr in ("warm", "popularity", "created_s", "quality"):
         if getattr(songs, attr).shape != (n,):
             raise bad("songs.npz", f"{attr} has shape {getattr(songs, attr).shape}, expected ({n},)")
     for attr in ("embeddings", "cf_factors", "pseudo_factors", "popularity", "quality"):
         if not np.isfinite(getattr(songs, attr)).all():
-            raise bad("songs.npz", f"{attr} holds NaN or infinite values")
+            raise bad(file(attr), f"{attr} holds NaN or infinite values")
     fin = np.isfinite(songs.priors)
     if not (fin.all(axis=0) | (~fin).all(axis=0)).all():
         raise bad("songs.npz", "priors hold NaN or infinite values in a trained task's column")
@@ -1334,8 +1353,9 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
     man = read_manifest(folder, kind=KIND, max_schema=SCHEMA)
     if man["schema"] < SCHEMA:
         raise ArtifactError(
-            f"{folder}/manifest.json: bundle schema {man['schema']} was built by an older apex-rank whose reranker "
-            f"features differ from this version's (schema {SCHEMA}); rebuild it with `apex-rank build`"
+            f"{folder}/manifest.json: bundle schema {man['schema']} was built by an older apex-rank "
+            f"({_OLDER_SCHEMA.get(man['schema'], 'another format')}; this version reads schema {SCHEMA}); "
+            "rebuild it with `apex-rank build`"
         )
     try:
         cfg = from_dict(RecommenderConfig, man["config"])
@@ -1349,8 +1369,14 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise ArtifactError(f"bundle file {folder / name} cannot be read: {err}") from err
 
+    def npy(name: str) -> np.ndarray:  # copy-on-write: pages shared until a process writes one
+        try:
+            return np.asarray(np.load(folder / name, mmap_mode="c", allow_pickle=False))
+        except (OSError, ValueError, EOFError) as err:
+            raise ArtifactError(f"bundle file {folder / name} cannot be read: {err}") from err
+
     try:
-        songs = SongTable.from_arrays(npz("songs.npz"))
+        songs = SongTable.from_arrays({**npz("songs.npz"), **{k: npy(f"songs.{k}.npy") for k in LARGE_SONG_ARRAYS}})
         u = npz("users.npz")
         users = _Users(
             u["user_ids"].tolist(),
@@ -1366,7 +1392,7 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
         raise ArtifactError(f"bundle {folder}: an array is missing: {err}") from err
     cmap = ContentToCF(float(cm["regularization"]))
     cmap.W = cm["W"]
-    cf = CFModel.load(folder / "cf.npz")
+    cf = CFModel.load(folder / "cf.npz", mmap=True)
     content_index = CandidateIndex.load(folder / "content.faiss", device=device)
     pseudo_index = CandidateIndex.load(folder / "pseudo_cf.faiss", device=device)
     reranker = Reranker.load(folder / "reranker.txt", cfg.reranker)

@@ -154,7 +154,11 @@ def test_save_load_parity(tmp_path: Path) -> None:
     assert back.recommend_batch(users, k=10).equals(rec.recommend_batch(users, k=10))
     assert back.similar_songs(rec.songs.song_ids[0], 5).equals(rec.similar_songs(rec.songs.song_ids[0], 5))
     man = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert man["kind"] == "apex-recommender" and man["schema"] == 3 and "lightgbm" in man["versions"]
+    assert man["kind"] == "apex-recommender" and man["schema"] == 4 and "lightgbm" in man["versions"]
+    # issue 15: the large arrays are memory-mapped from their .npy files, the ALS matrix held once
+    for arr in (back.songs.embeddings, back.songs.cf_factors, back.songs.pseudo_factors, back.cf.item_factors):
+        assert isinstance(arr.base, np.memmap), type(arr.base)
+    assert back.sources[0].factors is back.cf.item_factors and rec.sources[0].factors is rec.cf.item_factors
     assert "config" in man and "reranker.txt" in man["files"]
     assert {d["feature"] for d in man["feature_importance"]} == set(FEATURES)
 
@@ -172,6 +176,11 @@ def test_bundle_from_another_schema_or_missing_file(tmp_path: Path) -> None:
     man["schema"] = 2  # a bundle of the previous feature set (ages at the table end): refused, rebuild
     (newer / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ArtifactError, match="bundle schema 2 was built by an older apex-rank.*rebuild"):
+        load_recommender(newer)
+    man["schema"] = 3  # arrays inside .npz files (issue 15 moved the large ones to memory-mapped .npy)
+    (newer / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match=r"bundle schema 3 was built by an older apex-rank \(its large arrays.*"
+                                            r"\.npy.*rebuild"):
         load_recommender(newer)
     (b / "reranker.txt").unlink()
     with pytest.raises(ArtifactError, match="reranker.txt"):
@@ -209,13 +218,19 @@ def test_tampered_bundle_files_are_one_error_naming_the_file(tmp_path: Path) -> 
 
 def _rewrite_npz(bundle: Path, name: str, **changes: np.ndarray) -> None:
     """Change arrays of a bundle file and re-record its checksum: a bundle that is consistent on
-    disk but wrong inside (a buggy build, or parts of two bundles with a regenerated manifest)."""
+    disk but wrong inside (a buggy build, or parts of two bundles with a regenerated manifest).
+    An array kept apart in ``<stem>.<key>.npy`` is rewritten there."""
     from apex_rank.manifest import file_checksum
 
-    with np.load(bundle / name, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays.update(changes)
-    np.savez(bundle / name, **arrays)
+    stem = name.removesuffix(".npz")
+    for key in [k for k in changes if (bundle / f"{stem}.{k}.npy").is_file()]:
+        np.save(bundle / f"{stem}.{key}.npy", changes.pop(key), allow_pickle=False)
+        _rewrite_npz(bundle, f"{stem}.{key}.npy")
+    if name.endswith(".npz"):
+        with np.load(bundle / name, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays.update(changes)
+        np.savez(bundle / name, **arrays)
     man = json.loads((bundle / "manifest.json").read_text())
     man["checksums"][name] = file_checksum(bundle / name)
     (bundle / "manifest.json").write_text(json.dumps(man))
@@ -234,7 +249,7 @@ def test_bundle_parts_that_do_not_belong_together_are_refused(tmp_path: Path) ->
     cases = {
         "songs.npz": [
             ("priors", nan_priors, "priors hold NaN"),
-            ("embeddings", songs["embeddings"][:, :8], "embeddings has shape"),
+            ("embeddings", rec.songs.embeddings[:, :8], "embeddings has shape"),
             ("song_ids", np.asarray([f"x{i}" for i in range(len(songs["song_ids"]))]), "content index"),
         ],
         "users.npz": [("hist_indices", np.where(np.arange(len(hist)) == 0, 10**6, hist), "outside the catalogue")],
@@ -244,7 +259,8 @@ def test_bundle_parts_that_do_not_belong_together_are_refused(tmp_path: Path) ->
             b = tmp_path / f"{name}-{key}"
             shutil.copytree(good, b)
             _rewrite_npz(b, name, **{key: value})
-            where = "content.faiss" if key == "song_ids" else name  # the index no longer matches the songs
+            # the index no longer matches the songs; a large array is named by its own file
+            where = {"song_ids": "content.faiss", "embeddings": "songs.embeddings.npy"}.get(key, name)
             with pytest.raises(ArtifactError, match=re.escape(str(b / where)) + ".*" + message):
                 load_recommender(b)
 
