@@ -1,4 +1,4 @@
-"""CLI commands of the online stage: ``publish``, ``serve``, ``export-events``.
+"""CLI commands of the online stage: ``publish``, ``serve``, ``warm-up``, ``export-events``.
 
 Thin: each parses its arguments and calls one library function of
 ``apex_rank.ranking.online``. Redis URLs may carry a password
@@ -81,6 +81,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--header-timeout-s", type=float, default=None,
                    help="close a connection without a complete request head after this long (10)")
     s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("warm-up", help="background consumer of the event stream: recorded plays move the "
+                       "CF factors of new songs and users between retrains (one per namespace)")
+    where = w.add_mutually_exclusive_group()
+    where.add_argument("--bundle", default=None, help="the bundle folder of the published version")
+    where.add_argument("--bundle-root", default=None, help="folder of bundles, one per sub-folder")
+    w.add_argument("--redis", default=DEFAULT_REDIS)
+    w.add_argument("--namespace", default="default")
+    w.set_defaults(func=cmd_warm_up)
 
     e = sub.add_parser("export-events", help="write recorded events to parquet for retraining")
     e.add_argument("--redis", default=DEFAULT_REDIS)
@@ -190,6 +199,31 @@ def _check_bundle(args: argparse.Namespace, namespace: str) -> None:
         return
     if found is not None:
         log.info("version %d is served from %s", *found)
+
+
+def cmd_warm_up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from apex_rank.ranking.online import OnlineConfig, RedisStore, WarmUpConsumer, bundle_cf_loader
+    from apex_rank.ranking.online.store import redact_url
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    consumer = WarmUpConsumer(RedisStore(args.redis, args.namespace, timeout_s=30.0),
+                              config=OnlineConfig(namespace=args.namespace),
+                              cf_loader=bundle_cf_loader(bundle=args.bundle, bundle_root=args.bundle_root))
+    print(f"warm-up consumer on {redact_url(args.redis)} namespace {args.namespace!r}; "
+          "SIGTERM or Ctrl-C stops it", flush=True)
+    consumer.start()
+    try:
+        while not stop.wait(60):
+            print(f"warm-up: version {consumer.version}, {consumer.stats}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.stop()
+    return 0
 
 
 def cmd_export_events(args: argparse.Namespace) -> int:
