@@ -1,4 +1,5 @@
-"""The online stage of ``apex-rank demo``: publish, rank, play a song, ingest a song, rank again.
+"""The online stage of ``apex-rank demo``: publish, rank, play a song, ingest a song, rank
+again, and watch a new song warm up from its first plays.
 
 :func:`online_demo` yields the lines the CLI prints (library code does not print). It uses
 Redis when one answers at ``redis_url`` (a private namespace, deleted at the end) and an
@@ -15,14 +16,54 @@ from typing import Any
 import numpy as np
 
 from .config import OnlineConfig
-from .events import ingest, record
+from .events import Interaction, ingest, record, record_many
 from .publisher import publish
 from .ranker import OnlineRanker
 from .store import InProcessStore, RedisStore, open_store, redact_url
+from .warmup import WarmUpConsumer, bundle_cf_loader
 
 
 def _top(ranker: OnlineRanker, user: str, k: int) -> list[str]:
     return [i.song_id for i in ranker.rank(user, k).items]
+
+
+def _warm_up(ranker: OnlineRanker, store: Any, engine: Any, cfg: OnlineConfig, user: str,
+             exclude: set[str]) -> Iterator[str]:
+    """The first cold song ranked below 50 for ``user`` is played by the 20 users closest to
+    ``user`` in CF taste; the background warm-up consumer solves its factor, and ``user``'s list
+    is polled until the song arrives through the ``als`` source (the ranker has no follower
+    thread here: it follows by hand). Its rank before and after are reported."""
+    cf, songs = engine.recommender.cf, engine.recommender.songs
+    U = cf.user_factors / np.maximum(np.linalg.norm(cf.user_factors, axis=1, keepdims=True), 1e-12)
+    anchor = cf.user_ids.index(user) if cf.has_user(user) else 0
+    fans = [cf.user_ids[i] for i in np.argsort(-(U @ U[anchor]), kind="stable")[:21] if cf.user_ids[i] != user][:20]
+
+    def where(song: str) -> tuple[int, str] | None:
+        items = ranker.rank(user, cfg.max_k).items
+        return next(((r, i.source) for r, i in enumerate(items, 1) if i.song_id == song), None)
+
+    ranked = ranker.rank(user, cfg.max_k).items
+    pos = songs.index_of([i.song_id for i in ranked])
+    later = [(r, i) for r, (i, p) in enumerate(zip(ranked, pos, strict=True), 1)
+             if r > 50 and p >= 0 and not songs.warm[p] and i.song_id not in exclude]
+    if not later:
+        yield f"   warm-up: no new song ranked below 50 for {user}; skipped"
+        return
+    rank0, item0 = later[0]
+    song = item0.song_id
+    with WarmUpConsumer(store, cf_loader=bundle_cf_loader(engine=engine), config=cfg).start():
+        t0 = time.perf_counter()
+        record_many(store, [Interaction(f, song) for f in fans], config=cfg)
+        found = where(song)
+        while (found is None or found[1] != "als") and time.perf_counter() - t0 < 30:
+            time.sleep(0.02)
+            ranker.follow_once()
+            found = where(song)
+        took = time.perf_counter() - t0
+    after = "not ranked" if found is None else f"rank {found[0]} via '{found[1]}'"
+    yield (f"   warm-up: new song {song}, rank {rank0} for {user} via '{item0.source}', played by the 20 "
+           f"users closest in taste: {took:.2f} s later {after} (a CF factor from the ALS item step "
+           "over its listeners, solved by the background consumer; no retrain)")
 
 
 def online_demo(world: Any, predictor: Any, bundle_dir: str | Path, *,
@@ -90,6 +131,7 @@ def online_demo(world: Any, predictor: Any, bundle_dir: str | Path, *,
         dropped = [s for s in top20 if s not in final[:20]]
         yield (f"   {user} after ingest: {new_id} {where} (twin {twin} at rank "
                f"{final.index(twin) + 1 if twin in final else '>50'}); left the top 20: {dropped}")
+        yield from _warm_up(ranker, store, engine, cfg, user, exclude={new_id})
         d = ranker.rank("someone-new", 3)
         yield (f"   unknown user -> cold-user path: {[i.song_id for i in d.items]} "
                f"(sources {sorted({i.source for i in d.items})})")
