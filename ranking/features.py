@@ -69,6 +69,19 @@ def _rowdot(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", A, B, optimize=False).astype(np.float32)
 
 
+GATHER_ROWS = 4096  # rows gathered at a time: both operands stay in cache (2 x 1 MB at width 64)
+
+
+def _gathered_rowdot(A: np.ndarray, rows_a: np.ndarray, B: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+    """``_rowdot(A[rows_a], B[rows_b])`` in blocks of rows: the same products, without gathering
+    two (n, width) matrices through main memory first."""
+    out = np.empty(len(rows_a), dtype=np.float32)
+    for lo in range(0, len(rows_a), GATHER_ROWS):
+        hi = lo + GATHER_ROWS
+        out[lo:hi] = _rowdot(A[rows_a[lo:hi]], B[rows_b[lo:hi]])
+    return out
+
+
 def _stack_present(vectors: Sequence[np.ndarray | None], width: int) -> tuple[np.ndarray, np.ndarray]:
     """(which vectors are present (n,) bool, the vectors as (n, width) float32, zeros where absent)."""
     present = np.asarray([v is not None for v in vectors], dtype=bool)
@@ -155,24 +168,22 @@ def feature_array(
     als = np.full(n, np.nan, dtype=np.float32)
     m = ucf & warm
     if m.any():
-        als[m] = _rowdot(U[u[m]], st.cf_factors[s[m]])
+        als[m] = _gathered_rowdot(U, u[m], st.cf_factors, s[m])
     X[:, col["als_score"]] = als
     pcf = np.full(n, np.nan, dtype=np.float32)
     if ucf.any():
-        pcf[ucf] = _rowdot(U[u[ucf]], st.pseudo_factors[s[ucf]])
+        pcf[ucf] = _gathered_rowdot(U, u[ucf], st.pseudo_factors, s[ucf])
     X[:, col["pseudo_cf_score"]] = pcf
     rec = np.full(n, np.nan, dtype=np.float32)
     mr = has_recent[u]
-    if mr.any():
-        V = st.pseudo_factors[s[mr]]
-        w = warm[mr]
-        V[w] = st.cf_factors[s[mr][w]]
-        rec[mr] = _rowdot(R_u[u[mr]], V)
+    for rows, V in ((mr & warm, st.cf_factors), (mr & ~warm, st.pseudo_factors)):  # a cold song: its pseudo factor
+        if rows.any():
+            rec[rows] = _gathered_rowdot(R_u, u[rows], V, s[rows])
     X[:, col["recent_cf_sim"]] = rec
     csim = np.full(n, np.nan, dtype=np.float32)
     mp = has_prof[u]
     if mp.any():
-        csim[mp] = _rowdot(P[u[mp]], st.embeddings[s[mp]])
+        csim[mp] = _gathered_rowdot(P, u[mp], st.embeddings, s[mp])
     X[:, col["content_sim"]] = csim
     pri = st.priors[s]
     for k, t in enumerate(APEX_TASKS):
