@@ -45,10 +45,16 @@ import numpy as np
 import polars as pl
 
 from apex_rank.errors import SchemaError
-from apex_rank.ranking.candidates import CandidateSource, FactorIndexConfig, FactorIndexSource, FactorSource
+from apex_rank.ranking.candidates import (
+    CandidateSource,
+    Exclusions,
+    FactorIndexConfig,
+    FactorIndexSource,
+    FactorSource,
+)
 from apex_rank.ranking.cf import CFModel
 from apex_rank.ranking.recommender import Recommender, cold_shortfall, load_recommender
-from apex_rank.ranking.state import UserState
+from apex_rank.ranking.state import SongTable, UserState
 
 from .bundles import bundle_fingerprint
 from .engine import FallbackList, Item, SongBlock
@@ -109,46 +115,93 @@ class WarmedFactorSource(CandidateSource):
     """``als`` over the bundle's warm songs and the songs warmed online since (:mod:`.warmup`):
     the bundle's source (exact, or the IVF index) merged with an exact scan of the warmed
     songs' factors, a small set. A row keeps its n best of both by score (float64 dot products,
-    one row at a time, so a batch equals single calls), ties to the bundle's songs."""
+    one row at a time, so a batch equals single calls), ties to the bundle's songs. Its item
+    space is the bundle source's items, then the warmed songs."""
 
     name = "als"
 
     def __init__(self, base: CandidateSource, song_ids: Sequence[str], factors: np.ndarray) -> None:
         self.base = base
-        self.song_ids = np.asarray(list(song_ids), dtype=object)
+        self.song_ids = list(song_ids)
         self.factors = np.ascontiguousarray(factors, dtype=np.float64)
+        self._n_base = len(base.item_ids)
+        self._ids: list[str | None] = [*base.item_ids, *self.song_ids]
 
-    def retrieve_batch(self, states: Sequence[UserState], n: int,
-                       excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
-        ids, sc = self.base.retrieve_batch(states, n, excludes)
-        if n == 0 or len(self.song_ids) == 0:
-            return ids, sc
-        names = self.song_ids.tolist()
+    @property
+    def item_ids(self) -> Sequence[str | None]:
+        return self._ids
+
+    def _merged(self, states: Sequence[UserState], n: int, items: np.ndarray, sc: np.ndarray,
+                warm_at: np.ndarray, gone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The base's answer ``(items, sc)`` merged with the warmed songs (at ``warm_at`` in the
+        same item space; ``gone`` (b, m) marks the excluded ones)."""
         for i, st in enumerate(states):
-            if st.cf_factor is None:
+            if st.cf_factor is None or n == 0:
                 continue
-            keep = [j for j, x in enumerate(names) if x not in excludes[i]]
-            have = ids[i] != ""
-            cand = np.concatenate([ids[i][have], self.song_ids[keep]])
+            keep = ~gone[i]
+            have = items[i] >= 0
+            cand = np.concatenate([items[i][have], warm_at[keep]])
             score = np.concatenate([sc[i][have], (self.factors[keep] @ np.asarray(st.cf_factor, np.float64))
                                     .astype(np.float32)])
             top = np.argsort(-score, kind="stable")[:n]
-            ids[i], sc[i] = "", -np.inf
-            ids[i, : len(top)], sc[i, : len(top)] = cand[top], score[top]
-        return ids, sc
+            items[i], sc[i] = -1, -np.inf
+            items[i, : len(top)], sc[i, : len(top)] = cand[top], score[top]
+        return items, sc
+
+    def search_items(self, states: Sequence[UserState], n: int,
+                     excluded: Exclusions) -> tuple[np.ndarray, np.ndarray]:
+        r, p, L = excluded.cell_rows(), excluded.indices, self._n_base
+        inb = p < L
+        items, sc = self.base.search_items(
+            states, n, Exclusions.from_cells(r[inb], p[inb], excluded.sizes, excluded.id_sets))
+        gone = np.zeros((len(states), len(self.song_ids)), dtype=bool)
+        gone[r[~inb], p[~inb] - L] = True
+        return self._merged(states, n, items, sc, L + np.arange(len(self.song_ids)), gone)
+
+    def retrieve_positions(self, states: Sequence[UserState], n: int, excluded: Exclusions,
+                           catalogue: SongTable) -> tuple[np.ndarray, np.ndarray]:
+        items, sc = self.base.retrieve_positions(states, n, excluded, catalogue)
+        at = catalogue.index_of(self.song_ids)
+        where = {int(c): j for j, c in enumerate(at.tolist())}
+        gone = np.zeros((len(states), len(self.song_ids)), dtype=bool)
+        for row, c in zip(excluded.cell_rows().tolist(), excluded.indices.tolist(), strict=True):
+            if c in where:
+                gone[row, where[c]] = True
+        return self._merged(states, n, items, sc, at, gone)
 
 
 class _WithoutSongs(CandidateSource):
     """A source that never returns ``song_ids`` (the warmed songs, from the cold-song sources)."""
 
-    def __init__(self, base: CandidateSource, song_ids: frozenset[str]) -> None:
+    def __init__(self, base: CandidateSource, song_ids: list[str]) -> None:
         self.base = base
         self.name = base.name
         self.song_ids = song_ids
 
-    def retrieve_batch(self, states: Sequence[UserState], n: int,
-                       excludes: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
-        return self.base.retrieve_batch(states, n, [e | self.song_ids for e in excludes])
+    @property
+    def item_ids(self) -> Sequence[str | None]:
+        return self.base.item_ids
+
+    def item_positions(self, ids: list[str]) -> np.ndarray:
+        return self.base.item_positions(ids)
+
+    @staticmethod
+    def _also(excluded: Exclusions, items: np.ndarray) -> Exclusions:
+        """``excluded`` plus ``items`` (positions) in every row."""
+        items = items[items >= 0]
+        b = len(excluded)
+        rows = np.concatenate([excluded.cell_rows(), np.repeat(np.arange(b, dtype=np.int64), len(items))])
+        cells = np.concatenate([excluded.indices, np.tile(items, b)])
+        return Exclusions.from_cells(rows, cells, excluded.sizes + len(items))
+
+    def search_items(self, states: Sequence[UserState], n: int,
+                     excluded: Exclusions) -> tuple[np.ndarray, np.ndarray]:
+        return self.base.search_items(states, n, self._also(excluded, self.base.item_positions(self.song_ids)))
+
+    def retrieve_positions(self, states: Sequence[UserState], n: int, excluded: Exclusions,
+                           catalogue: SongTable) -> tuple[np.ndarray, np.ndarray]:
+        return self.base.retrieve_positions(states, n, self._also(excluded, catalogue.index_of(self.song_ids)),
+                                            catalogue)
 
 
 class _ServingView:
@@ -162,7 +215,10 @@ class _ServingView:
         self._rec = recommender
         self._bundle_als = als
         self._als: CandidateSource = als
-        self._warmed: frozenset[str] = frozenset()
+        self._warmed: list[str] = []
+        # (the Recommender's source list it was built from, the list served): sources are built
+        # once per change, not per request (each caches its catalogue maps)
+        self._built: tuple[list[CandidateSource], list[CandidateSource]] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._rec, name)
@@ -174,11 +230,15 @@ class _ServingView:
         return bool(self._warmed) or all(s is not self._bundle_als for s in self._rec.sources)
 
     def set_warmed(self, song_ids: list[str], factors: np.ndarray) -> None:
-        self._warmed = frozenset(song_ids)
+        self._warmed = list(song_ids)
         self._als = WarmedFactorSource(self._bundle_als, song_ids, factors) if song_ids else self._bundle_als
+        self._built = None
 
     @property
     def sources(self) -> list[CandidateSource]:
+        built = self._built
+        if built is not None and built[0] is self._rec.sources:
+            return built[1]
         out: list[CandidateSource] = []
         for s in self._rec.sources:
             if s.name == "als":
@@ -187,6 +247,7 @@ class _ServingView:
                 out.append(_WithoutSongs(s, self._warmed))
             else:
                 out.append(s)
+        self._built = (self._rec.sources, out)
         return out
 
 

@@ -170,3 +170,36 @@ def test_background_consumer_warms_within_seconds(engine: RecommenderEngine, red
             time.sleep(0.05)
         assert rank_of(ranker, target, song)[1] == "als"
         assert consumer.stats["errors"] == 0
+
+
+def test_warmed_song_joins_the_ivf_als_source_and_a_batch_equals_single_calls(
+        engine: RecommenderEngine) -> None:
+    """Above ``als_index.min_songs`` the bundle's als source is the IVF index; warmed songs are
+    merged into it the same way, leave the cold-song sources, and micro-batched requests get
+    the answers of single calls."""
+    from apex_rank.ranking.candidates import FactorIndexConfig
+    from apex_rank.ranking.cf import solve_item_factor
+    from apex_rank.ranking.online.recommender_engine import record_from_state
+
+    ivf = RecommenderEngine.load(bundle_dir(7), max_batch=1,
+                                 als_index=FactorIndexConfig(min_songs=1, nprobe=10_000))
+    rec = ivf.recommender
+    assert ivf.approximate_als
+    target, *listeners = taste_cluster(engine, 21, anchor=3)
+    t = rec.songs
+    song = next(s for i, s in enumerate(t.song_ids) if not t.warm[i])
+    cf = rec.cf
+    rows = np.asarray([cf.user_ids.index(u) for u in listeners])
+    v = solve_item_factor(cf.user_factors, rows, np.ones(len(rows)), alpha=cf.step_alpha,
+                          regularization=cf.config.regularization)
+    assert ivf.warm_songs([song, "not-a-song", cf.song_ids[0]], np.stack([v, v, v]),
+                          np.asarray([20.0, 1.0, 1.0])) == 1  # unknown and bundle-fitted: skipped
+    users = [target, *listeners[:5]]
+    states = {u: record_from_state(rec.user_state(u)) for u in users}
+    single = {u: ivf.rank_user(u, states[u], 400, ()) for u in users}
+    assert [src for s, _, src in single[target] if s == song] == ["als"]
+    batch = ivf._rank_states([rec.user_state(u) for u in users], 400, [frozenset()] * len(users))
+    assert batch == single
+    ivf.warm_songs([], np.zeros((0, v.shape[0]), np.float32), np.zeros(0), replace=True)
+    assert not t.warm[t.index_of([song])[0]] and all(s != song or src != "als"
+                                                      for s, _, src in ivf.rank_user(target, states[target], 400, ()))
