@@ -8,9 +8,9 @@ official state_dict keys (``shared.{i}.block.0.weight``, ``branch_{task}.branch.
 so the authors' checkpoint loads with ``load_state_dict(strict=True)``.
 
 :class:`FusedApexHead` is the inference-only form: BatchNorm folded into the preceding Linear,
-the seven branches evaluated as three batched matrix products (one wide GEMM for the first
-branch layer, two ``bmm``) instead of 21 small ones, and on CPU each Linear → GELU pair run as
-one oneDNN matrix product with bias and GELU applied to the output tile while it is in cache.
+the first layer of the seven branches as one wide product, and on CPU every Linear with its
+activation run as one oneDNN matrix product that applies bias and GELU (or the final sigmoid)
+to each output tile while it is in cache.
 """
 
 from __future__ import annotations
@@ -140,13 +140,16 @@ class FusedApexHead(nn.Module):
 
     Built from a trained head with :meth:`from_head`; equal to it within float32 rounding.
 
-    Why it is fast on CPU (``python -m bench.apex_head``, batch 4096, 2-core AMD EPYC): the
-    plain module spends its time in MKL's sgemm, which on this AMD CPU runs about half as fast
-    as oneDNN's matrix product at the same shapes, plus a separate pass per GELU (erf over
-    4096 x 2112 values) and a copy of the broadcast bias into every output (``addmm``). Here
-    the trunk and the first branch layer are oneDNN products whose bias and exact (erf) GELU
-    are applied to each output tile while it is in cache; what remains beyond the matrix
-    products alone is mostly the GELU arithmetic itself, which no layout removes.
+    Why it is fast on CPU (``python -m bench.apex_head --profile``, batch 4096, 2-core AMD
+    EPYC): the plain module, and this class before issue 15, spent their time in MKL's sgemm,
+    which on this AMD CPU runs about half as fast as oneDNN's matrix product at the same shapes,
+    plus a separate pass per GELU (erf over 4096 x 2112 values), a copy of the broadcast bias
+    into every output (``addmm``) and the batched branch products over a transposed view. Here
+    every layer is one oneDNN product whose bias and exact (erf) GELU, or the final sigmoid, are
+    applied to each output tile while it is in cache; each task's second layer reads its 128
+    columns of the wide first layer's output in place (from :attr:`per_task_rows` rows). What
+    remains beyond the matrix products alone (x1.04-1.13 of them in bench runs under load) is
+    mostly the GELU arithmetic itself, which no layout removes.
     """
 
     scale: torch.Tensor
@@ -171,15 +174,16 @@ class FusedApexHead(nn.Module):
         # First branch layer of all tasks as one (T*128, 256) product.
         self.w1 = nn.Parameter(torch.cat([w for w, _ in l1], 0).contiguous(), requires_grad=False)
         self.b1 = nn.Parameter(torch.cat([b for _, b in l1], 0), requires_grad=False)
-        # Second and third layers as batched products over tasks: (T, 128, 64), (T, 64, 1).
-        self.w2 = nn.Parameter(torch.stack([w.t() for w, _ in l2]).contiguous(), requires_grad=False)
-        self.b2 = nn.Parameter(torch.stack([b for _, b in l2])[:, None, :], requires_grad=False)
-        self.w3 = nn.Parameter(torch.stack([w.t() for w, _ in l3]).contiguous(), requires_grad=False)
-        self.b3 = nn.Parameter(torch.stack([b for _, b in l3])[:, None, :], requires_grad=False)
+        # Second and third layers per task, (T, 64, 128) and (T, 1, 64): task t's product reads
+        # its 128 columns of the first layer's output in place.
+        self.w2 = nn.Parameter(torch.stack([w for w, _ in l2]).contiguous(), requires_grad=False)
+        self.b2 = nn.Parameter(torch.stack([b for _, b in l2]), requires_grad=False)
+        self.w3 = nn.Parameter(torch.stack([w for w, _ in l3]).contiguous(), requires_grad=False)
+        self.b3 = nn.Parameter(torch.stack([b for _, b in l3]), requires_grad=False)
         self.register_buffer("scale", head.scale.clone(), persistent=False)
         self.register_buffer("shift", head.shift.clone(), persistent=False)
         self.h1 = BRANCH_WIDTHS[0]
-        #: Use oneDNN's fused Linear + GELU for inputs on the CPU (else F.linear, then GELU).
+        #: Use oneDNN's fused Linear + activation for inputs on the CPU (else F.linear, then it).
         self.onednn = has_fused_linear()
 
     @classmethod
@@ -190,6 +194,11 @@ class FusedApexHead(nn.Module):
     #: 65536 rows) to 4096 x 896 floats. With the GELU applied inside the matrix product there
     #: is no separate pass left to keep in cache: blocks of 512 rows were no faster at 4096.
     block_rows = 4096
+    #: From this many rows (and with oneDNN) each task's second and third layer run as oneDNN
+    #: products with bias and activation inside; below it as two batched products over the
+    #: tasks, because 14 small calls cost ~35 us each: at 4096 rows per task was 61 ms against
+    #: 71 ms batched, at 64 rows 2.0 ms against 1.4 ms.
+    per_task_rows = 512
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,18 +206,26 @@ class FusedApexHead(nn.Module):
             return torch.cat([self._forward_block(b) for b in torch.split(x, self.block_rows)])
         return self._forward_block(x)
 
-    def _linear_gelu(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``gelu(x @ w.T + b)`` with the exact (erf) GELU, as ``nn.GELU()``."""
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
+        """``activation(x @ w.T + b)``: ``gelu`` (exact, erf, as ``nn.GELU()``) or ``sigmoid``."""
         if self.onednn and x.device.type == "cpu":
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "gelu", [None], "none")
-        return nn.functional.gelu(nn.functional.linear(x, w, b))
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, activation, [None] if activation == "gelu" else [],
+                                                      "none" if activation == "gelu" else "")
+        act = nn.functional.gelu if activation == "gelu" else torch.sigmoid
+        return act(nn.functional.linear(x, w, b))
 
     def _forward_block(self, x: torch.Tensor) -> torch.Tensor:
         for w, b in zip(self.trunk_w, self.trunk_b):
-            x = self._linear_gelu(x, w, b)
-        n, t = x.shape[0], len(self.tasks)
-        h = self._linear_gelu(x, self.w1, self.b1)  # (n, T*128)
-        h = h.view(n, t, self.h1).transpose(0, 1)  # (T, n, 128)
-        h = nn.functional.gelu(torch.baddbmm(self.b2, h, self.w2))  # (T, n, 64)
-        z = torch.baddbmm(self.b3, h, self.w3)  # (T, n, 1)
-        return torch.sigmoid(z[:, :, 0].t()) * self.scale + self.shift
+            x = self._linear(x, w, b, "gelu")
+        h = self._linear(x, self.w1, self.b1, "gelu")  # (n, T*128)
+        n, t, h1 = h.shape[0], len(self.tasks), self.h1
+        if self.onednn and h.device.type == "cpu" and n >= self.per_task_rows:
+            z = torch.cat([
+                self._linear(self._linear(h[:, i * h1 : (i + 1) * h1], self.w2[i], self.b2[i], "gelu"),
+                             self.w3[i], self.b3[i], "sigmoid")
+                for i in range(t)], 1)  # (n, T)
+        else:
+            hb = h.view(n, t, h1).transpose(0, 1)  # (T, n, 128)
+            hb = nn.functional.gelu(torch.baddbmm(self.b2[:, None, :], hb, self.w2.transpose(1, 2)))  # (T, n, 64)
+            z = torch.sigmoid(torch.baddbmm(self.b3[:, None, :], hb, self.w3.transpose(1, 2))[:, :, 0].t())
+        return z * self.scale + self.shift

@@ -37,23 +37,23 @@ from bench.common import interleaved, median, print_header  # noqa: E402
 
 
 def _floors(fused: FusedApexHead, x: torch.Tensor) -> dict[str, Callable[[], None]]:
-    """The fused head's matrix products alone, at its shapes, one callable per library."""
+    """The fused head's matrix products alone, at its shapes, one callable per library: MKL
+    ``mm`` for the trunk and the wide first branch layer and ``bmm`` over the tasks for the
+    other two, into preallocated outputs; and the oneDNN products the fused head calls."""
     n, t, h1 = x.shape[0], len(fused.tasks), fused.h1
     trunk = [w.t() for w in fused.trunk_w]  # (in, out) views: mm reads them transposed, no copy
     outs = [torch.empty(n, w.shape[1]) for w in trunk]
     b1 = torch.empty(n, fused.w1.shape[0])
-    b2 = torch.empty(t, n, fused.w2.shape[2])
+    w2, w3 = fused.w2.transpose(1, 2), fused.w3.transpose(1, 2)  # (T, 128, 64), (T, 64, 1)
+    b2 = torch.empty(t, n, w2.shape[2])
     b3 = torch.empty(t, n, 1)
-
-    def branches(h: torch.Tensor) -> None:
-        torch.bmm(h.view(n, t, h1).transpose(0, 1), fused.w2, out=b2)
-        torch.bmm(b2, fused.w3, out=b3)
 
     def mkl() -> None:
         h = x
         for w, o in zip(trunk, outs, strict=True):
             h = torch.mm(h, w, out=o)
-        branches(torch.mm(h, fused.w1.t(), out=b1))
+        h = torch.mm(h, fused.w1.t(), out=b1)
+        torch.bmm(torch.bmm(h.view(n, t, h1).transpose(0, 1), w2, out=b2), w3, out=b3)
 
     floors = {"floor: mm/bmm (MKL)": mkl}
     if has_fused_linear():
@@ -63,7 +63,10 @@ def _floors(fused: FusedApexHead, x: torch.Tensor) -> dict[str, Callable[[], Non
             h = x
             for w in fused.trunk_w:
                 h = linear(h, w, None, "none", [None], "none")
-            branches(linear(h, fused.w1, None, "none", [None], "none"))
+            h = linear(h, fused.w1, None, "none", [None], "none")
+            for i in range(t):
+                h2 = linear(h[:, i * h1 : (i + 1) * h1], fused.w2[i], None, "none", [None], "none")
+                linear(h2, fused.w3[i], None, "none", [None], "none")
 
         floors["floor: oneDNN products"] = onednn
     return floors
