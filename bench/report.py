@@ -62,7 +62,7 @@ class Sizes:
 
 
 QUICK = Sizes(online_songs=(10_000,), batch_songs=(10_000,), batch_world="bench.online bundle",
-              online_requests=200, apex_repeats=10, batch_repeats=3, latency_users=50,
+              online_requests=200, apex_repeats=20, batch_repeats=3, latency_users=50,
               als_topk_argv=("--quick", "--sizes", "10000,100000", "--skip-candidate-recall"),
               events_argv=("--quick",), embed=False)
 FULL = Sizes(online_songs=(100_000, 1_000_000), batch_songs=(10_000, 100_000), batch_world="bench.ranking world",
@@ -85,7 +85,7 @@ class Results:
     sections: list[Section] = field(default_factory=list)
     apex: dict[str, Any] | None = None
     online: dict[int, dict[str, Any]] = field(default_factory=dict)  # songs -> bench.online result
-    ram: dict[int, dict[str, float]] = field(default_factory=dict)  # songs -> RSS figures
+    ram: dict[int, dict[str, Any]] = field(default_factory=dict)  # songs -> memory_after_load + per song
     batch: dict[int, dict[str, Any]] = field(default_factory=dict)  # songs -> batch_vs_bare result + world
 
 
@@ -157,42 +157,42 @@ def _online(results: Results, songs: int, sizes: Sizes, bundles: Path, redis_url
     results.online[songs] = json.loads(out.read_text())
 
 
-def rss_after_load(bundle: str, n_users: int = 50) -> dict[str, float]:
-    """Resident memory (kB) of this process after importing the serving stack, and after
-    loading ``bundle`` as the online ranker does and answering ``n_users`` requests through
+def memory_after_load(bundle: str, n_users: int = 50) -> dict[str, Any]:
+    """``bench.memory.memory_kb`` of this process (kB: rss, anonymous, file) after importing the
+    serving stack and after loading ``bundle`` as the online ranker does
+    (``RecommenderEngine.load``) and answering ``n_users`` requests through
     ``Recommender.recommend`` (the pages serving touches). Run in a fresh process."""
     import gc
 
     import faiss  # noqa: F401
     import implicit.cpu.als  # noqa: F401
     import lightgbm  # noqa: F401
-    import polars  # noqa: F401
     import torch  # noqa: F401
 
     from apex_rank.ranking.online.recommender_engine import RecommenderEngine
     from apex_rank.threads import configure_threads
-    from bench.online import _rss_kb
+    from bench.memory import memory_kb
 
     configure_threads(1)
     gc.collect()
-    imports_kb = _rss_kb(os.getpid())
-    engine = RecommenderEngine.load(bundle)
-    rec = engine.recommender
+    imports = memory_kb()
+    rec = RecommenderEngine.load(bundle).recommender
     for u in rec.user_ids[:n_users]:
         rec.recommend(u, k=20)
     gc.collect()
-    return {"imports_kb": imports_kb, "loaded_kb": _rss_kb(os.getpid()), "songs": len(rec.songs),
-            "users": len(rec.user_ids)}
+    return {"imports_kb": imports, "loaded_kb": memory_kb(), "songs": len(rec.songs), "users": len(rec.user_ids)}
 
 
 def _ram(results: Results, songs: int, bundles: Path) -> None:
     bundle = bundles / f"online-{songs}"
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        r = pool.apply(rss_after_load, (str(bundle),))
-    r["per_song_kb"] = (r["loaded_kb"] - r["imports_kb"]) / r["songs"]
-    print(f"RSS of a fresh process: {r['imports_kb'] / 1024:.0f} MB after the imports, "
-          f"{r['loaded_kb'] / 1024:.0f} MB after loading {bundle.name} ({r['songs']} songs, {r['users']} users) "
-          f"and 50 recommend calls: {r['per_song_kb']:.2f} kB per song beyond the imports (users included)")
+        r = pool.apply(memory_after_load, (str(bundle),))
+    per_song = {k: (r["loaded_kb"][k] - r["imports_kb"][k]) / r["songs"] for k in ("rss", "anonymous", "file")}
+    r["per_song_kb"] = per_song
+    print(f"fresh process: {r['imports_kb']['rss'] / 1024:.0f} MB resident after the imports; after "
+          f"RecommenderEngine.load({bundle.name}) ({r['songs']} songs, {r['users']} users) and 50 recommend calls, "
+          f"per song beyond the imports: rss {per_song['rss']:.2f} kB = own (anonymous) {per_song['anonymous']:.2f} kB "
+          f"+ file-backed {per_song['file']:.2f} kB (users' state included)")
     results.ram[songs] = r
 
 
@@ -299,7 +299,12 @@ def _batch_figure(res: Results, songs: int) -> Figure | None:
 
 def _ram_figure(res: Results, songs: int) -> Figure | None:
     r = res.ram.get(songs)
-    return None if r is None else Figure(r["per_song_kb"], r["imports_kb"] / 1024, "RSS after the imports alone, MB")
+    if r is None:
+        return None
+    per = r["per_song_kb"]
+    return Figure(per["rss"], r["imports_kb"]["rss"] / 1024, "RSS after the imports alone, MB",
+                  f"resident; of it own (anonymous) {per['anonymous']:.2f} kB, "
+                  f"file-backed, shared {per['file']:.2f} kB")
 
 
 def _apex_ratio(res: Results, songs: int) -> Figure | None:
@@ -347,7 +352,7 @@ TARGETS = (
            _online_throughput, "online"),
     Target("recommend_batch users/s", 10_000, 2000.0, "/s", True, _batch_figure, "batch"),
     Target("recommend_batch users/s", 100_000, 1000.0, "/s", True, _batch_figure, "batch"),
-    Target("RAM per song beyond the imports (ranker process, users included)", 100_000, 1.5, "kB", False,
+    Target("RAM per song beyond the imports (ranker process, resident, users included)", 100_000, 1.5, "kB", False,
            _ram_figure, "ram"),
     Target("APEX head fused / matmul-only floor, batch 4096", 0, 1.2, "x", False, _apex_ratio, "apex"),
     Target("APEX head max |fused - plain|, batch 4096", 0, 1e-4, "", False, _apex_diff, "apex"),
@@ -451,10 +456,14 @@ def render(res: Results, *, sizes: Sizes, command: str, started: datetime, secon
                   f"bare implicit `recommend` on the same users and ALS factors {b['bare_users_s']:,.0f} users/s; "
                   f"bare / hybrid x{b['ratio']:.2f}", ""]
     for songs, r in sorted(res.ram.items()):
-        lines += [f"**RAM, {songs:,}-song online bundle** ({r['users']:,} users): a fresh process holds "
-                  f"{r['imports_kb'] / 1024:.0f} MB after importing the serving stack and "
-                  f"{r['loaded_kb'] / 1024:.0f} MB after `RecommenderEngine.load` and 50 `recommend` calls: "
-                  f"{r['per_song_kb']:.2f} kB per song beyond the imports (the users' state included)", ""]
+        per = r["per_song_kb"]
+        lines += [f"**RAM, {songs:,}-song online bundle** ({r['users']:,} users; `bench.memory.memory_kb`): a fresh "
+                  f"process holds {r['imports_kb']['rss'] / 1024:.0f} MB after importing the serving stack and "
+                  f"{r['loaded_kb']['rss'] / 1024:.0f} MB after `RecommenderEngine.load` and 50 `recommend` calls; "
+                  f"per song beyond the imports (the users' state included): resident {per['rss']:.2f} kB, of which "
+                  f"the process's own (anonymous) {per['anonymous']:.2f} kB and file-backed pages (the memory-mapped "
+                  f"bundle arrays and library code first touched by loading), shared by every worker, "
+                  f"{per['file']:.2f} kB", ""]
     if res.apex is not None:
         a = res.apex
         lines += [f"**APEX head, batch {a['batch']}** (`bench.apex_head`, median of {a['repeats']} interleaved "
