@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import scipy.sparse as sp
 
 from apex_rank.config import from_dict, to_dict
 from apex_rank.errors import ArtifactError, ConfigError, NotFittedError, SchemaError, UnknownIdError
+from apex_rank.npfiles import read_arrays, save_arrays
 from apex_rank.threads import blas_single_threaded, thread_count
 
 log = logging.getLogger(__name__)
@@ -312,13 +312,15 @@ class CFModel:
         return top_k_by_factors(U, self.item_factors, self.song_ids, k, exclude=hist)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, *, item_factors_apart: bool = False) -> Path:
-        """Write one ``.npz`` (allow_pickle=False) holding factors, id maps, CSR and config.
+    FACTOR_ARRAYS = ("user_factors", "item_factors")
 
-        ``item_factors_apart``: the item factors go to :func:`item_factors_file` (a plain
-        ``.npy``, which :meth:`load` can memory-map) instead of the ``.npz``."""
+    def save(self, path: str | Path, *, factors_apart: bool = False) -> Path:
+        """Write one ``.npz`` (allow_pickle=False) holding factors, id maps, CSR and config;
+        returns its path.
+
+        ``factors_apart``: the user and item factors go to plain ``.npy`` files beside it
+        (:func:`~apex_rank.npfiles.save_arrays`), which :meth:`load` can memory-map."""
         self._check()
-        path = Path(path)
         M = self.user_items
         arrays = {
             "user_ids": np.asarray(self.user_ids, dtype=str),
@@ -330,41 +332,26 @@ class CFModel:
             "data": M.data,
             "config": np.asarray(json.dumps(to_dict(self.config))),
         }
-        if item_factors_apart:
-            np.save(item_factors_file(path), arrays.pop("item_factors"), allow_pickle=False)
-        np.savez(path, **arrays)
-        return path
+        return save_arrays(path, arrays, apart=self.FACTOR_ARRAYS if factors_apart else ())[0]
 
     @classmethod
     def load(cls, path: str | Path, *, mmap: bool = False) -> CFModel:
-        """Read a model written by :meth:`save`; item factors saved apart are memory-mapped
+        """Read a model written by :meth:`save`; factors saved apart are memory-mapped
         copy-on-write when ``mmap`` (pages shared between processes until one writes)."""
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"CF model file {path} is missing")
+        z = read_arrays(path, apart=cls.FACTOR_ARRAYS, mmap=mmap)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                cfg = from_dict(CFConfig, json.loads(str(z["config"])))
-                users = z["user_ids"].tolist()
-                songs = z["song_ids"].tolist()
-                M = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(len(users), len(songs)))
-                if "item_factors" in z.files:
-                    V = z["item_factors"]
-                else:
-                    V = np.asarray(np.load(item_factors_file(path), mmap_mode="c" if mmap else None,
-                                           allow_pickle=False))
-                obj = cls(cfg)
-                obj._set(users, songs, z["user_factors"], V, M)
-        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            cfg = from_dict(CFConfig, json.loads(str(z["config"])))
+            users = z["user_ids"].tolist()
+            songs = z["song_ids"].tolist()
+            M = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(len(users), len(songs)))
+            obj = cls(cfg)
+            obj._set(users, songs, z["user_factors"], z["item_factors"], M)
+        except (KeyError, ValueError) as err:
             raise ArtifactError(f"CF model file {path} cannot be read: {err}") from err
         return obj
-
-
-def item_factors_file(path: str | Path) -> Path:
-    """Where :meth:`CFModel.save` puts the item factors it saves apart: ``cf.npz`` →
-    ``cf.item_factors.npy``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.item_factors.npy")
 
 
 def make_implicit_model(cfg: CFConfig):

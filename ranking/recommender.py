@@ -21,7 +21,8 @@ Per-user path (pure functions, reused by the online ranker): ``rec.user_state(u)
 A bundle is a folder: ``manifest.json`` (kind ``apex-recommender``, schema, config, files with
 their SHA-256, library versions, build report), ``songs.npz``, ``users.npz``, ``cf.npz``,
 ``content_map.npz`` (all ``allow_pickle=False``), the large arrays as plain ``.npy`` files
-(``songs.embeddings.npy``, ``songs.cf_factors.npy``, ``songs.pseudo_factors.npy``,
+beside them (``songs.embeddings.npy``, ``songs.cf_factors.npy``, ``songs.pseudo_factors.npy``,
+``users.profiles.npy``, ``users.hist_indices.npy``, ``cf.user_factors.npy``,
 ``cf.item_factors.npy``: memory-mapped copy-on-write by :func:`load_recommender` once their
 checksums passed, so worker processes share the pages), ``content.faiss`` / ``pseudo_cf.faiss``
 (+ ``.ids.json``), ``reranker.txt`` (LightGBM text) and ``apex/`` (the predictor folder). No
@@ -43,7 +44,6 @@ import os
 import shutil
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,6 +56,7 @@ import scipy.sparse as sp
 from apex_rank.config import from_dict, to_dict
 from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdError
 from apex_rank.manifest import as_if_created, read_manifest, write_manifest
+from apex_rank.npfiles import apart_file, read_arrays, save_arrays
 from apex_rank.predictor import ApexPredictor
 from apex_rank.ranking.candidates import (
     RANK_COLUMNS,
@@ -70,7 +71,7 @@ from apex_rank.ranking.candidates import (
     generate_candidates,
     sorted_codes,
 )
-from apex_rank.ranking.cf import ALS_GRID, CFConfig, CFModel, item_factors_file
+from apex_rank.ranking.cf import ALS_GRID, CFConfig, CFModel
 from apex_rank.ranking.content_map import ContentToCF
 from apex_rank.ranking.features import build_feature_frame, feature_array
 from apex_rank.ranking.index import CandidateIndex, l2_normalize
@@ -86,10 +87,12 @@ KIND = "apex-recommender"
 # 2: relative log_popularity, age for cold songs, build-time cold simulation (schema-1 rerankers
 # read those features differently, so schema-1 bundles are refused with a "rebuild" message);
 # 3: ages from each user's latest interaction (users.npz ``last_seen``);
-# 4: the large song-side arrays in plain .npy files, memory-mapped at load (``songs.<name>.npy``
-# for ``LARGE_SONG_ARRAYS``, ``cf.item_factors.npy``): N serving processes share their pages
+# 4: the large arrays in plain .npy files memory-mapped at load (``songs.<name>.npy`` for
+# ``LARGE_SONG_ARRAYS``, ``users.<name>.npy`` for ``LARGE_USER_ARRAYS``, ``cf.user_factors.npy``,
+# ``cf.item_factors.npy``): N serving processes share their pages
 SCHEMA = 4
 LARGE_SONG_ARRAYS = ("embeddings", "cf_factors", "pseudo_factors")
+LARGE_USER_ARRAYS = ("profiles", "hist_indices")
 _OLDER_SCHEMA = {
     1: "its reranker features differ from this version's",
     2: "its reranker features differ from this version's",
@@ -1064,28 +1067,25 @@ class Recommender:
 
     def _write_bundle(self, folder: Path) -> None:
         """Every component file and the manifest into ``folder`` (an empty folder)."""
-        songs = self.songs.to_arrays()
-        for name in LARGE_SONG_ARRAYS:
-            np.save(folder / f"songs.{name}.npy", np.ascontiguousarray(songs.pop(name)), allow_pickle=False)
-        np.savez(folder / "songs.npz", **songs)
         U = self._users
-        np.savez(
-            folder / "users.npz",
-            user_ids=np.asarray(U.user_ids, dtype=str),
-            profiles=U.profiles,
-            has_profile=U.has_profile,
-            hist_indptr=U.hist_indptr,
-            hist_indices=U.hist_indices,
-            activity=U.activity,
-            last_seen=U.last_seen,
-        )
-        self.cf.save(folder / "cf.npz", item_factors_apart=True)
+        users = {
+            "user_ids": np.asarray(U.user_ids, dtype=str),
+            "profiles": U.profiles,
+            "has_profile": U.has_profile,
+            "hist_indptr": U.hist_indptr,
+            "hist_indices": U.hist_indices,
+            "activity": U.activity,
+            "last_seen": U.last_seen,
+        }
+        written = save_arrays(folder / "songs.npz", self.songs.to_arrays(), apart=LARGE_SONG_ARRAYS)
+        written += save_arrays(folder / "users.npz", users, apart=LARGE_USER_ARRAYS)
+        written += [folder / "cf.npz", *(apart_file(folder / "cf.npz", a) for a in CFModel.FACTOR_ARRAYS)]
+        self.cf.save(folder / "cf.npz", factors_apart=True)
         assert self.content_map.W is not None  # fitted in build
         np.savez(
             folder / "content_map.npz", W=self.content_map.W, regularization=np.asarray(self.content_map.regularization)
         )
-        files = ["songs.npz", "users.npz", "cf.npz", "content_map.npz", "reranker.txt",
-                 *(f"songs.{name}.npy" for name in LARGE_SONG_ARRAYS), item_factors_file("cf.npz").name]
+        files = [p.name for p in written] + ["content_map.npz", "reranker.txt"]
         files += [p.name for p in self.content_index.save(folder / "content.faiss")]
         files += [p.name for p in self.pseudo_index.save(folder / "pseudo_cf.faiss")]
         self.reranker.save(folder / "reranker.txt")
@@ -1338,7 +1338,7 @@ def _check_bundle(
             or (len(ix) and (ix.min() < 0 or ix.max() >= n))):
         raise bad("users.npz", "user histories point outside the catalogue")
     if users.profiles.shape != (n_u, d) or not np.isfinite(users.profiles).all():
-        raise bad("users.npz", f"profiles are not finite ({n_u}, {d}) vectors")
+        raise bad("users.profiles.npy", f"profiles are not finite ({n_u}, {d}) vectors")
     if users.last_seen.shape != (n_u,) or np.isinf(users.last_seen).any():
         raise bad("users.npz", f"last_seen is not ({n_u},) times (NaN for unknown)")
 
@@ -1362,22 +1362,9 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
     except (KeyError, ConfigError) as err:
         raise ArtifactError(f"{folder}/manifest.json: invalid config: {err}") from err
 
-    def npz(name: str) -> dict[str, np.ndarray]:
-        try:
-            with np.load(folder / name, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise ArtifactError(f"bundle file {folder / name} cannot be read: {err}") from err
-
-    def npy(name: str) -> np.ndarray:  # copy-on-write: pages shared until a process writes one
-        try:
-            return np.asarray(np.load(folder / name, mmap_mode="c", allow_pickle=False))
-        except (OSError, ValueError, EOFError) as err:
-            raise ArtifactError(f"bundle file {folder / name} cannot be read: {err}") from err
-
     try:
-        songs = SongTable.from_arrays({**npz("songs.npz"), **{k: npy(f"songs.{k}.npy") for k in LARGE_SONG_ARRAYS}})
-        u = npz("users.npz")
+        songs = SongTable.from_arrays(read_arrays(folder / "songs.npz", apart=LARGE_SONG_ARRAYS))
+        u = read_arrays(folder / "users.npz", apart=LARGE_USER_ARRAYS)
         users = _Users(
             u["user_ids"].tolist(),
             u["profiles"],
@@ -1387,7 +1374,7 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
             u["activity"],
             u["last_seen"].astype(np.float64),
         )
-        cm = npz("content_map.npz")
+        cm = read_arrays(folder / "content_map.npz")
     except KeyError as err:
         raise ArtifactError(f"bundle {folder}: an array is missing: {err}") from err
     cmap = ContentToCF(float(cm["regularization"]))

@@ -156,7 +156,8 @@ def test_save_load_parity(tmp_path: Path) -> None:
     man = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert man["kind"] == "apex-recommender" and man["schema"] == 4 and "lightgbm" in man["versions"]
     # issue 15: the large arrays are memory-mapped from their .npy files, the ALS matrix held once
-    for arr in (back.songs.embeddings, back.songs.cf_factors, back.songs.pseudo_factors, back.cf.item_factors):
+    for arr in (back.songs.embeddings, back.songs.cf_factors, back.songs.pseudo_factors, back.cf.item_factors,
+                back.cf.user_factors, back._users.profiles, back._users.hist_indices):
         assert isinstance(arr.base, np.memmap), type(arr.base)
     assert back.sources[0].factors is back.cf.item_factors and rec.sources[0].factors is rec.cf.item_factors
     assert "config" in man and "reranker.txt" in man["files"]
@@ -241,8 +242,7 @@ def test_bundle_parts_that_do_not_belong_together_are_refused(tmp_path: Path) ->
     good = rec.save(tmp_path / "good")
     with np.load(good / "songs.npz", allow_pickle=False) as z:
         songs = {k: z[k] for k in z.files}
-    with np.load(good / "users.npz", allow_pickle=False) as z:
-        hist = z["hist_indices"]
+    hist = np.load(good / "users.hist_indices.npy", allow_pickle=False)  # kept apart from users.npz
     trained = int(np.flatnonzero(np.isfinite(songs["priors"]).all(axis=0))[0])
     nan_priors = songs["priors"].copy()
     nan_priors[3, trained] = np.nan

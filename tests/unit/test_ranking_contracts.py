@@ -254,23 +254,25 @@ class CFContract:
         for u in ("u00", "u39"):
             assert back.recommend(u, 10)[0].tolist() == model.recommend(u, 10)[0].tolist()
 
-    def test_item_factors_saved_apart_are_memory_mapped(self, model: CFModel, tmp_path: Path) -> None:
-        """Issue 15: the item factors in their own .npy, mapped copy-on-write by load(mmap=True);
-        a loader of the .npz alone reads them too; without the .npy the .npz is refused by name."""
+    def test_factors_saved_apart_are_memory_mapped(self, model: CFModel, tmp_path: Path) -> None:
+        """Issue 15: the factors in their own .npy files, mapped copy-on-write by load(mmap=True);
+        a loader of the .npz alone reads them too; a missing .npy is refused by name."""
         from apex_rank.errors import ArtifactError
-        from apex_rank.ranking.cf import item_factors_file
+        from apex_rank.npfiles import apart_file
 
-        path = model.save(tmp_path / "cf.npz", item_factors_apart=True)
-        assert item_factors_file(path).name == "cf.item_factors.npy" and item_factors_file(path).is_file()
+        path = model.save(tmp_path / "cf.npz", factors_apart=True)
+        assert apart_file(path, "item_factors").name == "cf.item_factors.npy"
         mapped, plain = CFModel.load(path, mmap=True), CFModel.load(path)
-        assert isinstance(mapped.item_factors.base, np.memmap) and not isinstance(plain.item_factors.base, np.memmap)
+        for arr in (mapped.item_factors, mapped.user_factors):
+            assert isinstance(arr.base, np.memmap)
+        assert not isinstance(plain.item_factors.base, np.memmap)
         for back in (mapped, plain):
             np.testing.assert_array_equal(back.item_factors, model.item_factors)
             assert back.recommend("u00", 10)[0].tolist() == model.recommend("u00", 10)[0].tolist()
         mapped.item_factors[0] = 0.0  # copy-on-write: the file keeps its values
         np.testing.assert_array_equal(CFModel.load(path).item_factors, model.item_factors)
-        item_factors_file(path).unlink()
-        with pytest.raises(ArtifactError, match="cf.npz cannot be read"):
+        apart_file(path, "item_factors").unlink()
+        with pytest.raises(ArtifactError, match="cf.item_factors.npy cannot be read"):
             CFModel.load(path)
 
 
