@@ -38,7 +38,7 @@ def save_arrays(path: str | Path, arrays: dict[str, np.ndarray], *, apart: Seque
     for name in apart:
         files.append(apart_file(path, name))
         np.save(files[-1], np.ascontiguousarray(rest.pop(name)), allow_pickle=False)
-    np.savez(path, **rest)
+    np.savez(path, **rest)  # type: ignore[arg-type]  # numpy's stub matches the names to allow_pickle too
     return files
 
 

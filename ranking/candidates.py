@@ -265,6 +265,11 @@ class CandidateSource:
     """
 
     name: str = ""
+    # caches, each keyed by what it was computed from: ids -> item positions, item positions ->
+    # ids, and the catalogue maps of _catalogue_maps
+    _item_pos: tuple[int, dict[str, int]] | None = None
+    _lookup: np.ndarray | None = None
+    _maps: tuple[SongTable, tuple[int, int], np.ndarray, np.ndarray] | None = None
 
     @property
     def item_ids(self) -> Sequence[str | None]:
@@ -285,7 +290,7 @@ class CandidateSource:
     def item_positions(self, ids: list[str]) -> np.ndarray:
         """Position in ``item_ids`` of each id, -1 where it is not an item."""
         key = len(self.item_ids)
-        if getattr(self, "_item_pos", (None,))[0] != key:
+        if self._item_pos is None or self._item_pos[0] != key:
             self._item_pos = (key, {s: i for i, s in enumerate(self.item_ids) if s is not None})
         pos = self._item_pos[1]
         return np.asarray([pos.get(s, -1) for s in ids], dtype=np.int64)
@@ -298,7 +303,7 @@ class CandidateSource:
         if not self._searches_items():
             raise NotImplementedError(f"{type(self).__name__} implements neither retrieve_batch nor search_items")
         items, sc = self.search_items(states, n, Exclusions.from_ids(excludes, self.item_positions))
-        if getattr(self, "_lookup", None) is None or len(self._lookup) != len(self.item_ids) + 1:
+        if self._lookup is None or len(self._lookup) != len(self.item_ids) + 1:
             self._lookup = np.asarray([s or "" for s in self.item_ids] + [""], dtype=object)
         return self._lookup[np.where(items >= 0, items, len(self._lookup) - 1)], sc
 
@@ -336,7 +341,7 @@ class CandidateSource:
         catalogue position → item position), -1 where none; computed once per catalogue size
         and item count (both only grow)."""
         key = (len(catalogue), len(self.item_ids))
-        cached = getattr(self, "_maps", None)
+        cached = self._maps
         if cached is None or cached[0] is not catalogue or cached[1] != key:
             ids = self.item_ids
             known = [i for i, s in enumerate(ids) if s is not None]
@@ -596,7 +601,7 @@ def _union(
     return grow[order], gitem[order], best[order].astype(np.int8), R
 
 
-def _no_candidates(item_dtype: object) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _no_candidates(item_dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return (np.zeros(0, np.int64), np.zeros(0, dtype=item_dtype), np.zeros(0, np.int8),
             np.zeros((0, len(SOURCE_ORDER)), np.int32))
 
