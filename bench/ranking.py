@@ -143,7 +143,9 @@ def machine() -> str:
 def batch_vs_bare(rec, users: list[str], repeats: int, k: int = 20) -> dict[str, float]:
     """``recommend_batch`` users/s next to bare implicit ``recommend`` (same users with a CF
     factor, the Recommender's own ALS factors and history, k, history filtered) in interleaved
-    rounds; prints and returns the medians and their ratio."""
+    rounds; prints and returns the medians and their ratio, and the CPU time per user of each
+    (process time of all threads: on a machine shared with other work it moves far less than
+    wall time, so its ratio is the steadier comparison)."""
     from apex_rank.ranking.cf import make_implicit_model
     from bench.common import interleaved
 
@@ -152,22 +154,36 @@ def batch_vs_bare(rec, users: list[str], repeats: int, k: int = 20) -> dict[str,
     bare = make_implicit_model(cf.config)
     bare.user_factors, bare.item_factors = cf.user_factors, cf.item_factors
     liked = cf.user_items[rows]
+    cpu: dict[str, list[float]] = {"hybrid": [], "bare": []}
+
+    def on_cpu(name: str, fn):
+        def run() -> None:
+            c0 = time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - c0)
+        return run
+
     times = interleaved(
         {
-            "hybrid": lambda: rec.recommend_batch(users, k),
-            "bare": lambda: bare.recommend(rows, liked, N=k, filter_already_liked_items=True),
+            "hybrid": on_cpu("hybrid", lambda: rec.recommend_batch(users, k)),
+            "bare": on_cpu("bare", lambda: bare.recommend(rows, liked, N=k, filter_already_liked_items=True)),
         },
         repeats,
     )
     ours = len(users) / statistics.median(times["hybrid"])
     base = len(rows) / statistics.median(times["bare"])
+    cpu_ours = statistics.median(cpu["hybrid"][1:]) / len(users) * 1e3  # [0]: the warm-up call
+    cpu_base = statistics.median(cpu["bare"][1:]) / max(len(rows), 1) * 1e3
     print(
         f"batch   : recommend_batch {len(users)} users, k={k}: {ours:.0f} users/s | bare implicit recommend "
         f"({len(rows)} users, same factors): {base:.0f} users/s | bare/hybrid {base / ours:.2f}x "
         f"[median of {repeats} interleaved rounds; chunks of {rec.config.batch_users} users; "
         f"hybrid rounds {', '.join(f'{t:.2f}' for t in times['hybrid'])} s]"
     )
-    return {"hybrid_users_s": ours, "bare_users_s": base, "ratio": base / ours}
+    print(f"cpu     : hybrid {cpu_ours:.3f} ms per user, bare implicit {cpu_base:.3f} ms per user, "
+          f"hybrid/bare {cpu_ours / cpu_base:.2f}x (process time, all threads)")
+    return {"hybrid_users_s": ours, "bare_users_s": base, "ratio": base / ours,
+            "hybrid_cpu_ms_per_user": cpu_ours, "bare_cpu_ms_per_user": cpu_base}
 
 
 def main(argv: list[str] | None = None) -> int:
