@@ -59,7 +59,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print("== 4. recommender: ALS + FAISS content/pseudo-CF + fresh-song priors, LightGBM reranker "
           "(cold songs included)")
-    from apex_rank.ranking.demo import recommender_demo
+    from apex_rank.cli.demo.build import recommender_demo
 
     for line in recommender_demo(world, predictor, out / "bundle"):
         print(line, flush=True)
@@ -67,7 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("== 5. online: publish to Redis (in-process store if none), then a play and a new song change the ranking")
     import os
 
-    from apex_rank.ranking.online.demo import online_demo
+    from apex_rank.cli.demo.online import online_demo
 
     redis_url = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
     for line in online_demo(world, predictor, out / "bundle", redis_url=redis_url, seed=args.seed):

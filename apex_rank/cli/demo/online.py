@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import OnlineConfig
-from .events import Interaction, ingest, record, record_many
-from .publisher import publish
-from .ranker import OnlineRanker
-from .store import InProcessStore, RedisStore, open_store, redact_url
-from .warmup import WarmUpConsumer, bundle_cf_loader
+from apex_rank.ranking.online.config import OnlineConfig
+from apex_rank.ranking.online.events import Interaction, ingest, record, record_many
+from apex_rank.ranking.online.publisher import publish
+from apex_rank.ranking.online.ranker import OnlineRanker
+from apex_rank.ranking.online.store import InProcessStore, RedisStore, open_store, redact_url
+from apex_rank.ranking.online.warmup import WarmUpConsumer, bundle_cf_loader
 
 
 def _top(ranker: OnlineRanker, user: str, k: int) -> list[str]:
@@ -73,9 +73,8 @@ def online_demo(world: Any, predictor: Any, bundle_dir: str | Path, *,
     ``bundle_dir`` is used when it already holds a Recommender bundle, else one is built there
     from ``world`` with ``predictor`` as the APEX model.
     """
+    from apex_rank.ranking.online.recommender_engine import RecommenderEngine
     from apex_rank.ranking.recommender import Recommender, load_recommender
-
-    from .recommender_engine import RecommenderEngine
 
     bundle = Path(bundle_dir)
     if not (bundle / "manifest.json").is_file():
