@@ -44,7 +44,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{world.interactions['user_id'].n_unique()} users, embedding width {width}")
 
     print("== 2. audio -> content embeddings (spectral encoder: decode, mono, resample, segment, features)")
-    from apex_rank.features.embed import audio_demo
+    from apex_rank.cli.demo.audio import audio_demo
 
     for line in audio_demo(out, seed=args.seed):
         print(line, flush=True)
