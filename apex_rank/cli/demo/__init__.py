@@ -74,7 +74,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     print("== 6. evaluation: item-cold split, all baselines vs the hybrid (APEX refitted on training songs only)")
-    from apex_rank.cli.eval_cmds import demo_evaluation
+    from apex_rank.cli.demo.evaluation import evaluation_stage
 
-    demo_evaluation(world, out, seed=args.seed)
+    for line in evaluation_stage(world, out, seed=args.seed):
+        print(line, flush=True)
     return 0
