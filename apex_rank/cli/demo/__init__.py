@@ -70,7 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from apex_rank.cli.demo.online import online_demo
 
     redis_url = os.environ.get("APEX_RANK_REDIS_URL", "redis://127.0.0.1:6379/0")
-    for line in online_demo(world, predictor, out / "bundle", redis_url=redis_url, seed=args.seed):
+    for line in online_demo(world, out / "bundle", redis_url=redis_url, seed=args.seed):
         print(line, flush=True)
 
     print("== 6. evaluation: item-cold split, all baselines vs the hybrid (APEX refitted on training songs only)")

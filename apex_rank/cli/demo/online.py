@@ -19,8 +19,10 @@ from apex_rank.ranking.online.config import OnlineConfig
 from apex_rank.ranking.online.events import Interaction, ingest, record, record_many
 from apex_rank.ranking.online.publisher import publish
 from apex_rank.ranking.online.ranker import OnlineRanker
+from apex_rank.ranking.online.recommender_engine import RecommenderEngine
 from apex_rank.ranking.online.store import InProcessStore, RedisStore, open_store, redact_url
 from apex_rank.ranking.online.warmup import WarmUpConsumer, bundle_cf_loader
+from apex_rank.synthetic import World
 
 
 def _top(ranker: OnlineRanker, user: str, k: int) -> list[str]:
@@ -66,22 +68,13 @@ def _warm_up(ranker: OnlineRanker, store: Any, engine: Any, cfg: OnlineConfig, u
            "over its listeners, solved by the background consumer; no retrain)")
 
 
-def online_demo(world: Any, predictor: Any, bundle_dir: str | Path, *,
+def online_demo(world: World, bundle_dir: str | Path, *,
                 redis_url: str = "redis://127.0.0.1:6379/0", seed: int = 0) -> Iterator[str]:
-    """Run the online stage on a synthetic ``world`` (see the module doc); yields report lines.
-
-    ``bundle_dir`` is used when it already holds a Recommender bundle, else one is built there
-    from ``world`` with ``predictor`` as the APEX model.
-    """
-    from apex_rank.ranking.online.recommender_engine import RecommenderEngine
-    from apex_rank.ranking.recommender import Recommender, load_recommender
-
-    bundle = Path(bundle_dir)
-    if not (bundle / "manifest.json").is_file():
-        t0 = time.perf_counter()
-        Recommender.build(world.songs, world.embeddings, world.interactions, apex=predictor).save(bundle)
-        yield f"   built a Recommender bundle in {bundle} ({time.perf_counter() - t0:.1f} s)"
-    engine = RecommenderEngine.load(bundle)
+    """Run the online stage on the Recommender bundle in ``bundle_dir`` (built from the
+    synthetic ``world``; see the module doc); yields report lines. The bundle is loaded once:
+    the engine serves the online ranker and its Recommender answers the parity check."""
+    engine = RecommenderEngine.load(bundle_dir)
+    rec = engine.recommender
     ns = f"demo{seed}x{int(time.time())}"
     store = open_store(redis_url, ns, timeout_s=2.0, fallback=True)
     if isinstance(store, RedisStore):
@@ -95,7 +88,6 @@ def online_demo(world: Any, predictor: Any, bundle_dir: str | Path, *,
         yield (f"   published version {res.version}: {res.n_songs} songs, {res.n_users} users in "
                f"{res.seconds:.2f} s; the 'current' pointer moved atomically")
         ranker = OnlineRanker(store, config=cfg, engine=engine)
-        rec = load_recommender(bundle)
         users = rec.user_ids[:20]
         same = sum(_top(ranker, u, 10) == rec.recommend(u, k=10)["song_id"].to_list() for u in users)
         yield f"   parity: online rank == Recommender.recommend for {same}/{len(users)} users"
