@@ -3,7 +3,7 @@ with the spectral encoder and show each song's nearest neighbour."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +38,8 @@ def _synthetic_clips(folder: Path, seed: int) -> Path:
     return folder
 
 
-def audio_demo(out: str | Path, *, seed: int = 0, max_duration_s: float = 15.0) -> Iterable[str]:
-    """The demo's audio stage: embed real tracks (or synthetic clips) and show neighbours.
+def audio_stage(out: str | Path, *, seed: int = 0, max_duration_s: float = 15.0) -> Iterator[str]:
+    """Embed real tracks (or synthetic clips) and show neighbours.
 
     Yields the lines to show. Uses the installed ``immich-memories-music`` tracks when present
     (first ``max_duration_s`` seconds of each, to keep the stage short), else 8 synthetic clips,

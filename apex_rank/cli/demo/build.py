@@ -6,14 +6,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
+from apex_rank.predictor import ApexPredictor
 from apex_rank.ranking.candidates import CandidateConfig
 from apex_rank.ranking.cf import CFConfig
 from apex_rank.ranking.recommender import Recommender, RecommenderConfig
 from apex_rank.ranking.reranker import RerankerConfig
+from apex_rank.synthetic import World
 
 DEMO_CONFIG = RecommenderConfig(
     cf=CFConfig(factors=32, iterations=10),
@@ -22,7 +23,7 @@ DEMO_CONFIG = RecommenderConfig(
 )
 
 
-def recommender_demo(world: Any, predictor: Any, bundle_dir: str | Path, *, k: int = 8) -> Iterator[str]:
+def build_stage(world: World, predictor: ApexPredictor, bundle_dir: str | Path, *, k: int = 8) -> Iterator[str]:
     """Build, save to ``bundle_dir`` and yield printable lines (two users' top-k)."""
     t0 = time.perf_counter()
     train = world.interactions.filter(pl.col("ts") < world.cutoff)

@@ -1,7 +1,7 @@
 """The online stage of ``apex-rank demo``: publish, rank, play a song, ingest a song, rank
 again, and watch a new song warm up from its first plays.
 
-:func:`online_demo` yields the lines the CLI prints (library code does not print). It uses
+:func:`online_stage` yields the lines the demo prints. It uses
 Redis when one answers at ``redis_url`` (a private namespace, deleted at the end) and an
 in-process store with the same interface otherwise, and says which.
 """
@@ -68,8 +68,8 @@ def _warm_up(ranker: OnlineRanker, store: Any, engine: Any, cfg: OnlineConfig, u
            "over its listeners, solved by the background consumer; no retrain)")
 
 
-def online_demo(world: World, bundle_dir: str | Path, *,
-                redis_url: str = "redis://127.0.0.1:6379/0", seed: int = 0) -> Iterator[str]:
+def online_stage(world: World, bundle_dir: str | Path, *,
+                 redis_url: str = "redis://127.0.0.1:6379/0", seed: int = 0) -> Iterator[str]:
     """Run the online stage on the Recommender bundle in ``bundle_dir`` (built from the
     synthetic ``world``; see the module doc); yields report lines. The bundle is loaded once:
     the engine serves the online ranker and its Recommender answers the parity check."""
