@@ -94,3 +94,62 @@ def test_every_package_folder_is_in_the_wheel() -> None:
             found.add(".".join((pkg, *rel)))
     assert found <= set(st["packages"]), sorted(found - set(st["packages"]))
     assert "py.typed" in st["package-data"]["apex_rank"] and (root / "apex_rank" / "py.typed").is_file()
+
+
+# The demo lives in one package (apex_rank/cli/demo/, issue 12): no library module imports it,
+# not even lazily inside a function or by a dotted string, and none holds a demo stage of its own.
+DEMO = "apex_rank.cli.demo"
+PACKAGE_OF = {"apex_rank": "apex_rank", "features": "apex_rank.features", "ranking": "apex_rank.ranking",
+              "offline_eval": "apex_rank.offline_eval"}
+
+
+def library_files() -> list[Path]:
+    return [p for folder in FOLDERS for p in sorted((ROOT / folder).rglob("*.py"))
+            if p.relative_to(ROOT).parts[:2] != ("apex_rank", "cli")]
+
+
+def demo_references(path: Path, package: str) -> list[str]:
+    """Lines of ``path`` (a module in the package ``package``) that import or name the demo
+    package or define a demo function or class, in line order."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = parts[: len(parts) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names = [module, *(f"{module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value]
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and "demo" in node.name.lower():
+            found.append((node.lineno, f"defines {node.name}"))
+        hits = [n for n in names if n == DEMO or n.startswith(DEMO + ".")]
+        if hits:
+            found.append((node.lineno, f"names {hits[0]}"))
+    return [f"{path.name}:{line} {what}" for line, what in sorted(found)]
+
+
+def test_no_library_package_imports_or_holds_demo_code() -> None:
+    bad = []
+    for path in library_files():
+        rel = path.relative_to(ROOT)
+        package = ".".join([PACKAGE_OF[rel.parts[0]], *rel.parts[1:-1]])
+        if "demo" in path.stem:
+            bad.append(f"{rel} is a demo module outside {DEMO}")
+        bad += [f"{rel.parent}/{hit}" for hit in demo_references(path, package)]
+    assert bad == []
+
+
+def test_the_demo_checker_catches_absolute_relative_lazy_and_named_references(tmp_path: Path) -> None:
+    mod = tmp_path / "mod.py"
+    mod.write_text("from apex_rank.cli.demo.online import online_stage\n"
+                   "from ..cli import demo\n"
+                   "def f():\n    import apex_rank.cli.demo\n"
+                   "LAZY = {'x': 'apex_rank.cli.demo.build'}\n"
+                   "def recommender_demo():\n    pass\n"
+                   "import apex_rank.cli.demos_elsewhere\n")
+    hits = demo_references(mod, "apex_rank.ranking")
+    assert [h.split(":")[1].split()[0] for h in hits] == ["1", "2", "4", "5", "6"], hits
+    assert library_files() and all("cli" not in p.relative_to(ROOT).parts[:2] for p in library_files())
