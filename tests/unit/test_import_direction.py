@@ -108,26 +108,29 @@ def library_files() -> list[Path]:
             if p.relative_to(ROOT).parts[:2] != ("apex_rank", "cli")]
 
 
+def named_modules(node: ast.Import | ast.ImportFrom | ast.Constant, package: str) -> list[str]:
+    """The dotted names ``node`` imports (relative ones resolved in ``package``) or spells out."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        parts = package.split(".")
+        base = parts[: len(parts) - node.level + 1] if node.level else []
+        module = ".".join([*base, *([node.module] if node.module else [])])
+        return [module, *(f"{module}.{a.name}" for a in node.names)]
+    return [node.value] if isinstance(node.value, str) else []
+
+
 def demo_references(path: Path, package: str) -> list[str]:
     """Lines of ``path`` (a module in the package ``package``) that import or name the demo
     package or define a demo function or class, in line order."""
     found: list[tuple[int, str]] = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            parts = package.split(".")
-            base = parts[: len(parts) - node.level + 1] if node.level else []
-            module = ".".join([*base, *([node.module] if node.module else [])])
-            names = [module, *(f"{module}.{a.name}" for a in node.names)]
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            names = [node.value]
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and "demo" in node.name.lower():
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and "demo" in node.name.lower():
             found.append((node.lineno, f"defines {node.name}"))
-        hits = [n for n in names if n == DEMO or n.startswith(DEMO + ".")]
-        if hits:
-            found.append((node.lineno, f"names {hits[0]}"))
+        elif isinstance(node, ast.Import | ast.ImportFrom | ast.Constant):
+            hits = [n for n in named_modules(node, package) if n == DEMO or n.startswith(DEMO + ".")]
+            if hits:
+                found.append((node.lineno, f"names {hits[0]}"))
     return [f"{path.name}:{line} {what}" for line, what in sorted(found)]
 
 
