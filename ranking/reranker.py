@@ -22,6 +22,8 @@ Example
 from __future__ import annotations
 
 import logging
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,8 +131,15 @@ def check_cold_share(cold_share: float | None) -> None:
         raise ConfigError(f"cold_share must be a number in [0, 1] or None, got {cold_share!r}")
 
 
+def user_draws(user_ids: Sequence[str]) -> np.ndarray:
+    """A fixed number in [0, 1) per user id (CRC-32 of the UTF-8 id / 2^32): which users get
+    the fractional slot of a floor (:func:`select_top_k`), the same in every batch and process."""
+    return np.asarray([zlib.crc32(u.encode("utf-8")) for u in user_ids], dtype=np.float64) / 2.0**32
+
+
 def select_top_k(
-    user_key: np.ndarray, is_cold: np.ndarray, k: int, cold_share: float | None, *, floor: bool = False
+    user_key: np.ndarray, is_cold: np.ndarray, k: int, cold_share: float | None, *, floor: bool = False,
+    draws: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Which rows of a (user, best score first) sorted candidate list make each user's top-k.
 
@@ -140,6 +149,12 @@ def select_top_k(
     the bottom. A user with too few new candidates gets warm songs in the free slots (and the
     other way round), so lists stay k long where k songs are rankable. ``floor``: the share is a
     minimum, and a list whose own top k holds more new songs keeps them.
+
+    ``draws`` ((n,) per row, the row's user's :func:`user_draws`): ``cold_share · k`` slots are
+    split into whole slots for every user and one more for the users whose draw is below the
+    fraction, so the mean over users is the share itself. Without draws the slots are rounded,
+    and a floor of 0.04 at k = 10 would be no new song for anyone where new songs get 4 % of
+    the plays.
 
     Returns ``(positions of the kept rows in the input order, their 1-based ranks)``.
     """
@@ -155,7 +170,12 @@ def select_top_k(
     cold = np.asarray(is_cold, dtype=bool)
     n_cold = np.bincount(user, weights=cold, minlength=len(start)).astype(np.int64)
     n_warm = lens - n_cold
-    want = np.full(len(start), int(round(float(cold_share) * k)), dtype=np.int64)
+    slots = float(cold_share) * k
+    if draws is None:
+        want = np.full(len(start), int(round(slots)), dtype=np.int64)
+    else:
+        whole = np.floor(slots + 1e-9)
+        want = (whole + (np.asarray(draws, dtype=np.float64)[start] < slots - whole)).astype(np.int64)
     if floor:
         top = pos < k
         want = np.maximum(want, np.bincount(user[top], weights=cold[top], minlength=len(start)).astype(np.int64))
@@ -172,10 +192,16 @@ def select_top_k(
     return keep, rank.astype(np.int32)
 
 
+def _group_draws(n_groups: int) -> np.ndarray:
+    """Evenly spread stand-ins for :func:`user_draws` over validation groups (golden-ratio steps)."""
+    return (np.arange(n_groups) * 0.6180339887498949) % 1.0
+
+
 def served_cold_share(g: np.ndarray, cold: np.ndarray, scores: np.ndarray, k: int, min_cold_share: float) -> float:
     """Share of new songs in the top k of groups ``g`` served with a ``min_cold_share`` floor."""
     order = np.lexsort((np.arange(len(scores)), -scores, g))
-    keep, _ = select_top_k(g[order], cold[order], k, min_cold_share, floor=True)
+    keep, _ = select_top_k(g[order], cold[order], k, min_cold_share, floor=True,
+                           draws=_group_draws(int(g.max()) + 1 if len(g) else 0)[g[order]])
     return float(cold[order[keep]].mean()) if len(keep) else 0.0
 
 
@@ -202,7 +228,8 @@ def group_ndcg(
     if warm_only:
         y = np.where(is_cold, 0.0, y)
     order = np.lexsort((np.arange(n), -scores, g))
-    keep, rank = select_top_k(g[order], is_cold[order], k, min_cold_share, floor=True)
+    keep, rank = select_top_k(g[order], is_cold[order], k, min_cold_share, floor=True,
+                              draws=_group_draws(len(groups))[g[order]])
     rows = order[keep]
     disc = 1.0 / np.log2(rank + 1.0)
     dcg = np.bincount(g[rows], weights=(2.0 ** y[rows] - 1.0) * disc, minlength=len(groups))

@@ -124,6 +124,30 @@ def test_select_top_k_reserves_new_song_slots_in_score_order() -> None:
     assert keep.tolist() == [0, 1, 2, 4, 6, 7]
 
 
+def test_fractional_floor_slots_average_to_the_share_and_follow_the_user() -> None:
+    """A floor of 0.04 at k = 10 is 0.4 slots: 40 % of users (those whose fixed draw is below
+    0.4) get one new song and the rest none, where rounding gave nobody one."""
+    from apex_rank.ranking.reranker import select_top_k, user_draws
+
+    ids = [f"user{i}" for i in range(2000)]
+    draws = user_draws(ids)
+    assert np.array_equal(draws, user_draws(ids)) and ((draws >= 0) & (draws < 1)).all()
+    assert user_draws(ids[5:6])[0] == draws[5]  # a user's draw does not depend on its batch
+    # each user: 10 warm rows scored above 10 new ones
+    user = np.repeat(np.arange(len(ids)), 20)
+    cold = np.tile(np.r_[np.zeros(10, bool), np.ones(10, bool)], len(ids))
+    row_draws = draws[user]
+    keep, _ = select_top_k(user, cold, 10, 0.04, floor=True)
+    assert not cold[keep].any()  # rounded: 0 slots
+    keep, _ = select_top_k(user, cold, 10, 0.04, floor=True, draws=row_draws)
+    got = np.bincount(user[keep], weights=cold[keep], minlength=len(ids))
+    assert np.array_equal(got, (draws < 0.4).astype(float))  # exactly the users with a low draw
+    assert abs(got.mean() - 0.4) < 0.05
+    keep, _ = select_top_k(user, cold, 10, 0.25, floor=True, draws=row_draws)  # 2.5 slots: 2 or 3
+    got = np.bincount(user[keep], weights=cold[keep], minlength=len(ids))
+    assert set(got.tolist()) == {2.0, 3.0} and abs(got.mean() - 2.5) < 0.1
+
+
 def test_group_ndcg_counts_what_is_served() -> None:
     from apex_rank.ranking.reranker import group_ndcg
 
