@@ -114,9 +114,13 @@ def test_history_features_equal_the_per_user_means() -> None:
     st = rec.songs
     cold = [st.song_ids[i] for i in np.flatnonzero(~st.warm)[:3]]
     states = [rec.user_state(u) for u in rec.user_ids[:25]]
-    states[0] = UserState("x0", states[0].cf_factor, states[0].profile, ("nope", *states[0].history, "gone", *cold))
-    states[1] = UserState("x1", states[1].cf_factor, None, ("nope",))
-    states[2] = UserState("x2", states[2].cf_factor, None, tuple(cold))
+    t = states[0].last_seen_s
+    assert np.isfinite(t)
+    states[0] = UserState("x0", states[0].cf_factor, states[0].profile, ("nope", *states[0].history, "gone", *cold),
+                          last_seen_s=t)
+    states[1] = UserState("x1", states[1].cf_factor, None, ("nope",), last_seen_s=t)
+    states[2] = UserState("x2", states[2].cf_factor, None, tuple(cold), last_seen_s=t)
+    states[3] = UserState("x3", states[3].cf_factor, None, states[3].history)  # no time: no "recent"
     rows, ids, _, R = candidate_arrays(states, rec.sources, rec.config.candidates)
     s = st.index_of(ids.tolist())
     X = feature_array(states, rows, s, np.where(R > 0, R, np.nan), st)
@@ -131,7 +135,7 @@ def test_history_features_equal_the_per_user_means() -> None:
         gaps = X[m][:, [FEATURES.index(c) for c in GAP_COLUMNS]]
         np.testing.assert_array_equal(gaps, (st.priors[s[m]] - mean).astype(np.float32))
         got = X[m, FEATURES.index("recent_cf_sim")]
-        if len(recent):
+        if len(recent) and np.isfinite(x.last_seen_s):
             V = np.where(st.warm[s[m], None], st.cf_factors[s[m]], st.pseudo_factors[s[m]])
             want = _rowdot(np.repeat(st.cf_factors[recent].mean(axis=0)[None], m.sum(), axis=0), V)
             np.testing.assert_array_equal(got, want)
