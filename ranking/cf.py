@@ -391,7 +391,7 @@ SAMPLE_RANK = 8
 SAMPLE_BUDGET = 1 << 24  # sampled scores held per pass (rows × sample columns)
 
 
-def _exact_scores(U: np.ndarray, V: np.ndarray, part: np.ndarray, block: int = 2_000_000) -> np.ndarray:
+def exact_scores(U: np.ndarray, V: np.ndarray, part: np.ndarray, block: int = 2_000_000) -> np.ndarray:
     """float64 ``U[r]·V[part[r, j]]`` for every (r, j): an elementwise product summed along the
     factor axis, the same arithmetic for a row whatever the batch (rows in blocks of about
     ``block`` products, so the (rows, m, f) intermediate stays small)."""
@@ -504,7 +504,7 @@ def _finish(
     kth = np.full(b, -np.inf, np.float32) if w < kk else -np.partition(-P, kk - 1, axis=1)[:, kk - 1]
     rr, cc = np.nonzero(np.isfinite(P) & (P >= (kth - tol)[:, None]))
     part, kept = _padded(rr, _row_positions(rr, b), H[rr, cc], P[rr, cc], b)  # kept: -inf pads
-    ps = np.where(np.isfinite(kept), _exact_scores(U, V, part), -np.inf)
+    ps = np.where(np.isfinite(kept), exact_scores(U, V, part), -np.inf)
     order = np.lexsort((part, -ps), axis=1)[:, :kk]
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(ps, order, axis=1).astype(np.float32)
 
