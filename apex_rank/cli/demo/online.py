@@ -1,9 +1,9 @@
 """The online stage of ``apex-rank demo``: publish, rank, play a song, ingest a song, rank
 again, and watch a new song warm up from its first plays.
 
-:func:`online_stage` yields the lines the demo prints. It uses
-Redis when one answers at ``redis_url`` (a private namespace, deleted at the end) and an
-in-process store with the same interface otherwise, and says which.
+:func:`online_stage` yields the lines the demo prints. It uses Redis when one answers at
+``redis_url`` (a private namespace, deleted at the end) and an in-process store with the same
+interface otherwise, and says which.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -20,7 +19,7 @@ from apex_rank.ranking.online.events import Interaction, ingest, record, record_
 from apex_rank.ranking.online.publisher import publish
 from apex_rank.ranking.online.ranker import OnlineRanker
 from apex_rank.ranking.online.recommender_engine import RecommenderEngine
-from apex_rank.ranking.online.store import InProcessStore, RedisStore, open_store, redact_url
+from apex_rank.ranking.online.store import InProcessStore, OnlineStore, RedisStore, open_store, redact_url
 from apex_rank.ranking.online.warmup import WarmUpConsumer, bundle_cf_loader
 from apex_rank.synthetic import World
 
@@ -29,8 +28,8 @@ def _top(ranker: OnlineRanker, user: str, k: int) -> list[str]:
     return [i.song_id for i in ranker.rank(user, k).items]
 
 
-def _warm_up(ranker: OnlineRanker, store: Any, engine: Any, cfg: OnlineConfig, user: str,
-             exclude: set[str]) -> Iterator[str]:
+def _warm_up(ranker: OnlineRanker, store: OnlineStore, engine: RecommenderEngine, cfg: OnlineConfig,
+             user: str, exclude: set[str]) -> Iterator[str]:
     """The first cold song ranked below 50 for ``user`` is played by the 20 users closest to
     ``user`` in CF taste; the background warm-up consumer solves its factor, and ``user``'s list
     is polled until the song arrives through the ``als`` source (the ranker has no follower
