@@ -4,7 +4,8 @@ Labels: ``score_streams`` / ``score_likes`` from the ``streams`` / ``likes`` cou
 :class:`~apex_rank.features.targets.PopularityTransform` fitted on the training split only
 (per platform when a ``platform`` column exists); the five aesthetic columns as they are (null
 = unlabelled, masked out of the loss). When the songs table has no ``streams`` column, callers
-may pass ``popularity_counts`` (e.g. training-interaction counts) instead.
+may pass ``popularity_counts`` instead: :func:`labels_from_interactions` derives them from
+interaction counts (the recommender's build and the offline evaluation both use it).
 
 Split: the songs table's ``split`` column (``train``/``val``/``test``) when present, otherwise a
 seeded 80/10/10 split by song.
@@ -120,6 +121,47 @@ def build_apex_dataset(
     if np.isnan(Y).all():
         raise SchemaError("songs table has no label column (streams, likes or an aesthetic score)")
     return ApexDataset(song_ids, X, Y, split, transforms)
+
+
+def labels_from_interactions(
+    songs: pl.DataFrame,
+    interactions: pl.DataFrame,
+    *,
+    plays: pl.Expr | None = None,
+    likes_from_plays: bool = True,
+) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
+    """APEX popularity labels from interactions: the played rows of ``songs`` and their counts.
+
+    Returns ``(played_songs, popularity_counts)``, the arguments :func:`build_apex_dataset` takes.
+    ``plays`` is the per-song aggregate over ``interactions`` grouped by ``song_id`` (default:
+    the sum of ``weight``). ``popularity_counts["streams"]`` is that count, aligned with
+    ``played_songs``; ``likes`` is the number of ratings >= 4 when ``interactions`` has a
+    ``rating`` column (which also gives ``musicality``, the mean rating clipped to [1, 5], to a
+    table without one), otherwise the play count again when ``likes_from_plays``.
+
+    Only played songs (a count above zero) are kept: a song nobody played yet has an unknown
+    popularity, not a popularity of zero, and training on zeros for a catalogue's new songs
+    would teach APEX that exactly those songs are unpopular.
+    """
+    aggs = [(pl.col("weight").sum() if plays is None else plays).cast(pl.Float64).alias("_plays")]
+    rated = "rating" in interactions.columns
+    if rated:
+        aggs += [pl.col("rating").mean().alias("_mean_rating"), (pl.col("rating") >= 4).sum().alias("_likes")]
+    per_song = songs.select("song_id").join(
+        interactions.group_by("song_id").agg(aggs), on="song_id", how="left", maintain_order="left"
+    )
+    n = per_song["_plays"].fill_null(0.0).to_numpy()
+    played = n > 0
+    out = songs.filter(pl.Series(played))
+    counts: dict[str, np.ndarray] = {"streams": n[played]}
+    if rated:
+        rated_played = per_song.filter(pl.Series(played))
+        counts["likes"] = rated_played["_likes"].cast(pl.Float64).to_numpy()
+        if "musicality" not in out.columns:
+            out = out.with_columns(rated_played["_mean_rating"].clip(1.0, 5.0).alias("musicality"))
+    elif likes_from_plays:
+        counts["likes"] = n[played]
+    return out, counts
 
 
 def explode_segments(table: pl.DataFrame) -> pl.DataFrame:

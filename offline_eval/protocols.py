@@ -180,26 +180,24 @@ def slice_metrics(
 
 # ------------------------------------------------------------------------------ APEX
 def apex_songs_table(ctx: bl.EvalContext) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
-    """Songs table of the training songs with APEX labels from training interactions only."""
-    warm = ~ctx.is_cold & (ctx.user_counts() > 0)
-    ids = [s for s, w in zip(ctx.item_ids, warm, strict=True) if w]
-    counts = ctx.user_counts()[warm]
-    tr = ctx.train_df
-    cols: dict[str, Any] = {"song_id": ids}
-    pop: dict[str, np.ndarray] = {"streams": counts}
-    if "rating" in tr.columns:
-        agg = tr.group_by("song_id").agg(pl.col("rating").mean().alias("r"), (pl.col("rating") >= 4).sum().alias("l"))
-        m = dict(zip(agg["song_id"].to_list(), agg["r"].to_list(), strict=True))
-        likes = dict(zip(agg["song_id"].to_list(), agg["l"].to_list(), strict=True))
-        cols["musicality"] = pl.Series([float(np.clip(m[s], 1.0, 5.0)) for s in ids], dtype=pl.Float64)
-        pop["likes"] = np.asarray([likes[s] for s in ids], dtype=np.float64)
+    """Songs table of the training songs with APEX labels from training interactions only.
+
+    Labels from :func:`~apex_rank.features.apex_tables.labels_from_interactions`: streams are the
+    number of training users per song (played songs only), likes and musicality come from ratings
+    when the interactions carry them; a seeded 90/10 train/val split by song.
+    """
+    from apex_rank.features.apex_tables import labels_from_interactions
+
+    songs, pop = labels_from_interactions(ctx.songs.select("song_id"), ctx.train_df,
+                                          plays=pl.col("user_id").n_unique(), likes_from_plays=False)
     rng = np.random.default_rng(ctx.seed)
-    cols["split"] = np.where(rng.random(len(ids)) < 0.9, "train", "val").tolist()
-    return pl.DataFrame(cols), pop
+    songs = songs.with_columns(pl.Series("split", np.where(rng.random(songs.height) < 0.9, "train", "val")))
+    return songs, pop
 
 
-def fit_apex(ctx: bl.EvalContext, *, epochs: int = 60) -> Any:
-    """Train an APEX predictor on the context's training songs (see module doc)."""
+def fit_apex(ctx: bl.EvalContext, *, epochs: int) -> Any:
+    """Train an APEX predictor on the context's training songs (see module doc): the
+    small-catalogue recipe (:class:`~apex_rank.ranking.recommender.ApexFitConfig`) with ``epochs``."""
     from apex_rank.features.apex_tables import build_apex_dataset, train_apex
     from apex_rank.ranking.recommender import ApexFitConfig
 

@@ -629,22 +629,11 @@ class Recommender:
     def _train_apex(
         songs: pl.DataFrame, embeddings: pl.DataFrame, inter: pl.DataFrame, cfg: RecommenderConfig
     ) -> ApexPredictor:
-        from apex_rank.features.apex_tables import build_apex_dataset, train_apex
+        from apex_rank.features.apex_tables import build_apex_dataset, labels_from_interactions, train_apex
 
         counts = None
         if "streams" not in songs.columns or "likes" not in songs.columns:
-            c = inter.group_by("song_id").agg(pl.col("weight").sum().alias("n"))
-            n = (
-                songs.select("song_id")
-                .join(c, on="song_id", how="left", maintain_order="left")["n"]
-                .fill_null(0.0)
-                .to_numpy()
-            )
-            # a song nobody played yet has an unknown popularity, not a popularity of zero: only
-            # played songs are labelled (training on zeros for the catalogue's new songs would
-            # teach APEX that exactly those songs are unpopular)
-            songs = songs.filter(pl.Series(n > 0))
-            counts = {"streams": n[n > 0], "likes": n[n > 0]}
+            songs, counts = labels_from_interactions(songs, inter)  # played songs only (see there)
             log.info("songs table lacks streams/likes: APEX popularity labels from the interaction counts of the "
                      "%d played songs", songs.height)
         data = build_apex_dataset(songs, embeddings, seed=cfg.seed, popularity_counts=counts)
