@@ -156,3 +156,87 @@ def test_the_demo_checker_catches_absolute_relative_lazy_and_named_references(tm
     hits = demo_references(mod, "apex_rank.ranking")
     assert [h.split(":")[1].split()[0] for h in hits] == ["1", "2", "4", "5", "6"], hits
     assert library_files() and all("cli" not in p.relative_to(ROOT).parts[:2] for p in library_files())
+
+
+# Sub-layers (issue 12), as the code stands: the build of ranking/ still lives in the
+# Recommender facade (ranking/recommender.py), so "nothing imports the build" is stated for the
+# APEX build modules; ranking/build.py joins BUILD_MODULES when it is split out. Lazy imports
+# inside functions, relative imports and dotted strings all count.
+BUILD_MODULES = ("apex_rank.training", "apex_rank.features.apex_tables")
+BUILD_SIDE = (
+    "apex_rank.features.apex_tables",
+    "apex_rank.ranking.recommender",  # Recommender.build trains APEX when given no predictor
+    "apex_rank.offline_eval",
+    "apex_rank.cli",
+)
+ONLINE = "apex_rank.ranking.online"
+ENGINES = ("apex_rank.ranking.online.engine", "apex_rank.ranking.online.recommender_engine")
+STORE = "apex_rank.ranking.online.store"
+STORE_NAMES_AN_ENGINE_MAY_TAKE = {"UserRecord"}  # the user state type, until ranking/state.py owns it
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    parts = [PACKAGE_OF[rel.parts[0]], *rel.parts[1:-1]]
+    return ".".join(parts if path.stem == "__init__" else [*parts, path.stem])
+
+
+def references(path: Path) -> list[tuple[int, str, ast.AST]]:
+    """``(line, dotted name, node)`` for every module ``path`` imports or names in a string."""
+    name = module_name(path)
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    return [(node.lineno, n, node) for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Import | ast.ImportFrom | ast.Constant)
+            for n in named_modules(node, package)]
+
+
+def within(name: str, packages: tuple[str, ...] | str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in ((packages,) if isinstance(packages, str) else packages))
+
+
+def all_files() -> list[Path]:
+    return [p for folder in FOLDERS for p in sorted((ROOT / folder).rglob("*.py"))]
+
+
+def test_only_the_build_side_imports_a_build_module() -> None:
+    files = all_files()
+    assert set(BUILD_MODULES) <= {module_name(p) for p in files}, "a build module is gone: update BUILD_MODULES"
+    bad = []
+    for path in files:
+        here = module_name(path)
+        if here == "apex_rank" or within(here, (*BUILD_MODULES, *BUILD_SIDE)):
+            continue  # the package's lazy re-exports (ApexTrainer, TrainConfig); the build side
+        bad += [f"{path.relative_to(ROOT)}:{line} imports {n}" for line, n, _ in references(path)
+                if within(n, BUILD_MODULES)]
+    assert bad == []
+
+
+def test_online_serving_imports_no_build_evaluation_or_cli_module() -> None:
+    banned = (*BUILD_MODULES, "apex_rank.offline_eval", "apex_rank.cli")
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {n}" for p in all_files() if within(module_name(p), ONLINE)
+           for line, n, _ in references(p) if within(n, banned)]
+    assert bad == []
+
+
+def test_no_library_module_imports_the_cli() -> None:
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {n}" for p in library_files()
+           for line, n, _ in references(p) if within(n, "apex_rank.cli")]
+    assert bad == []
+
+
+def store_references(path: Path) -> list[str]:
+    """What ``path`` takes from the store module beyond the user state type."""
+    bad = []
+    for line, n, node in references(path):
+        if not within(n, STORE) or n.removeprefix(STORE + ".") in STORE_NAMES_AN_ENGINE_MAY_TAKE:
+            continue
+        if n == STORE and isinstance(node, ast.ImportFrom):
+            continue  # the module of a from-import; its names are checked one by one
+        bad.append(f"{path.name}:{line} takes {n}")
+    return bad
+
+
+def test_the_online_engine_never_imports_a_store_module() -> None:
+    engines = [p for p in all_files() if module_name(p) in ENGINES]
+    assert len(engines) == len(ENGINES), "an engine module is gone: update ENGINES"
+    assert [hit for p in engines for hit in store_references(p)] == []
