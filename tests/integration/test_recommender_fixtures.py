@@ -43,7 +43,6 @@ def train_interactions() -> pl.DataFrame:
 @functools.cache
 def apex() -> ApexPredictor:
     from apex_rank.features.apex_tables import build_apex_dataset, train_apex
-    from apex_rank.training import TrainConfig
 
     w = world()
     # trained on the songs played before the cutoff only: the cold songs' own popularity labels
@@ -51,11 +50,7 @@ def apex() -> ApexPredictor:
     played = train_interactions()["song_id"].unique()
     with using_threads(1):
         data = build_apex_dataset(w.songs.filter(pl.col("song_id").is_in(played.implode())), w.embeddings, seed=0)
-        pred, _, _ = train_apex(
-            data,
-            TrainConfig(epochs=12, lr=2e-3, batch_size=256, patience=4, seed=0, device="cpu", progress=False),
-            encoder="synthetic",
-        )
+        pred, _, _ = train_apex(data, TEST_CONFIG.apex.train_config(seed=0), encoder="synthetic")
     return pred
 
 
