@@ -96,8 +96,9 @@ def test_every_package_folder_is_in_the_wheel() -> None:
     assert "py.typed" in st["package-data"]["apex_rank"] and (root / "apex_rank" / "py.typed").is_file()
 
 
-# The demo lives in one package (apex_rank/cli/demo/, issue 12): no library module imports it,
-# not even lazily inside a function or by a dotted string, and none holds a demo stage of its own.
+# The demo lives in one package (apex_rank/cli/demo/, issue 12): no library module imports it
+# (test_no_library_module_imports_the_cli below, lazily inside a function, relatively or by a
+# dotted string included), and none holds a demo module, function or class of its own.
 DEMO = "apex_rank.cli.demo"
 PACKAGE_OF = {"apex_rank": "apex_rank", "features": "apex_rank.features", "ranking": "apex_rank.ranking",
               "offline_eval": "apex_rank.offline_eval"}
@@ -120,32 +121,20 @@ def named_modules(node: ast.Import | ast.ImportFrom | ast.Constant, package: str
     return [node.value] if isinstance(node.value, str) else []
 
 
-def demo_references(path: Path, package: str) -> list[str]:
-    """Lines of ``path`` (a module in the package ``package``) that import or name the demo
-    package or define a demo function or class, in line order."""
-    found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and "demo" in node.name.lower():
-            found.append((node.lineno, f"defines {node.name}"))
-        elif isinstance(node, ast.Import | ast.ImportFrom | ast.Constant):
-            hits = [n for n in named_modules(node, package) if n == DEMO or n.startswith(DEMO + ".")]
-            if hits:
-                found.append((node.lineno, f"names {hits[0]}"))
-    return [f"{path.name}:{line} {what}" for line, what in sorted(found)]
+def demo_definitions(path: Path) -> list[str]:
+    """The functions and classes of ``path`` with "demo" in their name."""
+    tree = ast.parse(path.read_text(), str(path))
+    return [f"{path.name}:{node.lineno} defines {node.name}" for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and "demo" in node.name.lower()]
 
 
-def test_no_library_package_imports_or_holds_demo_code() -> None:
-    bad = []
-    for path in library_files():
-        rel = path.relative_to(ROOT)
-        package = ".".join([PACKAGE_OF[rel.parts[0]], *rel.parts[1:-1]])
-        if "demo" in path.stem:
-            bad.append(f"{rel} is a demo module outside {DEMO}")
-        bad += [f"{rel.parent}/{hit}" for hit in demo_references(path, package)]
+def test_no_library_package_holds_demo_code() -> None:
+    bad = [f"{p.relative_to(ROOT)} is a demo module outside {DEMO}" for p in library_files() if "demo" in p.stem]
+    bad += [f"{p.relative_to(ROOT).parent}/{hit}" for p in library_files() for hit in demo_definitions(p)]
     assert bad == []
 
 
-def test_the_demo_checker_catches_absolute_relative_lazy_and_named_references(tmp_path: Path) -> None:
+def test_the_demo_checks_catch_absolute_relative_lazy_and_named_references(tmp_path: Path) -> None:
     mod = tmp_path / "mod.py"
     mod.write_text("from apex_rank.cli.demo.online import online_stage\n"
                    "from ..cli import demo\n"
@@ -153,8 +142,11 @@ def test_the_demo_checker_catches_absolute_relative_lazy_and_named_references(tm
                    "LAZY = {'x': 'apex_rank.cli.demo.build'}\n"
                    "def recommender_demo():\n    pass\n"
                    "import apex_rank.cli.demos_elsewhere\n")
-    hits = demo_references(mod, "apex_rank.ranking")
-    assert [h.split(":")[1].split()[0] for h in hits] == ["1", "2", "4", "5", "6"], hits
+    named = [(node.lineno, n) for node in ast.walk(ast.parse(mod.read_text()))
+             if isinstance(node, ast.Import | ast.ImportFrom | ast.Constant)
+             for n in named_modules(node, "apex_rank.ranking")]
+    assert sorted({line for line, n in named if within(n, DEMO)}) == [1, 2, 4, 5], named
+    assert demo_definitions(mod) == ["mod.py:6 defines recommender_demo"]
     assert library_files() and all("cli" not in p.relative_to(ROOT).parts[:2] for p in library_files())
 
 
