@@ -8,6 +8,7 @@ from apex_rank.errors import ConfigError
 from apex_rank.ranking.candidates import FactorIndexConfig
 
 from .access import AccessConfig
+from .audio import AudioIngestConfig
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ class OnlineConfig:
     access:
         API keys, quotas and HTTP limits of the service
         (:class:`~apex_rank.ranking.online.access.AccessConfig`, TOML ``[online.access]``).
+    audio:
+        Audio ingest: the allow-list root of paths, size, duration and time limits, worker
+        processes (:class:`~apex_rank.ranking.online.audio.AudioIngestConfig`, TOML
+        ``[online.audio]``).
     """
 
     namespace: str = "default"
@@ -90,6 +95,7 @@ class OnlineConfig:
     als_index: FactorIndexConfig = field(default_factory=FactorIndexConfig)
     data_check_s: float = 2.0
     access: AccessConfig = field(default_factory=AccessConfig)
+    audio: AudioIngestConfig = field(default_factory=AudioIngestConfig)
 
     def __post_init__(self) -> None:
         for name in ("budget_ms", "retry_s", "follow_interval_s", "data_check_s"):

@@ -378,13 +378,13 @@ def ingest(ranker: OnlineRanker, song_id: str, *, embedding: np.ndarray | None =
         raise RequestError("give exactly one of embedding or audio_path")
     popularity = check_popularity(popularity)
     engine = ranker.engine
+    if engine.has_song(song_id):  # before decoding a file only to refuse it
+        raise RequestError(f"song_id {song_id!r} already exists in version {ranker.version}")
     if audio_path is not None:
         embedding = engine_embed_audio(engine, Path(audio_path))
     emb = check_embedding(embedding, song_id, engine.embedding_dim)
     if ranker.version is None:
         raise StoreError("the ranker serves no published version (store unreachable at start)")
-    if engine.has_song(song_id):
-        raise RequestError(f"song_id {song_id!r} already exists in version {ranker.version}")
     try:
         priors = engine.predict_priors(emb[None, :])[0].astype(np.float32)
     except SchemaError as err:
@@ -416,5 +416,5 @@ def engine_embed_audio(engine: object, path: Path) -> np.ndarray:
         raise RequestError(f"cannot ingest {path}: this bundle carries no audio encoder; "
                            "send the song's embedding instead")
     if not path.is_file():
-        raise RequestError(f"audio file {path} does not exist")
+        raise RequestError(f"audio file {path} does not exist or is not a regular file")
     return np.asarray(embed(path), dtype=np.float32)

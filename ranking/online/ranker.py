@@ -57,6 +57,7 @@ from apex_rank.errors import ConfigError, RequestError, StoreError
 from apex_rank.ranking.candidates import FactorIndexConfig
 from apex_rank.ranking.reranker import check_cold_share
 
+from .audio import AudioIngestConfig
 from .bundles import BundleMismatchError, locate_bundle
 from .config import OnlineConfig
 from .engine import RankingEngine
@@ -133,9 +134,10 @@ def default_loader(bundle_dir: str) -> RankingEngine:
 
 
 def engine_loader(fallback_size: int, max_batch: int = 16,
-                  als_index: FactorIndexConfig | None = None) -> EngineLoader:
+                  als_index: FactorIndexConfig | None = None,
+                  audio: AudioIngestConfig | None = None) -> EngineLoader:
     """A loader building :class:`RecommenderEngine` with the given fallback length,
-    micro-batch bound and approximate ``als`` source settings."""
+    micro-batch bound, approximate ``als`` source and audio ingest settings."""
 
     def load(bundle_dir: str) -> RankingEngine:
         from apex_rank.ranking.recommender import load_recommender
@@ -144,7 +146,7 @@ def engine_loader(fallback_size: int, max_batch: int = 16,
 
         return RecommenderEngine(load_recommender(bundle_dir, device="cpu"), bundle_dir,
                                  fallback_size=fallback_size, max_batch=max_batch,
-                                 als_index=als_index)
+                                 als_index=als_index, audio=audio)
 
     return load
 
@@ -181,7 +183,7 @@ class OnlineRanker:
         self.config = config or OnlineConfig()
         self.store = store
         self._loader = loader or engine_loader(self.config.fallback_size, self.config.max_batch,
-                                               self.config.als_index)
+                                               self.config.als_index, self.config.audio)
         self._down_until = 0.0
         self._switch_lock = threading.Lock()
         self._switching: int | None = None
@@ -533,10 +535,11 @@ class OnlineRanker:
                        cold_shortfall=short)
 
     def close(self) -> None:
-        """Stop the follower thread and close the store connections."""
+        """Stop the follower thread, close the engine and the store connections."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.config.follow_interval_s + 6.0)
+        self._active.engine.close()  # its audio workers, if any
         self.store.close()
         if self._thread is not None:
             self._follow_store.close()

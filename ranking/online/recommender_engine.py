@@ -56,6 +56,7 @@ from apex_rank.ranking.cf import CFModel
 from apex_rank.ranking.recommender import Recommender, cold_shortfall, load_recommender
 from apex_rank.ranking.state import SongTable, UserState
 
+from .audio import AudioEmbedder, AudioIngestConfig
 from .bundles import bundle_fingerprint
 from .engine import FallbackList, Item, SongBlock
 from .store import UserRecord
@@ -294,11 +295,14 @@ class RecommenderEngine:
     als_index:
         From how many warm songs, and how, the ``als`` source is answered approximately
         (default :class:`FactorIndexConfig`: from 50k songs).
+    audio:
+        Limits of :meth:`embed_audio` (default :class:`~.audio.AudioIngestConfig`).
     """
 
     def __init__(self, recommender: Recommender, bundle_dir: str | Path, *,
                  fallback_size: int = 1000, max_batch: int = 16,
-                 als_index: FactorIndexConfig | None = None) -> None:
+                 als_index: FactorIndexConfig | None = None,
+                 audio: AudioIngestConfig | None = None) -> None:
         self.recommender = recommender
         als = approximate_als(recommender, als_index)
         exact = next(s for s in recommender.sources if isinstance(s, FactorSource))
@@ -310,6 +314,8 @@ class RecommenderEngine:
         self._warmed: dict[str, int] = {}  # warmed song id -> song-table index
         self.bundle_dir = str(Path(bundle_dir).resolve())
         self.fingerprint = bundle_fingerprint(bundle_dir)
+        self._audio = AudioEmbedder(self.bundle_dir, recommender.apex.encoder, self.embedding_dim,
+                                    audio or AudioIngestConfig())
         self._lock = _RWLock()
         t = recommender.songs
         self._fallback = FallbackList(list(t.song_ids), np.asarray(t.quality, dtype=np.float64),
@@ -321,10 +327,11 @@ class RecommenderEngine:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, *, device: str = "cpu", fallback_size: int = 1000,
-             max_batch: int = 16, als_index: FactorIndexConfig | None = None) -> RecommenderEngine:
+             max_batch: int = 16, als_index: FactorIndexConfig | None = None,
+             audio: AudioIngestConfig | None = None) -> RecommenderEngine:
         """Load the bundle folder (FAISS index, CF, reranker, APEX predictor) in this process."""
         return cls(load_recommender(bundle_dir, device=device), bundle_dir,
-                   fallback_size=fallback_size, max_batch=max_batch, als_index=als_index)
+                   fallback_size=fallback_size, max_batch=max_batch, als_index=als_index, audio=audio)
 
     @property
     def approximate_als(self) -> bool:
@@ -332,7 +339,22 @@ class RecommenderEngine:
         return self._approximate
 
     def close(self) -> None:
-        """Nothing to release: requests are ranked by the calling threads themselves."""
+        """Stop the audio workers, if any were started (requests are ranked by the calling
+        threads themselves)."""
+        self._audio.close()
+
+    def embed_audio(self, path: str | Path) -> np.ndarray:
+        """(d,) float32 embedding of an audio file with the bundle's own encoder, computed in a
+        worker process with the limits of ``audio`` (see :class:`~.audio.AudioEmbedder`).
+
+        Raises
+        ------
+        RequestError
+            The file is refused (too large or long, undecodable, too slow, a crashed decoder:
+            the message names the file), or the bundle's encoder cannot be rebuilt here (the
+            message names the bundle and the encoder).
+        """
+        return self._audio.embed(path)
 
     def _rank_states(self, states: list[UserState], k: int, excludes: list[frozenset[str]],
                      cold_share: float | None = None) -> dict[str, list[Item]]:
