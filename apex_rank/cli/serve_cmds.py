@@ -80,6 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
     s.add_argument("--header-timeout-s", type=float, default=None,
                    help="close a connection without a complete request head after this long (10)")
+    s.add_argument("--audio-root", default=None, metavar="DIR",
+                   help="POST /songs may name audio files under this folder (audio_path); without it "
+                        "only uploads to POST /songs/{song_id}/audio are embedded")
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("warm-up", help="background consumer of the event stream: recorded plays move the "
@@ -121,6 +124,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def serve_config(args: argparse.Namespace) -> OnlineConfig:
     """The service's :class:`OnlineConfig`: ``--config``'s ``[online]`` table, then the flags."""
     from dataclasses import replace
+    from pathlib import Path
 
     from apex_rank.config import load_config
     from apex_rank.ranking.online import OnlineConfig
@@ -133,7 +137,12 @@ def serve_config(args: argparse.Namespace) -> OnlineConfig:
                                 ("docs", args.docs or None), ("rate_per_s", args.rate_limit),
                                 ("burst", args.burst), ("new_users_per_min", args.new_users_per_min),
                                 ("header_timeout_s", args.header_timeout_s)) if v is not None}
-    return replace(cfg, **top, access=replace(cfg.access, **access))
+    audio = cfg.audio
+    if args.audio_root is not None:
+        if not Path(args.audio_root).is_dir():
+            raise ConfigError(f"--audio-root {args.audio_root}: not a folder")
+        audio = replace(audio, root=str(Path(args.audio_root).resolve()))
+    return replace(cfg, **top, access=replace(cfg.access, **access), audio=audio)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,13 +1,15 @@
 """The HTTP ranking service (FastAPI; ``apex-rank serve`` runs it under uvicorn).
 
-Endpoints: ``GET /recommend``, ``POST /events``, ``POST /songs``, ``GET /health``,
-``GET /metrics`` (Prometheus text format); ``/docs``, ``/redoc`` and ``/openapi.json`` only
-with ``access.docs``. Validation errors are 4xx with a reason (``{"detail": ...}``), never
-5xx; bodies larger than ``max_body_bytes`` are refused with 413 before they are read. Store
-failures during ``/recommend`` give a ``degraded`` answer (200); during ``/events`` and
-``/songs`` a 503 whose body says only ``store unavailable`` (the reason, which names the Redis
-host and key, goes to the log). With an API key set, ``/events`` and ``/songs`` need it, and
-per-key quotas apply (:mod:`.access`: 401, 429 with ``Retry-After``).
+Endpoints: ``GET /recommend``, ``POST /events``, ``POST /songs`` (an embedding, or an audio
+file under the allow-list root), ``POST /songs/{song_id}/audio`` (an audio upload, capped at
+``audio.max_bytes``; see :mod:`.audio`), ``GET /health``, ``GET /metrics`` (Prometheus text
+format); ``/docs``, ``/redoc`` and ``/openapi.json`` only with ``access.docs``. Validation
+errors are 4xx with a reason (``{"detail": ...}``), never 5xx; bodies larger than
+``max_body_bytes`` are refused with 413 before they are read. Store failures during
+``/recommend`` give a ``degraded`` answer (200); during ``/events`` and ``/songs`` a 503 whose
+body says only ``store unavailable`` (the reason, which names the Redis host and key, goes to
+the log). With an API key set, ``/events`` and ``/songs`` need it, and per-key quotas apply
+(:mod:`.access`: 401, 429 with ``Retry-After``).
 
 Several uvicorn workers each build their own ranker from the environment
 (:func:`app_from_env`) and share one Redis; the catalogue stream keeps their song sets equal.
@@ -33,20 +35,24 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, MutableMapping, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+from starlette.concurrency import run_in_threadpool
 
 from apex_rank.errors import ApexRankError, RequestError, StoreError, UnknownIdError
 
 from .access import AccessGuard, AccessPolicy, KeyRing, load_key_ring
+from .audio import AudioPathForbidden, resolve_audio_path
 from .config import OnlineConfig
 from .events import Interaction, check_embedding, check_popularity, ingest, record_many
 from .keys import ID_PATTERN
@@ -132,19 +138,28 @@ class EventsIn(BaseModel):
 
 
 class SongIn(BaseModel):
-    """A new song given by its embedding (the bundle's encoder, its width)."""
+    """A new song given by its embedding (the bundle's encoder, its width) or by an audio file
+    under the server's audio root (``audio_path``, relative to the root or absolute)."""
 
     song_id: str = Field(pattern=_ID, max_length=128)
-    embedding: list[float] = Field(min_length=1, max_length=8192)
+    embedding: list[float] | None = Field(default=None, min_length=1, max_length=8192)
+    audio_path: str | None = Field(default=None, min_length=1, max_length=4096)
     popularity: float = Field(default=0.0, ge=0)
 
     # the checks of ingest(), here too so the 422 carries the field's location; values are
     # checked as the float32 they are stored as (1e39 and 3e38 * d overflow it)
     @field_validator("embedding")
     @classmethod
-    def finite_nonzero(cls, v: list[float], info: ValidationInfo) -> list[float]:
-        check_embedding(v, str(info.data.get("song_id", "?")))
+    def finite_nonzero(cls, v: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        if v is not None:
+            check_embedding(v, str(info.data.get("song_id", "?")))
         return v
+
+    @model_validator(mode="after")
+    def one_source(self) -> SongIn:
+        if (self.embedding is None) == (self.audio_path is None):
+            raise ValueError("give exactly one of embedding or audio_path")
+        return self
 
     @field_validator("popularity")
     @classmethod
@@ -357,19 +372,35 @@ class MetricsFlusher:
 
 _KNOWN_ROUTES = frozenset({"/recommend", "/events", "/songs", "/health", "/metrics", "/openapi.json",
                            "/docs"})
+UPLOAD_ROUTE = "/songs/{song_id}/audio"
+_UPLOAD_PATH = re.compile(r"/songs/[^/]+/audio")
+#: Content types of ``POST /songs/{song_id}/audio`` and the file suffix each is decoded as.
+AUDIO_TYPES = {"audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav",
+               "audio/vnd.wave": ".wav", "audio/flac": ".flac", "audio/x-flac": ".flac",
+               "audio/ogg": ".ogg", "audio/opus": ".opus", "audio/mpeg": ".mp3",
+               "audio/aiff": ".aiff", "audio/x-aiff": ".aiff"}
+
+
+def route_label(path: str) -> str:
+    """The route a request path is counted under in the metrics (an upload's song id left out)."""
+    if path in _KNOWN_ROUTES:
+        return path
+    return UPLOAD_ROUTE if _UPLOAD_PATH.fullmatch(path) else "other"
 
 
 class LimitAndMeasure:
-    """Pure ASGI middleware: refuses bodies over ``max_body_bytes`` (413, by Content-Length or,
-    for chunked bodies, while reading), a malformed Content-Length (400), turns an unhandled
-    error into a plain 500, and records every response in ``metrics``. (Starlette's
-    ``@app.middleware("http")`` does the same through a streaming wrapper that cost more per
-    request than the ranking's Redis read.)"""
+    """Pure ASGI middleware: refuses bodies over ``max_body_bytes`` (``upload_bytes`` for an
+    audio upload; 413, by Content-Length or, for chunked bodies, while reading), a malformed
+    Content-Length (400), turns an unhandled error into a plain 500, and records every response
+    in ``metrics``. (Starlette's ``@app.middleware("http")`` does the same through a streaming
+    wrapper that cost more per request than the ranking's Redis read.)"""
 
-    def __init__(self, app: Any, *, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, *, metrics: Metrics, max_body_bytes: int,
+                 upload_bytes: int | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.upload_bytes = max_body_bytes if upload_bytes is None else upload_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -377,7 +408,8 @@ class LimitAndMeasure:
             return
         t0 = time.perf_counter()
         path = scope["path"]
-        route = path if path in _KNOWN_ROUTES else "other"
+        route = route_label(path)
+        limit = self.upload_bytes if route == UPLOAD_ROUTE else self.max_body_bytes
         status = [500]
         started = [False]
 
@@ -396,9 +428,9 @@ class LimitAndMeasure:
                 if not length.isdigit():
                     await answer(400, "invalid Content-Length")
                     return
-                if int(length) > self.max_body_bytes:
+                if int(length) > limit:
                     await answer(413, f"request body of {int(length)} bytes exceeds the limit of "
-                                      f"{self.max_body_bytes}")
+                                      f"{limit}")
                     return
             elif scope["method"] in ("POST", "PUT", "PATCH"):
                 body, more = b"", True
@@ -406,8 +438,8 @@ class LimitAndMeasure:
                     msg = await receive()
                     body += msg.get("body", b"")
                     more = msg.get("more_body", False)
-                    if len(body) > self.max_body_bytes:
-                        await answer(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                    if len(body) > limit:
+                        await answer(413, f"request body exceeds the limit of {limit} bytes")
                         return
                 replayed = [False]
 
@@ -467,12 +499,17 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
 
     # the last added runs first: sizes and metrics (401 and 429 counted too), then access
     app.add_middleware(AccessGuard, policy=policy)
-    app.add_middleware(LimitAndMeasure, metrics=metrics, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(LimitAndMeasure, metrics=metrics, max_body_bytes=cfg.max_body_bytes,
+                       upload_bytes=cfg.audio.max_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
         return JSONResponse({"detail": errs}, status_code=422)
+
+    @app.exception_handler(AudioPathForbidden)
+    async def on_forbidden(request: Request, exc: AudioPathForbidden) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=403)
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -518,14 +555,43 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
                 "events": [{"event_id": r.event_id, "user_id": r.user_id, "created": r.created}
                            for r in done]}
 
-    @app.post("/songs")
-    def post_song(body: SongIn) -> dict[str, Any]:
-        import numpy as np
-
-        r = ingest(ranker, body.song_id, embedding=np.asarray(body.embedding, np.float32),
-                   popularity=body.popularity)
+    def ingested(r: Any) -> dict[str, Any]:
         return {"song_id": r.song_id, "version": str(r.version), "stream_id": r.stream_id,
                 "priors": [float(x) for x in r.priors]}
+
+    @app.post("/songs")
+    def post_song(body: SongIn) -> dict[str, Any]:
+        if body.audio_path is not None:
+            path = resolve_audio_path(body.audio_path, cfg.audio.root)
+            return ingested(ingest(ranker, body.song_id, audio_path=path, popularity=body.popularity))
+        import numpy as np
+
+        return ingested(ingest(ranker, body.song_id, embedding=np.asarray(body.embedding, np.float32),
+                               popularity=body.popularity))
+
+    @app.post(UPLOAD_ROUTE)
+    async def post_song_audio(request: Request,
+                              song_id: str = Path(pattern=_ID, max_length=128),
+                              popularity: float = Query(0.0, ge=0)) -> JSONResponse:
+        """A new song as an audio file in the body (``Content-Type: audio/wav``, ``audio/flac``,
+        ...), embedded with the bundle's encoder in a worker process (:mod:`.audio`)."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in AUDIO_TYPES:
+            return JSONResponse({"detail": f"Content-Type {kind or '(none)'!r} is not an audio type "
+                                           f"this server decodes; use one of {', '.join(AUDIO_TYPES)}"},
+                                status_code=415)
+        popularity = check_popularity(popularity)
+        data = await request.body()
+        with tempfile.TemporaryDirectory(prefix="apexrank-upload-") as tmp:
+            path = os.path.join(tmp, song_id.replace("/", "_") + AUDIO_TYPES[kind])
+            with open(path, "wb") as fh:
+                fh.write(data)
+            try:
+                r = await run_in_threadpool(ingest, ranker, song_id, audio_path=path,
+                                            popularity=popularity)
+            except RequestError as err:  # name the upload, not the server's temporary file
+                raise RequestError(str(err).replace(path, f"uploaded audio of song {song_id!r}")) from None
+        return JSONResponse(ingested(r))
 
     @app.get("/health")
     def health() -> JSONResponse:
