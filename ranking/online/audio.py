@@ -229,7 +229,12 @@ class AudioEmbedder:
             raise RequestError(f"audio file {p} is {size} bytes; the limit is {self.config.max_bytes}")
         with self._lock:
             pool = self._start()
-        fut = pool.submit(_embed, str(p), self.config.max_duration_s)
+            try:
+                fut = pool.submit(_embed, str(p), self.config.max_duration_s)
+            except BrokenProcessPool:  # a worker died after an earlier file: not this file's fault
+                self._reset()
+                pool = self._start()
+                fut = pool.submit(_embed, str(p), self.config.max_duration_s)
         try:
             out = fut.result(timeout=self.config.timeout_s)
         except FutureTimeout as err:

@@ -308,3 +308,53 @@ def test_serve_audio_root_flag_and_toml(tmp_path: Path) -> None:
         serve_config(build_parser().parse_args(["serve", "--config", str(toml)]))
     with pytest.raises(ConfigError, match=r"online\.audio\.timeout_s must be > 0"):
         AudioIngestConfig(timeout_s=0)
+
+
+def _worker_pids(emb: AudioEmbedder) -> list[int]:
+    pool = emb._pool  # noqa: SLF001 - the test kills a worker as a crashing decoder would
+    assert pool is not None
+    return [p.pid for p in pool._processes.values()]  # noqa: SLF001
+
+
+def test_a_crashed_worker_fails_its_file_only_and_the_serving_process_goes_on(tmp_path: Path) -> None:
+    import signal
+    import threading
+    import time
+
+    from apex_rank.features.encoders import get_encoder
+
+    short = _write(tmp_path / "short.wav", 3.0)
+    emb = AudioEmbedder("b/", get_encoder("spectral").id, 238, AudioIngestConfig())
+    try:
+        expected = emb.embed(short)
+        # a worker that died between files: the next file gets a fresh worker, no error
+        for pid in _worker_pids(emb):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        np.testing.assert_array_equal(emb.embed(short), expected)
+        # a worker that dies during a file: that file is refused, saying so
+        long = tmp_path / "long.wav"
+        sf.write(long, _mix(900.0, 16_000)[:, 0], 16_000)
+        errors: list[str] = []
+        for _ in range(3):  # the kill must land while the file is being embedded (~0.7 s)
+            got: list[Any] = []
+            th = threading.Thread(target=lambda out=got: out.append(_try(emb, long)))
+            th.start()
+            time.sleep(0.15)
+            for pid in _worker_pids(emb):
+                os.kill(pid, signal.SIGKILL)
+            th.join(60)
+            if isinstance(got[0], str):
+                errors.append(got[0])
+                break
+        assert errors and "long.wav: the decoder's worker process died" in errors[0], errors
+        np.testing.assert_array_equal(emb.embed(short), expected)
+    finally:
+        emb.close()
+
+
+def _try(emb: AudioEmbedder, path: Path) -> np.ndarray | str:
+    try:
+        return emb.embed(path)
+    except RequestError as err:
+        return str(err)
