@@ -373,7 +373,7 @@ class MetricsFlusher:
 _KNOWN_ROUTES = frozenset({"/recommend", "/events", "/songs", "/health", "/metrics", "/openapi.json",
                            "/docs"})
 UPLOAD_ROUTE = "/songs/{song_id}/audio"
-_UPLOAD_PATH = re.compile(r"/songs/[^/]+/audio")
+_UPLOAD_PATH = re.compile(r"/songs/.+/audio")  # ids may hold '/' (``calm/calm_acoustic_1``)
 #: Content types of ``POST /songs/{song_id}/audio`` and the file suffix each is decoded as.
 AUDIO_TYPES = {"audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav",
                "audio/vnd.wave": ".wav", "audio/flac": ".flac", "audio/x-flac": ".flac",
@@ -569,7 +569,7 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
         return ingested(ingest(ranker, body.song_id, embedding=np.asarray(body.embedding, np.float32),
                                popularity=body.popularity))
 
-    @app.post(UPLOAD_ROUTE)
+    @app.post("/songs/{song_id:path}/audio")
     async def post_song_audio(request: Request,
                               song_id: str = Path(pattern=_ID, max_length=128),
                               popularity: float = Query(0.0, ge=0)) -> JSONResponse:

@@ -142,6 +142,8 @@ def test_upload_makes_the_song_rankable_with_the_offline_embedding(served: dict[
     again = served["client"].post("/songs/up1/audio", content=path.read_bytes(),
                                   headers={**AUTH, "Content-Type": "audio/flac"})
     assert again.status_code == 422 and "already exists" in again.json()["detail"]
+    metrics = served["client"].get("/metrics").text  # counted under the route, not per song id
+    assert 'apexrank_requests_total{route="/songs/{song_id}/audio",status="200"} 1' in metrics
 
 
 def test_a_path_under_the_root_is_ingested(served: dict[str, Any]) -> None:
@@ -152,6 +154,11 @@ def test_a_path_under_the_root_is_ingested(served: dict[str, Any]) -> None:
     np.testing.assert_allclose(_stored(served, "p1"), _offline(path), atol=1e-5, rtol=0)
     absolute = served["client"].post("/songs", json={"song_id": "p2", "audio_path": str(path)}, headers=AUTH)
     assert absolute.status_code == 200, absolute.text
+    nested = served["client"].post("/songs/calm/p3/audio", content=path.read_bytes(),
+                                   headers={**AUTH, "Content-Type": "audio/wav"})
+    assert nested.status_code == 200 and nested.json()["song_id"] == "calm/p3", nested.text
+    assert served["client"].post("/songs/bad id/audio", content=path.read_bytes(),
+                                 headers={**AUTH, "Content-Type": "audio/wav"}).status_code == 422
     assert served["engine"].has_song("p1") and served["engine"].has_song("p2")
 
 
