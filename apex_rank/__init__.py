@@ -11,6 +11,7 @@ Heavy pieces are re-exported lazily (PEP 562), so ``import apex_rank`` stays lig
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 from apex_rank.errors import (
@@ -29,6 +30,12 @@ from apex_rank.errors import (
 from apex_rank.tasks import AESTHETIC_TASKS, APEX_TASKS, POPULARITY_TASKS
 
 __version__ = "0.1.0"
+
+# The strict editable install (README) puts a folder of links on sys.path in which features/,
+# ranking/ and offline_eval/ sit under apex_rank/. Run from the repository root, this folder (the
+# core alone) is found first; extending __path__ lets apex_rank.ranking & co. come from the links.
+# With a wheel or the default editable install there is one apex_rank folder and nothing changes.
+__path__ = pkgutil.extend_path(__path__, __name__)
 
 # name -> module that defines it; resolved on first attribute access.
 _LAZY: dict[str, str] = {
