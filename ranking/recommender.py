@@ -587,6 +587,7 @@ class Recommender:
         report.update(
             n_rerank_rows=frame.height,
             reranker_best_iteration=reranker.best_iteration,
+            reranker_tree_weight=reranker.tree_weight,
             reranker_val_ndcg=reranker.best_score,
             als_order_val_ndcg=reranker.als_order_score,
             n_rerank_positives=int((frame["label"] > 0).sum()),
@@ -1403,6 +1404,7 @@ def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:
     content_index = CandidateIndex.load(folder / "content.faiss", device=device)
     pseudo_index = CandidateIndex.load(folder / "pseudo_cf.faiss", device=device)
     reranker = Reranker.load(folder / "reranker.txt", cfg.reranker)
+    reranker.tree_weight = float((man.get("report") or {}).get("reranker_tree_weight", 1.0))
     apex = ApexPredictor.load(folder / "apex", device=device)
     _check_bundle(folder, songs, users, cf, content_index, pseudo_index, apex)
     return Recommender(

@@ -152,6 +152,14 @@ def test_save_load_parity(tmp_path: Path) -> None:
     back = load_recommender(tmp_path / "b", device="cpu")
     users = _users(20) + ["nobody"]
     assert back.recommend_batch(users, k=10).equals(rec.recommend_batch(users, k=10))
+    assert back.reranker.tree_weight == rec.reranker.tree_weight == rec.report["reranker_tree_weight"]
+    # a build whose trees did not beat the ALS order on validation: the weight travels with the bundle
+    rec.reranker.tree_weight = rec.report["reranker_tree_weight"] = 1e-4
+    rec.save(tmp_path / "b2")
+    back2 = load_recommender(tmp_path / "b2", device="cpu")
+    assert back2.reranker.tree_weight == 1e-4
+    assert back2.recommend_batch(users, k=10).equals(rec.recommend_batch(users, k=10))
+    rec.reranker.tree_weight = rec.report["reranker_tree_weight"] = back.reranker.tree_weight
     assert back.similar_songs(rec.songs.song_ids[0], 5).equals(rec.similar_songs(rec.songs.song_ids[0], 5))
     man = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert man["kind"] == "apex-recommender" and man["schema"] == 4 and "lightgbm" in man["versions"]

@@ -89,6 +89,30 @@ def test_reranker_learns_and_roundtrips(tmp_path: Path) -> None:
     np.testing.assert_array_equal(rr.score(f[100:130]), rr.score(f)[100:130])
 
 
+def test_trees_that_do_not_beat_the_als_order_on_validation_only_break_its_ties() -> None:
+    """Labels that follow the ALS rank leave the trees nothing to add: below ``min_val_gain``
+    they keep the ALS order and only order the songs outside its list."""
+    from apex_rank.ranking.features import FEATURES
+    from apex_rank.ranking.reranker import TREES_TIE_BREAK
+
+    f = _frame()
+    per = 30
+    rank = np.tile(np.arange(1, per + 1, dtype=np.float32), f.height // per)
+    rank[rank > 25] = np.nan  # 5 songs per user outside the ALS list
+    f = f.with_columns(pl.Series("rank_als", rank), pl.Series("label", (rank <= 3).astype(np.int32)))
+    rr = Reranker(RerankerConfig(n_estimators=40, early_stopping_rounds=10, min_data_in_leaf=5)).fit(f)
+    assert rr.tree_weight == TREES_TIE_BREAK and not rr.best_score >= 1.02 * rr.als_order_score
+    sc = rr.score(f).reshape(-1, per)
+    assert (np.diff(sc[:, :25], axis=1) < 0).all()  # the ALS order, strictly
+    assert (sc[:, 25:].max(axis=1) < sc[:, 24]).all()  # songs outside the list stay below it
+    trees = rr.booster.predict(np.ascontiguousarray(f.select(FEATURES).to_numpy(), np.float32))
+    np.testing.assert_array_equal(np.argsort(-sc[:, 25:], axis=1, kind="stable"),
+                                  np.argsort(-trees.reshape(-1, per)[:, 25:], axis=1, kind="stable"))
+    # a reranker with signal beyond the ALS order keeps its full weight
+    assert Reranker(RerankerConfig(n_estimators=40, early_stopping_rounds=10, min_data_in_leaf=5,
+                                   als_prior=0.0)).fit(_frame()).tree_weight == 1.0
+
+
 def test_recommender_config_toml(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text('rerank_share = 0.3\n[cf]\nmodel = "bpr"\nfactors = 8\n[index]\ncontent_factory = "HNSW32"\n')
