@@ -106,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_publish(args: argparse.Namespace) -> int:
     from apex_rank.ranking.online import OnlineConfig, RedisStore, publish
     from apex_rank.ranking.online.ranker import default_loader
-    from apex_rank.ranking.online.store import redact_url
+    from apex_rank.ranking.online.redis_store import redact_url
 
     cfg = OnlineConfig(namespace=args.namespace, batch_size=args.batch_size, grace_s=args.grace_s)
     engine = default_loader(args.bundle)
@@ -151,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from apex_rank.config import to_dict
     from apex_rank.ranking.online.access import AccessPolicy, check_bind, is_loopback, load_key_ring
-    from apex_rank.ranking.online.store import redact_url
+    from apex_rank.ranking.online.redis_store import redact_url
 
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
@@ -215,7 +215,7 @@ def cmd_warm_up(args: argparse.Namespace) -> int:
     import threading
 
     from apex_rank.ranking.online import OnlineConfig, RedisStore, WarmUpConsumer, bundle_cf_loader
-    from apex_rank.ranking.online.store import redact_url
+    from apex_rank.ranking.online.redis_store import redact_url
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,7 +1,7 @@
 """Online ranking over a shared store (Redis in production, in-process for the demo).
 
 Modules, in data-flow order: :mod:`.keys` (the versioned key format and codecs),
-:mod:`.store` (the store contract, ``RedisStore``, ``InProcessStore``), :mod:`.engine` (the
+:mod:`.store` (the store contract; :mod:`.redis_store` and :mod:`.memory_store` implement it), :mod:`.engine` (the
 contract of a loaded bundle) and :mod:`.recommender_engine` (the offline ``Recommender``
 behind it), :mod:`.publisher` (stage a version, move ``current`` atomically),
 :mod:`.bundles` (a bundle's fingerprint, the local folder serving a version),
@@ -16,10 +16,12 @@ from apex_rank.errors import RequestError
 
 from .config import OnlineConfig
 from .events import EVENT_WEIGHTS, Interaction, export_events, ingest, record, record_many
-from .keys import Keys
+from .keys import Keys, UserRecord
+from .memory_store import InProcessStore
 from .publisher import PublishResult, publish
 from .ranker import OnlineRanker, RankedItem, Ranking
-from .store import InProcessStore, OnlineStore, RedisStore, UserRecord, open_store
+from .redis_store import RedisStore
+from .store import OnlineStore, open_store
 from .warmup import WarmUp, WarmUpConsumer, bundle_cf_loader
 
 __all__ = [

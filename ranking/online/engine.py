@@ -17,7 +17,7 @@ import numpy as np
 
 from apex_rank.ranking.cf import CFModel
 
-from .store import UserRecord
+from .keys import UserRecord
 
 Item = tuple[str, float, str]  # (song_id, score, source)
 

@@ -35,9 +35,9 @@ from apex_rank.errors import RequestError, SchemaError, StoreError, UnknownIdErr
 from apex_rank.schemas import MAX_WEIGHT, time_unit
 
 from .config import OnlineConfig
-from .keys import check_id, decode_vector, encode_song_record
+from .keys import Event, UserRecord, check_id, decode_vector, encode_song_record, stream_key
 from .ranker import OnlineRanker
-from .store import Event, OnlineStore, UserRecord, stream_key
+from .store import OnlineStore
 
 log = logging.getLogger(__name__)
 

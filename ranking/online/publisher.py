@@ -43,8 +43,8 @@ from apex_rank.errors import ContentionError, StoreError, VersionMovedError
 
 from .config import OnlineConfig
 from .engine import RankingEngine
-from .keys import KEY_SCHEMA, decode_vector, encode_song_record
-from .store import Event, OnlineStore, UserRecord, stream_id_before, stream_key
+from .keys import KEY_SCHEMA, Event, UserRecord, decode_vector, encode_song_record, stream_id_before, stream_key
+from .store import OnlineStore
 from .warmup import replay_warmup
 
 log = logging.getLogger(__name__)

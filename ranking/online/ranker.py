@@ -62,7 +62,8 @@ from .bundles import BundleMismatchError, locate_bundle
 from .config import OnlineConfig
 from .engine import RankingEngine
 from .keys import check_id, decode_song_record, decode_vector, decode_warm_song
-from .store import OnlineStore, RedisStore
+from .redis_store import RedisStore
+from .store import OnlineStore
 
 log = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ from apex_rank.ranking.state import SongTable, UserState
 from .audio import AudioEmbedder, AudioIngestConfig
 from .bundles import bundle_fingerprint
 from .engine import FallbackList, Item, SongBlock
-from .store import UserRecord
+from .keys import UserRecord
 
 log = logging.getLogger(__name__)
 

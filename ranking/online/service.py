@@ -57,7 +57,7 @@ from .config import OnlineConfig
 from .events import Interaction, check_embedding, check_popularity, ingest, record_many
 from .keys import ID_PATTERN
 from .ranker import OnlineRanker
-from .store import RedisStore
+from .store import OnlineStore
 
 log = logging.getLogger(__name__)
 _ID = ID_PATTERN.pattern
@@ -281,22 +281,18 @@ def parse_snapshot(raw: bytes | str) -> Snapshot | None:
     return snap
 
 
-def _redis_now(client: Any) -> float:
-    sec, usec = client.time()
-    return float(sec) + usec / 1e6
-
-
 class MetricsFlusher:
-    """Shares one worker's :class:`Metrics` through Redis (see the module doc).
+    """Shares one worker's :class:`Metrics` through the store (see the module doc).
 
     A daemon thread writes the registry's snapshot into the hash ``apexrank:{NS}:metrics``
     (field: the worker) every ``flush_s`` seconds; :meth:`others` reads the other workers'
-    snapshots written within the last ``5 * flush_s`` seconds (one HGETALL, no key scan).
-    Redis failures are logged and never raised: ``/metrics`` then shows this worker's numbers
-    only.
+    snapshots written within the last ``5 * flush_s`` seconds (one HGETALL, no key scan), all
+    through the store contract (:meth:`~.store.OnlineStore.write_worker_metrics` and its
+    siblings), so ages are measured on the store's clock. Store failures are logged and never
+    raised: ``/metrics`` then shows this worker's numbers only.
     """
 
-    def __init__(self, metrics: Metrics, store: RedisStore, *, flush_s: float = 2.0,
+    def __init__(self, metrics: Metrics, store: OnlineStore, *, flush_s: float = 2.0,
                  worker: str | None = None) -> None:
         if flush_s <= 0:
             raise ValueError(f"flush_s must be > 0, got {flush_s}")
@@ -323,7 +319,7 @@ class MetricsFlusher:
             self._thread.join(timeout=self.flush_s + 5.0)
             self._thread = None
         with contextlib.suppress(Exception):
-            self.store.client.hdel(self.key, self.worker)
+            self.store.drop_worker_metrics([self.worker])
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
@@ -332,9 +328,7 @@ class MetricsFlusher:
     def flush_now(self) -> bool:
         """Write the snapshot now; ``False`` (logged) if Redis did not take it."""
         try:
-            client = self.store.client
-            snap = {**self.metrics.snapshot(), "at": _redis_now(client)}
-            client.hset(self.key, self.worker, json.dumps(snap, separators=(",", ":")))
+            self.store.write_worker_metrics(self.worker, self.metrics.snapshot())
         except Exception as err:  # noqa: BLE001 - metrics must never take the worker down
             if not self._failing:
                 log.warning("cannot write metrics to %s: %s: %s", self.key, type(err).__name__, err)
@@ -346,27 +340,23 @@ class MetricsFlusher:
     def others(self) -> list[Snapshot]:
         """The latest snapshots of the other live workers; ``[]`` if Redis is unreachable."""
         try:
-            client = self.store.client
-            pipe = client.pipeline(transaction=False)
-            pipe.time()
-            pipe.hgetall(self.key)
-            (sec, usec), raws = pipe.execute()
+            now, raws = self.store.read_worker_metrics()
         except Exception as err:  # noqa: BLE001 - render the local numbers instead
             log.debug("cannot read other workers' metrics: %s: %s", type(err).__name__, err)
             return []
-        now, out, stale = sec + usec / 1e6, [], []
-        for field, raw in raws.items():
-            worker = field.decode() if isinstance(field, bytes) else field
+        out: list[Snapshot] = []
+        stale: list[str] = []
+        for worker, raw in raws.items():
             if worker == self.worker:
                 continue
             snap = parse_snapshot(raw)
             if snap is None or now - snap["at"] > 5 * self.flush_s:
-                stale.append(field)  # a dead worker's (or unreadable): dropped from the sum
+                stale.append(worker)  # a dead worker's (or unreadable): dropped from the sum
             else:
                 out.append(snap)
         if stale:
             with contextlib.suppress(Exception):
-                client.hdel(self.key, *stale)
+                self.store.drop_worker_metrics(stale)
         return out
 
 
@@ -465,27 +455,25 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
                keys: KeyRing | None = None) -> FastAPI:
     """The FastAPI application serving ``ranker`` (see the module doc).
 
-    With a Redis store, ``app.state.metrics_flusher`` (a :class:`MetricsFlusher`, ``None`` for
-    the in-process store) shares the metrics every ``metrics_flush_s`` seconds while the app
-    runs (started and stopped by its lifespan) under ``worker_id`` (default ``hostname-pid``).
+    ``app.state.metrics_flusher`` (a :class:`MetricsFlusher`, over the ranker's store whichever
+    it is) shares the metrics every ``metrics_flush_s`` seconds while the app runs (started and
+    stopped by its lifespan) under ``worker_id`` (default ``hostname-pid``).
     ``keys``: the accepted API keys (default: :func:`~.access.load_key_ring` from the
     environment and ``config.access``); ``app.state.access`` is the :class:`~.access.AccessPolicy`.
     """
     cfg = config or ranker.config
     policy = AccessPolicy(cfg.access, load_key_ring(cfg.access) if keys is None else keys)
     metrics = Metrics()
-    flusher = (MetricsFlusher(metrics, ranker.store, flush_s=metrics_flush_s, worker=worker_id)
-               if isinstance(ranker.store, RedisStore) else None)
+    # through the store contract: with the in-process store (one worker) it only keeps its own
+    flusher = MetricsFlusher(metrics, ranker.store, flush_s=metrics_flush_s, worker=worker_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if flusher is not None:
-            flusher.start()
+        flusher.start()
         try:
             yield
         finally:
-            if flusher is not None:
-                flusher.stop()
+            flusher.stop()
 
     docs = cfg.access.docs
     app = FastAPI(title="apex-rank", version="0.1.0", lifespan=lifespan,
@@ -614,7 +602,7 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def get_metrics() -> PlainTextResponse:
-        others = flusher.others() if flusher is not None else []
+        others = flusher.others()
         return PlainTextResponse(metrics.render(others), media_type="text/plain; version=0.0.4")
 
     return app

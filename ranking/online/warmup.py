@@ -61,8 +61,8 @@ from .bundles import locate_bundle
 from .config import OnlineConfig
 from .engine import RankingEngine
 from .events import event_problem
-from .keys import encode_warm_song
-from .store import Event, OnlineStore, stream_id_before
+from .keys import Event, encode_warm_song, stream_id_before
+from .store import OnlineStore
 
 log = logging.getLogger(__name__)
 

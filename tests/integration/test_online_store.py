@@ -5,16 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apex_rank.errors import StoreError
+from apex_rank.errors import RequestError, StoreError
 from apex_rank.ranking.online.events import apply_event
 from apex_rank.ranking.online.keys import (
     Keys,
-    RequestError,
+    UserRecord,
     check_id,
     decode_song_record,
     encode_song_record,
 )
-from apex_rank.ranking.online.store import InProcessStore, OnlineStore, RedisStore, UserRecord
+from apex_rank.ranking.online.memory_store import InProcessStore
+from apex_rank.ranking.online.redis_store import RedisStore
+from apex_rank.ranking.online.store import OnlineStore
 
 pytestmark = pytest.mark.integration
 
@@ -205,7 +207,7 @@ def test_writes_to_a_replaced_version_are_refused(store: OnlineStore) -> None:
     ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock?db=2"),
 ])
 def test_urls_in_messages_hide_credentials(url: str, shown: str) -> None:
-    from apex_rank.ranking.online.store import redact_url
+    from apex_rank.ranking.online.redis_store import redact_url
 
     assert redact_url(url) == shown
 
@@ -246,3 +248,18 @@ def test_warm_write_read_and_log(store: OnlineStore) -> None:
     with pytest.raises(VersionMovedError, match="no longer current"):
         store.write_warm(v, [("s3", encode_warm_song(f, 1))], {}, 60, require_current=True)
     assert "s3" not in store.read_warm(v) and store.read_warm_log(eid) == []
+
+
+def test_worker_metrics_are_stamped_with_the_store_clock_and_dropped_by_name(store: OnlineStore) -> None:
+    import json
+    import time
+
+    store.write_worker_metrics("w1", {"requests": 3})
+    store.write_worker_metrics("w2", {"requests": 5})
+    now, raws = store.read_worker_metrics()
+    assert abs(now - time.time()) < 5  # the local Redis and this process share a clock
+    snaps = {w: json.loads(raw) for w, raw in raws.items()}
+    assert snaps["w1"]["requests"] == 3 and snaps["w2"]["requests"] == 5
+    assert 0 <= now - snaps["w1"]["at"] < 5
+    store.drop_worker_metrics(["w1"])
+    assert set(store.read_worker_metrics()[1]) == {"w2"}

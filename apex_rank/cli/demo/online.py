@@ -16,10 +16,12 @@ import numpy as np
 
 from apex_rank.ranking.online.config import OnlineConfig
 from apex_rank.ranking.online.events import Interaction, ingest, record, record_many
+from apex_rank.ranking.online.memory_store import InProcessStore
 from apex_rank.ranking.online.publisher import publish
 from apex_rank.ranking.online.ranker import OnlineRanker
 from apex_rank.ranking.online.recommender_engine import RecommenderEngine
-from apex_rank.ranking.online.store import InProcessStore, OnlineStore, RedisStore, open_store, redact_url
+from apex_rank.ranking.online.redis_store import RedisStore, redact_url
+from apex_rank.ranking.online.store import OnlineStore, open_store
 from apex_rank.ranking.online.warmup import WarmUpConsumer, bundle_cf_loader
 from apex_rank.synthetic import World
 
