@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     import redis
 
     from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish
-    from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+    from apex_rank.ranking.online.engine import RankingEngine
 
     result: dict[str, Any] = {"header": head, "n_songs": n_songs, "n_users": n_users, "k": args.k}
     ns = f"bench{os.getpid()}"
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print("build:", result["build"], flush=True)
         configure_threads(1)  # serving: parallelism comes from requests (recorded in the result)
         result["serving_threads"] = 1
-        engine = RecommenderEngine.load(bundle)
+        engine = RankingEngine.load(bundle)
         cfg = OnlineConfig(namespace=ns, budget_ms=200.0)
         res = publish(engine, RedisStore(args.redis, ns, timeout_s=30), config=cfg)
         result["publish_s"] = round(res.seconds, 2)

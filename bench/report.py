@@ -160,7 +160,7 @@ def _online(results: Results, songs: int, sizes: Sizes, bundles: Path, redis_url
 def memory_after_load(bundle: str, n_users: int = 50) -> dict[str, Any]:
     """``bench.memory.memory_kb`` of this process (kB: rss, anonymous, file) after importing the
     serving stack and after loading ``bundle`` as the online ranker does
-    (``RecommenderEngine.load``) and answering ``n_users`` requests through
+    (``RankingEngine.load``) and answering ``n_users`` requests through
     ``Recommender.recommend`` (the pages serving touches). Run in a fresh process."""
     import gc
 
@@ -169,14 +169,14 @@ def memory_after_load(bundle: str, n_users: int = 50) -> dict[str, Any]:
     import lightgbm  # noqa: F401
     import torch  # noqa: F401
 
-    from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+    from apex_rank.ranking.online.engine import RankingEngine
     from apex_rank.threads import configure_threads
     from bench.memory import memory_kb
 
     configure_threads(1)
     gc.collect()
     imports = memory_kb()
-    rec = RecommenderEngine.load(bundle).recommender
+    rec = RankingEngine.load(bundle).recommender
     for u in rec.user_ids[:n_users]:
         rec.recommend(u, k=20)
     gc.collect()
@@ -190,7 +190,7 @@ def _ram(results: Results, songs: int, bundles: Path) -> None:
     per_song = {k: (r["loaded_kb"][k] - r["imports_kb"][k]) / r["songs"] for k in ("rss", "anonymous", "file")}
     r["per_song_kb"] = per_song
     print(f"fresh process: {r['imports_kb']['rss'] / 1024:.0f} MB resident after the imports; after "
-          f"RecommenderEngine.load({bundle.name}) ({r['songs']} songs, {r['users']} users) and 50 recommend calls, "
+          f"RankingEngine.load({bundle.name}) ({r['songs']} songs, {r['users']} users) and 50 recommend calls, "
           f"per song beyond the imports: rss {per_song['rss']:.2f} kB = own (anonymous) {per_song['anonymous']:.2f} kB "
           f"+ file-backed {per_song['file']:.2f} kB (users' state included)")
     results.ram[songs] = r
@@ -459,7 +459,7 @@ def render(res: Results, *, sizes: Sizes, command: str, started: datetime, secon
         per = r["per_song_kb"]
         lines += [f"**RAM, {songs:,}-song online bundle** ({r['users']:,} users; `bench.memory.memory_kb`): a fresh "
                   f"process holds {r['imports_kb']['rss'] / 1024:.0f} MB after importing the serving stack and "
-                  f"{r['loaded_kb']['rss'] / 1024:.0f} MB after `RecommenderEngine.load` and 50 `recommend` calls; "
+                  f"{r['loaded_kb']['rss'] / 1024:.0f} MB after `RankingEngine.load` and 50 `recommend` calls; "
                   f"per song beyond the imports (the users' state included): resident {per['rss']:.2f} kB, of which "
                   f"the process's own (anonymous) {per['anonymous']:.2f} kB and file-backed pages (the memory-mapped "
                   f"bundle arrays and library code first touched by loading), shared by every worker, "

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from apex_rank.ranking.cf import CFModel
     from apex_rank.ranking.online import OnlineConfig, RedisStore, publish
-    from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+    from apex_rank.ranking.online.engine import RankingEngine
 
     result: dict[str, Any] = {"header": head, "n_songs": n_songs, "n_users": n_users}
     ns = f"benchwarm{os.getpid()}"
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result["build"] = build_bundle(n_songs, n_users, bundle)
         print("build:", result["build"], flush=True)
-        engine = RecommenderEngine.load(bundle)
+        engine = RankingEngine.load(bundle)
         res = publish(engine, RedisStore(args.redis, ns, timeout_s=30), config=OnlineConfig(namespace=ns))
         print(f"publish: version {res.version} in {res.seconds:.1f} s", flush=True)
         t = engine.recommender.songs

@@ -1,9 +1,9 @@
 """Online ranking over a shared store (Redis in production, in-process for the demo).
 
 Modules, in data-flow order: :mod:`.keys` (the versioned key format and codecs),
-:mod:`.store` (the store contract; :mod:`.redis_store` and :mod:`.memory_store` implement it), :mod:`.engine` (the
-contract of a loaded bundle) and :mod:`.recommender_engine` (the offline ``Recommender``
-behind it), :mod:`.publisher` (stage a version, move ``current`` atomically),
+:mod:`.store` (the store contract; :mod:`.redis_store` and :mod:`.memory_store` implement it),
+:mod:`.engine` (a loaded bundle and the ranking pipeline; :mod:`.batching` ranks concurrent
+requests together), :mod:`.publisher` (stage a version, move ``current`` atomically),
 :mod:`.bundles` (a bundle's fingerprint, the local folder serving a version),
 :mod:`.ranker` (``OnlineRanker.rank``), :mod:`.events` (events, export, song ingestion),
 :mod:`.warmup` (plays move CF factors between retrains: the background consumer) and

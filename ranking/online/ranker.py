@@ -128,26 +128,19 @@ def check_k(k: object, max_k: int) -> int:
 
 
 def default_loader(bundle_dir: str) -> RankingEngine:
-    """Load the engine of a bundle folder (the offline ``Recommender``)."""
-    from .recommender_engine import RecommenderEngine
-
-    return RecommenderEngine.load(bundle_dir)
+    """Load the engine of a bundle folder."""
+    return RankingEngine.load(bundle_dir)
 
 
 def engine_loader(fallback_size: int, max_batch: int = 16,
                   als_index: FactorIndexConfig | None = None,
                   audio: AudioIngestConfig | None = None) -> EngineLoader:
-    """A loader building :class:`RecommenderEngine` with the given fallback length,
+    """A loader building :class:`RankingEngine` with the given fallback length,
     micro-batch bound, approximate ``als`` source and audio ingest settings."""
 
     def load(bundle_dir: str) -> RankingEngine:
-        from apex_rank.ranking.recommender import load_recommender
-
-        from .recommender_engine import RecommenderEngine
-
-        return RecommenderEngine(load_recommender(bundle_dir, device="cpu"), bundle_dir,
-                                 fallback_size=fallback_size, max_batch=max_batch,
-                                 als_index=als_index, audio=audio)
+        return RankingEngine.load(bundle_dir, fallback_size=fallback_size, max_batch=max_batch,
+                                  als_index=als_index, audio=audio)
 
     return load
 

@@ -16,7 +16,7 @@ import pytest
 from apex_rank.errors import ConfigError
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish
 from apex_rank.ranking.online.access import AccessConfig, KeyRing
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+from apex_rank.ranking.online.engine import RankingEngine
 
 from .online_support import bundle_dir, free_port
 
@@ -44,7 +44,7 @@ def served(redis_url: str, redis_prefix: str) -> Iterator[dict[str, Any]]:
 
     from apex_rank.ranking.online.service import create_app
 
-    engine = RecommenderEngine.load(bundle_dir(7))
+    engine = RankingEngine.load(bundle_dir(7))
     cfg = OnlineConfig(namespace=redis_prefix, data_check_s=0.05)
     store = RedisStore(redis_url, redis_prefix)
     publish(engine, store, config=cfg)

@@ -21,8 +21,8 @@ from apex_rank.errors import RequestError
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish
 from apex_rank.ranking.online.access import KeyRing
 from apex_rank.ranking.online.audio import AudioEmbedder, AudioIngestConfig
+from apex_rank.ranking.online.engine import RankingEngine
 from apex_rank.ranking.online.keys import decode_vector
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
 
 from .online_support import bundle_dir
 
@@ -91,7 +91,7 @@ def served(redis_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[dict[s
     root.mkdir()
     audio = AudioIngestConfig(root=str(root), max_bytes=2_000_000, max_duration_s=30.0)
     cfg = OnlineConfig(namespace=redis_prefix, audio=audio)
-    engine = RecommenderEngine.load(spectral_bundle(), audio=audio)
+    engine = RankingEngine.load(spectral_bundle(), audio=audio)
     publish(engine, RedisStore(redis_url, redis_prefix), config=cfg)
     ranker = OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=engine,
                                   follow=False)
@@ -183,7 +183,7 @@ def test_no_audio_root_refuses_every_path(redis_url: str, redis_prefix: str, tmp
     from apex_rank.ranking.online.service import create_app
 
     cfg = OnlineConfig(namespace=redis_prefix)
-    engine = RecommenderEngine.load(spectral_bundle())
+    engine = RankingEngine.load(spectral_bundle())
     publish(engine, RedisStore(redis_url, redis_prefix), config=cfg)
     path = _write(tmp_path / "a.wav")
     with OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=engine,
@@ -270,7 +270,7 @@ def test_audio_writes_need_the_key(served: dict[str, Any]) -> None:
 
 
 def test_a_bundle_without_an_audio_encoder_is_refused_naming_bundle_and_encoder(tmp_path: Path) -> None:
-    engine = RecommenderEngine.load(bundle_dir(7))  # synthetic embeddings: encoder "synthetic"
+    engine = RankingEngine.load(bundle_dir(7))  # synthetic embeddings: encoder "synthetic"
     path = _write(tmp_path / "a.wav")
     with pytest.raises(RequestError, match=r"bundle .*apexrank-online-bundle7.* encoder 'synthetic'.* cannot rebuild"):
         engine.embed_audio(path)

@@ -1,4 +1,4 @@
-"""Micro-batching in RecommenderEngine: concurrent callers are ranked together by whichever of
+"""Micro-batching in RankingEngine: concurrent callers are ranked together by whichever of
 them leads, each gets exactly its own answer, and a lone caller ranks alone."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine, record_from_state
+from apex_rank.ranking.online.engine import RankingEngine, record_from_state
 
 from .online_support import bundle_dir
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_concurrent_callers_share_calls_and_get_their_own_answers() -> None:
-    engine = RecommenderEngine.load(bundle_dir(7), max_batch=8)
+    engine = RankingEngine.load(bundle_dir(7), max_batch=8)
     rec = engine.recommender
     users = rec.user_ids[:48]
     states = {u: record_from_state(rec.user_state(u)) for u in users}

@@ -16,7 +16,7 @@ import pytest
 
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish
 from apex_rank.ranking.online.bundles import BundleMismatchError, bundle_fingerprint, locate_bundle
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+from apex_rank.ranking.online.engine import RankingEngine
 
 from .online_support import bundle_dir
 
@@ -24,13 +24,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def engines() -> tuple[RecommenderEngine, RecommenderEngine]:
-    return RecommenderEngine.load(bundle_dir(7)), RecommenderEngine.load(bundle_dir(8))
+def engines() -> tuple[RankingEngine, RankingEngine]:
+    return RankingEngine.load(bundle_dir(7)), RankingEngine.load(bundle_dir(8))
 
 
 @pytest.fixture()
 def published(redis_url: str, redis_prefix: str,
-              engines: tuple[RecommenderEngine, RecommenderEngine]) -> Iterator[dict[str, Any]]:
+              engines: tuple[RankingEngine, RankingEngine]) -> Iterator[dict[str, Any]]:
     """Bundle 7 published under the test's namespace."""
     cfg = OnlineConfig(namespace=redis_prefix, follow_interval_s=0.1, retry_s=0.2)
     store = RedisStore(redis_url, redis_prefix)
@@ -109,7 +109,7 @@ def test_serve_checks_the_bundle_before_starting(published: dict[str, Any], tmp_
 
 
 def test_bundle_root_picks_the_matching_bundle(published: dict[str, Any], tmp_path: Path,
-                                               engines: tuple[RecommenderEngine, RecommenderEngine]) -> None:
+                                               engines: tuple[RankingEngine, RankingEngine]) -> None:
     root = tmp_path / "bundles"
     b7, b8 = _copy(7, root / "a"), _copy(8, root / "b")
     assert locate_bundle(bundle_fingerprint(bundle_dir(8)), bundle_root=root) == str(Path(b8).resolve())
@@ -124,7 +124,7 @@ def test_bundle_root_picks_the_matching_bundle(published: dict[str, Any], tmp_pa
 
 def test_the_follower_refuses_a_version_it_lacks_and_keeps_serving(
         published: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        engines: tuple[RecommenderEngine, RecommenderEngine]) -> None:
+        engines: tuple[RankingEngine, RankingEngine]) -> None:
     copy = _copy(7, tmp_path / "only7")
     store = published["store"]
     with OnlineRanker.connect(published["url"], namespace=published["ns"], config=published["cfg"],

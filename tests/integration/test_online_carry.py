@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, ingest, publish, record
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+from apex_rank.ranking.online.engine import RankingEngine
 
 from .online_support import bundle_dir
 
@@ -20,18 +20,18 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def engine() -> RecommenderEngine:
-    eng = RecommenderEngine.load(bundle_dir(7), max_batch=1)
+def engine() -> RankingEngine:
+    eng = RankingEngine.load(bundle_dir(7), max_batch=1)
     yield eng
     eng.close()
 
 
-def _unplayed(engine: RecommenderEngine, user: str, n: int) -> list[str]:
+def _unplayed(engine: RankingEngine, user: str, n: int) -> list[str]:
     hist = set(dict(engine.user_records())[user].history)
     return [s for s in engine.recommender.songs.song_ids if s not in hist][:n]
 
 
-def test_republish_keeps_events_and_ingested_songs(engine: RecommenderEngine, redis_url: str,
+def test_republish_keeps_events_and_ingested_songs(engine: RankingEngine, redis_url: str,
                                                    redis_prefix: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = OnlineConfig(namespace=redis_prefix)
@@ -42,7 +42,7 @@ def test_republish_keeps_events_and_ingested_songs(engine: RecommenderEngine, re
     played = _unplayed(engine, u, 3)
     for s in played:
         record(store, u, s, "play", config=cfg)
-    serving = RecommenderEngine.load(bundle_dir(7), max_batch=1)  # ingest mutates its engine
+    serving = RankingEngine.load(bundle_dir(7), max_batch=1)  # ingest mutates its engine
     with OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=serving,
                               follow=False) as ranker:
         emb = np.asarray(engine.recommender.songs.embeddings[5], np.float32) + 0.01
@@ -62,7 +62,7 @@ def test_republish_keeps_events_and_ingested_songs(engine: RecommenderEngine, re
     assert store.read_user(2, "brand-new-user")[1].history == [played[0]]
     assert store.ingested_ids(2) == ["carried-song"] and store.read_songs(2, ["carried-song"])[0][1]
     # a ranker starting on version 2 can rank the carried song, with the priors ingest stored
-    fresh = RecommenderEngine.load(bundle_dir(7), max_batch=1)
+    fresh = RankingEngine.load(bundle_dir(7), max_batch=1)
     predicted: list[int] = []
     real = fresh.recommender.apex.predict
 
@@ -84,7 +84,7 @@ def test_republish_keeps_events_and_ingested_songs(engine: RecommenderEngine, re
     assert store.read_user(plain.version, u)[1].history == dict(engine.user_records())[u].history
 
 
-def test_events_recorded_during_a_publish_land_exactly_once(engine: RecommenderEngine, redis_url: str,
+def test_events_recorded_during_a_publish_land_exactly_once(engine: RankingEngine, redis_url: str,
                                                             redis_prefix: str) -> None:
     """A writer records plays without pause while a new version is published: afterwards every
     user's activity on the new version is its bundle activity plus its recorded plays, i.e. no
@@ -131,7 +131,7 @@ def test_events_recorded_during_a_publish_land_exactly_once(engine: RecommenderE
         assert got.activity == base[u] + counts[u], (u, got.activity, base[u], counts[u])
 
 
-def test_carry_over_skips_events_an_older_writer_let_through(engine: RecommenderEngine, redis_url: str,
+def test_carry_over_skips_events_an_older_writer_let_through(engine: RankingEngine, redis_url: str,
                                                              redis_prefix: str) -> None:
     """An event row with ts 1e300 or in milliseconds (what writers before the time window
     stored) is not replayed into the next version: it would set the user's last-seen time, from

@@ -32,9 +32,9 @@ from apex_rank.ranking.online import (
     record,
     record_many,
 )
+from apex_rank.ranking.online.engine import RankingEngine
 from apex_rank.ranking.online.events import check_ts
 from apex_rank.ranking.online.keys import encode_song_record
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
 from apex_rank.schemas import validate_interactions
 
 from .online_support import bundle_dir
@@ -81,7 +81,7 @@ def _state(store: OnlineStore, version: int, user: str) -> tuple[Any, ...] | Non
 def test_export_events_cli(redis_url: str, redis_prefix: str, tmp_path: Path) -> None:
     from apex_rank.cli.main import main
 
-    engine = RecommenderEngine.load(bundle_dir(7))
+    engine = RankingEngine.load(bundle_dir(7))
     store = RedisStore(redis_url, redis_prefix)
     cfg = OnlineConfig(namespace=redis_prefix)
     with pytest.raises(StoreError, match="nothing is published"):
@@ -266,7 +266,7 @@ def client(redis_url: str, redis_prefix: str):  # type: ignore[no-untyped-def]
 
     from apex_rank.ranking.online.service import create_app
 
-    engine = RecommenderEngine.load(bundle_dir(7))
+    engine = RankingEngine.load(bundle_dir(7))
     cfg = OnlineConfig(namespace=redis_prefix, max_body_bytes=256 * 1024)
     store = RedisStore(redis_url, redis_prefix)
     publish(engine, store, config=cfg)

@@ -16,7 +16,7 @@ import pytest
 
 from apex_rank.errors import StoreError
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish, record
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+from apex_rank.ranking.online.engine import RankingEngine
 
 from .online_support import OwnRedis, bundle_dir
 
@@ -24,16 +24,16 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def engines() -> tuple[RecommenderEngine, RecommenderEngine]:
-    return RecommenderEngine.load(bundle_dir(7)), RecommenderEngine.load(bundle_dir(8))
+def engines() -> tuple[RankingEngine, RankingEngine]:
+    return RankingEngine.load(bundle_dir(7)), RankingEngine.load(bundle_dir(8))
 
 
-def _ids(engine: RecommenderEngine, store: RedisStore, version: int, user: str) -> list[str]:
+def _ids(engine: RankingEngine, store: RedisStore, version: int, user: str) -> list[str]:
     _, rec = store.read_user(version, user)
     return [s for s, _, _ in engine.rank_user(user, rec, 10, ())]
 
 
-def test_atomic_swap_with_concurrent_readers(engines: tuple[RecommenderEngine, RecommenderEngine],
+def test_atomic_swap_with_concurrent_readers(engines: tuple[RankingEngine, RankingEngine],
                                              redis_url: str, redis_prefix: str) -> None:
     e1, e2 = engines
     cfg = OnlineConfig(namespace=redis_prefix, batch_size=100, follow_interval_s=0.05)
@@ -84,7 +84,7 @@ def test_atomic_swap_with_concurrent_readers(engines: tuple[RecommenderEngine, R
 
 
 def test_publish_killed_halfway_keeps_old_version_and_rerun_completes(
-        engines: tuple[RecommenderEngine, RecommenderEngine], redis_url: str, redis_prefix: str) -> None:
+        engines: tuple[RankingEngine, RankingEngine], redis_url: str, redis_prefix: str) -> None:
     e1, _ = engines
     store = RedisStore(redis_url, redis_prefix)
     cfg = OnlineConfig(namespace=redis_prefix)
@@ -120,7 +120,7 @@ def test_publish_killed_halfway_keeps_old_version_and_rerun_completes(
     assert rerun.previous == v1 and store.current_version() == rerun.version > staged
 
 
-def test_two_racing_publishers_one_wins_cleanly(engines: tuple[RecommenderEngine, RecommenderEngine],
+def test_two_racing_publishers_one_wins_cleanly(engines: tuple[RankingEngine, RankingEngine],
                                                 redis_url: str, redis_prefix: str) -> None:
     e1, e2 = engines
     store = RedisStore(redis_url, redis_prefix)
@@ -129,7 +129,7 @@ def test_two_racing_publishers_one_wins_cleanly(engines: tuple[RecommenderEngine
     barrier = threading.Barrier(2, timeout=30)
     results: dict[str, object] = {}
 
-    def run(name: str, engine: RecommenderEngine) -> None:
+    def run(name: str, engine: RankingEngine) -> None:
         first = [True]
 
         def on_batch(done: int, total: int) -> None:
@@ -159,7 +159,7 @@ def test_two_racing_publishers_one_wins_cleanly(engines: tuple[RecommenderEngine
 
 
 def test_redis_down_then_restarted_degrades_recovers_and_keeps_events(
-        engines: tuple[RecommenderEngine, RecommenderEngine], tmp_path: Path) -> None:
+        engines: tuple[RankingEngine, RankingEngine], tmp_path: Path) -> None:
     e1, _ = engines
     own = OwnRedis(tmp_path / "redis").start()
     try:
@@ -209,7 +209,7 @@ def test_redis_down_then_restarted_degrades_recovers_and_keeps_events(
         own.stop()
 
 
-def test_password_protected_redis(engines: tuple[RecommenderEngine, RecommenderEngine], tmp_path: Path) -> None:
+def test_password_protected_redis(engines: tuple[RankingEngine, RankingEngine], tmp_path: Path) -> None:
     e1, _ = engines
     own = OwnRedis(tmp_path / "redis-auth", password="s3cret-pw").start()
     try:
@@ -227,7 +227,7 @@ def test_password_protected_redis(engines: tuple[RecommenderEngine, RecommenderE
 
 
 def test_loaded_versions_are_frozen_out_of_gc_and_a_replaced_one_is_freed(
-        engines: tuple[RecommenderEngine, RecommenderEngine], redis_url: str, redis_prefix: str) -> None:
+        engines: tuple[RankingEngine, RankingEngine], redis_url: str, redis_prefix: str) -> None:
     """freeze_gc: after a load the bundle sits in the GC's permanent generation (a full
     collection no longer walks it during requests); after a switch the replaced engine is
     released, not kept alive by the freeze."""
@@ -240,10 +240,10 @@ def test_loaded_versions_are_frozen_out_of_gc_and_a_replaced_one_is_freed(
     cfg = OnlineConfig(namespace=redis_prefix, batch_size=500)
     store = RedisStore(redis_url, redis_prefix)
     publish(e1, store, config=cfg)
-    loaded: list[weakref.ref[RecommenderEngine]] = []
+    loaded: list[weakref.ref[RankingEngine]] = []
     base = engine_loader(cfg.fallback_size)
 
-    def loader(folder: str) -> RecommenderEngine:
+    def loader(folder: str) -> RankingEngine:
         eng = base(folder)
         loaded.append(weakref.ref(eng))
         return eng

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+from apex_rank.ranking.online.engine import RankingEngine
 
 from .online_support import bundle_dir, free_port
 
@@ -32,7 +32,7 @@ def test_metrics_are_summed_over_workers(redis_url: str, redis_prefix: str) -> N
 
     from apex_rank.ranking.online.service import create_app
 
-    engine = RecommenderEngine.load(bundle_dir(7))
+    engine = RankingEngine.load(bundle_dir(7))
     cfg = OnlineConfig(namespace=redis_prefix)
     publish(engine, RedisStore(redis_url, redis_prefix), config=cfg)
     users = engine.recommender.user_ids

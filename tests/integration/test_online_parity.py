@@ -11,7 +11,7 @@ import pytest
 
 from apex_rank.ranking.candidates import FactorIndexConfig, FactorSource
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, ingest, publish, record
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine, record_from_state
+from apex_rank.ranking.online.engine import RankingEngine, record_from_state
 from apex_rank.ranking.recommender import load_recommender
 
 from .online_support import bundle_dir
@@ -25,13 +25,13 @@ def bundle() -> str:
 
 
 @pytest.fixture()
-def published(bundle: str, redis_url: str, redis_prefix: str) -> RecommenderEngine:
-    engine = RecommenderEngine.load(bundle)
+def published(bundle: str, redis_url: str, redis_prefix: str) -> RankingEngine:
+    engine = RankingEngine.load(bundle)
     publish(engine, RedisStore(redis_url, redis_prefix), config=OnlineConfig(namespace=redis_prefix))
     return engine
 
 
-def test_rank_equals_recommend_for_every_user(bundle: str, published: RecommenderEngine,
+def test_rank_equals_recommend_for_every_user(bundle: str, published: RankingEngine,
                                               redis_url: str, redis_prefix: str) -> None:
     rec = load_recommender(bundle)
     with OnlineRanker.connect(redis_url, namespace=redis_prefix, engine=published,
@@ -53,7 +53,7 @@ def test_rank_equals_recommend_for_every_user(bundle: str, published: Recommende
         assert not set(excl) & {i.song_id for i in got.items}
 
 
-def test_http_recommend_equals_recommend(bundle: str, published: RecommenderEngine,
+def test_http_recommend_equals_recommend(bundle: str, published: RankingEngine,
                                          redis_url: str, redis_prefix: str) -> None:
     from fastapi.testclient import TestClient
 
@@ -72,7 +72,7 @@ def test_http_recommend_equals_recommend(bundle: str, published: RecommenderEngi
 
 
 def test_played_song_and_ingested_song_change_next_ranking_in_other_process(
-        bundle: str, published: RecommenderEngine, redis_url: str, redis_prefix: str) -> None:
+        bundle: str, published: RankingEngine, redis_url: str, redis_prefix: str) -> None:
     rec = load_recommender(bundle)
     cfg = OnlineConfig(namespace=redis_prefix, follow_interval_s=0.2)
     a = OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=published)
@@ -105,11 +105,11 @@ def test_played_song_and_ingested_song_change_next_ranking_in_other_process(
 
 
 def test_ingested_priors_are_predicted_once_and_read_back_by_followers(
-        bundle: str, published: RecommenderEngine, redis_url: str, redis_prefix: str,
+        bundle: str, published: RankingEngine, redis_url: str, redis_prefix: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression (issue 14, point 4): ingest ran APEX twice and every follower ran it again;
     the priors stored in the song record were never read back."""
-    follower = RecommenderEngine.load(bundle)
+    follower = RankingEngine.load(bundle)
     calls: list[str] = []
     for name, eng in (("ingesting", published), ("follower", follower)):
         real = eng.recommender.apex.predict
@@ -145,7 +145,7 @@ def test_ingested_priors_are_predicted_once_and_read_back_by_followers(
         b.close()
 
 
-def test_rank_equals_cli_recommend(bundle: str, published: RecommenderEngine, redis_url: str,
+def test_rank_equals_cli_recommend(bundle: str, published: RankingEngine, redis_url: str,
                                    redis_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
     import re
 
@@ -165,19 +165,19 @@ def test_engine_answers_als_from_the_ivf_index_above_min_songs(bundle: str) -> N
     index; the Recommender's own source (batch ranking, evaluation) stays exact. Scanning every
     list, the IVF source finds the exact top-N, so rankings equal ``recommend`` (also after a
     song is added: the engine reads the live Recommender); scanning one list, they do not."""
-    small = RecommenderEngine.load(bundle)
+    small = RankingEngine.load(bundle)
     assert not small.approximate_als  # below the default 50k warm songs: exact
-    engine = RecommenderEngine.load(bundle, als_index=FactorIndexConfig(min_songs=1, nprobe=10_000))
+    engine = RankingEngine.load(bundle, als_index=FactorIndexConfig(min_songs=1, nprobe=10_000))
     rec = engine.recommender
     assert engine.approximate_als and isinstance(rec.sources[0], FactorSource)
     users = rec.user_ids[:60]
 
-    def ranked(e: RecommenderEngine, u: str, k: int = 20) -> list[str]:
+    def ranked(e: RankingEngine, u: str, k: int = 20) -> list[str]:
         return [s for s, _, _ in e.rank_user(u, record_from_state(rec.user_state(u)), k, ())]
 
     for u in users:
         assert ranked(engine, u) == rec.recommend(u, k=20)["song_id"].to_list(), u
-    coarse = RecommenderEngine.load(bundle, als_index=FactorIndexConfig(min_songs=1, nlist=16, nprobe=1))
+    coarse = RankingEngine.load(bundle, als_index=FactorIndexConfig(min_songs=1, nlist=16, nprobe=1))
     assert sum(ranked(coarse, u) != rec.recommend(u, k=20)["song_id"].to_list() for u in users) > 0
     engine.add_song("ivf-new-song", np.asarray(rec.songs.embeddings[5], np.float32) * 3.0,
                     np.zeros(7, np.float32))
@@ -200,7 +200,7 @@ def test_regression_ingest_works_with_a_predictor_trained_without_aesthetic_labe
     rec = Recommender.build(w.songs.select("song_id", "created_at"), w.embeddings,
                             w.interactions.filter(pl.col("ts") < w.cutoff))
     assert rec.apex.tasks == ("score_streams", "score_likes")
-    engine = RecommenderEngine.load(rec.save(tmp_path / "b"), max_batch=1)
+    engine = RankingEngine.load(rec.save(tmp_path / "b"), max_batch=1)
     cfg = OnlineConfig(namespace=redis_prefix)
     store = RedisStore(redis_url, redis_prefix)
     publish(engine, store, config=cfg)

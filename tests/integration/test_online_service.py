@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+from apex_rank.ranking.online.engine import RankingEngine
 
 from .online_support import bundle_dir
 
@@ -20,7 +20,7 @@ def client(redis_url: str, redis_prefix: str):  # type: ignore[no-untyped-def]
 
     from apex_rank.ranking.online.service import create_app
 
-    engine = RecommenderEngine.load(bundle_dir(7))
+    engine = RankingEngine.load(bundle_dir(7))
     cfg = OnlineConfig(namespace=redis_prefix, max_k=200, max_body_bytes=16 * 1024)
     publish(engine, RedisStore(redis_url, redis_prefix), config=cfg)
     ranker = OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=engine,

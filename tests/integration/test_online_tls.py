@@ -13,7 +13,7 @@ import pytest
 
 from apex_rank.errors import StoreError
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish, record
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
+from apex_rank.ranking.online.engine import RankingEngine
 from apex_rank.ranking.recommender import load_recommender
 
 from .online_support import OwnRedis, bundle_dir, self_signed_cert
@@ -22,12 +22,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def engine() -> RecommenderEngine:
-    return RecommenderEngine.load(bundle_dir(7))
+def engine() -> RankingEngine:
+    return RankingEngine.load(bundle_dir(7))
 
 
 @pytest.mark.parametrize("password", [None, "tls-s3cret-pw"], ids=["no-password", "password"])
-def test_rediss_publish_record_and_rank_equal_recommend(engine: RecommenderEngine, tmp_path: Path,
+def test_rediss_publish_record_and_rank_equal_recommend(engine: RankingEngine, tmp_path: Path,
                                                         password: str | None) -> None:
     own = OwnRedis(tmp_path / "redis-tls", password=password, tls=True).start()
     try:
@@ -66,7 +66,7 @@ def test_rediss_publish_record_and_rank_equal_recommend(engine: RecommenderEngin
 
 
 def test_rediss_untrusted_certificate_fails_cleanly_and_ranker_degrades(
-        engine: RecommenderEngine, tmp_path: Path) -> None:
+        engine: RankingEngine, tmp_path: Path) -> None:
     own = OwnRedis(tmp_path / "redis-tls", password="tls-s3cret-pw", tls=True).start()
     try:
         cfg = OnlineConfig(namespace="tlswrong", budget_ms=200, retry_s=0.2, follow_interval_s=0.1)

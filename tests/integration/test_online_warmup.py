@@ -22,8 +22,8 @@ from apex_rank.ranking.online import (
     publish,
     record_many,
 )
+from apex_rank.ranking.online.engine import RankingEngine
 from apex_rank.ranking.online.keys import decode_warm_song
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
 
 from .online_support import bundle_dir
 
@@ -31,14 +31,14 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def engine() -> RecommenderEngine:
+def engine() -> RankingEngine:
     """The publisher's engine (publishing never warms it)."""
-    eng = RecommenderEngine.load(bundle_dir(7), max_batch=1)
+    eng = RankingEngine.load(bundle_dir(7), max_batch=1)
     yield eng
     eng.close()
 
 
-def taste_cluster(engine: RecommenderEngine, n: int, anchor: int = 0) -> list[str]:
+def taste_cluster(engine: RankingEngine, n: int, anchor: int = 0) -> list[str]:
     """The ``n`` bundle users whose CF factors are closest in angle to user ``anchor``'s (it first)."""
     cf = engine.recommender.cf
     U = cf.user_factors / np.linalg.norm(cf.user_factors, axis=1, keepdims=True)
@@ -53,25 +53,25 @@ def rank_of(ranker: OnlineRanker, user: str, song: str, k: int = 100) -> tuple[i
     return None, None
 
 
-def _setup(engine: RecommenderEngine, redis_url: str, ns: str) -> tuple[OnlineConfig, RedisStore,
+def _setup(engine: RankingEngine, redis_url: str, ns: str) -> tuple[OnlineConfig, RedisStore,
                                                                        OnlineRanker, WarmUpConsumer]:
     cfg = OnlineConfig(namespace=ns, max_batch=1)
     store = RedisStore(redis_url, ns)
     publish(engine, store, config=cfg)
-    serving = RecommenderEngine.load(bundle_dir(7), max_batch=1)  # warming mutates it
+    serving = RankingEngine.load(bundle_dir(7), max_batch=1)  # warming mutates it
     ranker = OnlineRanker.connect(redis_url, namespace=ns, config=cfg, engine=serving, follow=False)
     consumer = WarmUpConsumer(store, cf_loader=bundle_cf_loader(engine=engine), config=cfg)
     return cfg, store, ranker, consumer
 
 
-def _cold_song_absent_for(engine: RecommenderEngine, ranker: OnlineRanker, user: str) -> str:
+def _cold_song_absent_for(engine: RankingEngine, ranker: OnlineRanker, user: str) -> str:
     t = engine.recommender.songs
     top = {i.song_id for i in ranker.rank(user, 100).items}
     return next(s for i, s in enumerate(t.song_ids) if not t.warm[i] and s not in top)
 
 
 def test_cold_song_played_by_20_users_of_one_taste_rises_for_a_21st_via_als(
-        engine: RecommenderEngine, redis_url: str, redis_prefix: str) -> None:
+        engine: RankingEngine, redis_url: str, redis_prefix: str) -> None:
     cfg, store, ranker, consumer = _setup(engine, redis_url, redis_prefix)
     target, *listeners = taste_cluster(engine, 21)
     song = _cold_song_absent_for(engine, ranker, target)
@@ -93,7 +93,7 @@ def test_cold_song_played_by_20_users_of_one_taste_rises_for_a_21st_via_als(
 
 
 def test_user_created_by_events_gets_the_offline_fold_in_factor(
-        engine: RecommenderEngine, redis_url: str, redis_prefix: str) -> None:
+        engine: RankingEngine, redis_url: str, redis_prefix: str) -> None:
     """Parity: the online user step equals ``Recommender.state_from_history`` (offline fold-in)
     for the same history and weights, bit for bit; the user is created through HTTP /events."""
     from fastapi.testclient import TestClient
@@ -124,7 +124,7 @@ def test_user_created_by_events_gets_the_offline_fold_in_factor(
 
 
 def test_warmed_factors_survive_a_publish_and_the_consumer_follows(
-        engine: RecommenderEngine, redis_url: str, redis_prefix: str) -> None:
+        engine: RankingEngine, redis_url: str, redis_prefix: str) -> None:
     cfg, store, ranker, consumer = _setup(engine, redis_url, redis_prefix)
     target, *listeners = taste_cluster(engine, 21, anchor=5)
     song = _cold_song_absent_for(engine, ranker, target)
@@ -140,7 +140,7 @@ def test_warmed_factors_survive_a_publish_and_the_consumer_follows(
     assert store.read_warm(2)[song] == v1_song  # same bundle, same events: same factor
     np.testing.assert_array_equal(store.read_user(2, "newcomer")[1].factor, v1_user)
 
-    serving = RecommenderEngine.load(bundle_dir(7), max_batch=1)
+    serving = RankingEngine.load(bundle_dir(7), max_batch=1)
     with OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=serving,
                               follow=False) as ranker2:  # a version is loaded with its warm songs
         assert ranker2.version == 2 and rank_of(ranker2, target, song)[1] == "als"
@@ -152,14 +152,14 @@ def test_warmed_factors_survive_a_publish_and_the_consumer_follows(
         assert decode_warm_song(store.read_warm(1)[song], song)[1] == 12.0  # the old one is left
 
 
-def test_background_consumer_warms_within_seconds(engine: RecommenderEngine, redis_url: str,
+def test_background_consumer_warms_within_seconds(engine: RankingEngine, redis_url: str,
                                                   redis_prefix: str) -> None:
     """The consumer thread and the ranker's follower thread, as served: the song rises without
     any call into either (the delay itself is measured by ``python -m bench.warmup``)."""
     cfg, store, ranker, _ = _setup(engine, redis_url, redis_prefix)
     ranker.close()
     target, *listeners = taste_cluster(engine, 21, anchor=9)
-    serving = RecommenderEngine.load(bundle_dir(7), max_batch=1)
+    serving = RankingEngine.load(bundle_dir(7), max_batch=1)
     with (OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=serving) as ranker,
           WarmUpConsumer(RedisStore(redis_url, redis_prefix), config=cfg,
                          cf_loader=bundle_cf_loader(engine=engine)).start() as consumer):
@@ -173,15 +173,15 @@ def test_background_consumer_warms_within_seconds(engine: RecommenderEngine, red
 
 
 def test_warmed_song_joins_the_ivf_als_source_and_a_batch_equals_single_calls(
-        engine: RecommenderEngine) -> None:
+        engine: RankingEngine) -> None:
     """Above ``als_index.min_songs`` the bundle's als source is the IVF index; warmed songs are
     merged into it the same way, leave the cold-song sources, and micro-batched requests get
     the answers of single calls."""
     from apex_rank.ranking.candidates import FactorIndexConfig
     from apex_rank.ranking.cf import solve_item_factor
-    from apex_rank.ranking.online.recommender_engine import record_from_state
+    from apex_rank.ranking.online.engine import record_from_state
 
-    ivf = RecommenderEngine.load(bundle_dir(7), max_batch=1,
+    ivf = RankingEngine.load(bundle_dir(7), max_batch=1,
                                  als_index=FactorIndexConfig(min_songs=1, nprobe=10_000))
     rec = ivf.recommender
     assert ivf.approximate_als

@@ -162,9 +162,9 @@ BUILD_SIDE = (
     "apex_rank.cli",
 )
 ONLINE = "apex_rank.ranking.online"
-ENGINES = ("apex_rank.ranking.online.engine", "apex_rank.ranking.online.recommender_engine")
-STORE = "apex_rank.ranking.online.store"
-STORE_NAMES_AN_ENGINE_MAY_TAKE = {"UserRecord"}  # the user state type, until ranking/state.py owns it
+ENGINES = ("apex_rank.ranking.online.engine", "apex_rank.ranking.online.batching")
+STORES = ("apex_rank.ranking.online.store", "apex_rank.ranking.online.redis_store",
+          "apex_rank.ranking.online.memory_store")
 
 
 def module_name(path: Path) -> str:
@@ -217,15 +217,8 @@ def test_no_library_module_imports_the_cli() -> None:
 
 
 def store_references(path: Path) -> list[str]:
-    """What ``path`` takes from the store module beyond the user state type."""
-    bad = []
-    for line, n, node in references(path):
-        if not within(n, STORE) or n.removeprefix(STORE + ".") in STORE_NAMES_AN_ENGINE_MAY_TAKE:
-            continue
-        if n == STORE and isinstance(node, ast.ImportFrom):
-            continue  # the module of a from-import; its names are checked one by one
-        bad.append(f"{path.name}:{line} takes {n}")
-    return bad
+    """Where ``path`` imports or names a store module (the contract or an implementation)."""
+    return [f"{path.name}:{line} takes {n}" for line, n, _ in references(path) if within(n, STORES)]
 
 
 def test_the_online_engine_never_imports_a_store_module() -> None:

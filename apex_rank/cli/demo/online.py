@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from apex_rank.ranking.online.config import OnlineConfig
+from apex_rank.ranking.online.engine import RankingEngine
 from apex_rank.ranking.online.events import Interaction, ingest, record, record_many
 from apex_rank.ranking.online.memory_store import InProcessStore
 from apex_rank.ranking.online.publisher import publish
 from apex_rank.ranking.online.ranker import OnlineRanker
-from apex_rank.ranking.online.recommender_engine import RecommenderEngine
 from apex_rank.ranking.online.redis_store import RedisStore, redact_url
 from apex_rank.ranking.online.store import OnlineStore, open_store
 from apex_rank.ranking.online.warmup import WarmUpConsumer, bundle_cf_loader
@@ -30,7 +30,7 @@ def _top(ranker: OnlineRanker, user: str, k: int) -> list[str]:
     return [i.song_id for i in ranker.rank(user, k).items]
 
 
-def _warm_up(ranker: OnlineRanker, store: OnlineStore, engine: RecommenderEngine, cfg: OnlineConfig,
+def _warm_up(ranker: OnlineRanker, store: OnlineStore, engine: RankingEngine, cfg: OnlineConfig,
              user: str, exclude: set[str]) -> Iterator[str]:
     """The first cold song ranked below 50 for ``user`` is played by the 20 users closest to
     ``user`` in CF taste; the background warm-up consumer solves its factor, and ``user``'s list
@@ -74,7 +74,7 @@ def online_stage(world: World, bundle_dir: str | Path, *,
     """Run the online stage on the Recommender bundle in ``bundle_dir`` (built from the
     synthetic ``world``; see the module doc); yields report lines. The bundle is loaded once:
     the engine serves the online ranker and its Recommender answers the parity check."""
-    engine = RecommenderEngine.load(bundle_dir)
+    engine = RankingEngine.load(bundle_dir)
     rec = engine.recommender
     ns = f"demo{seed}x{int(time.time())}"
     store = open_store(redis_url, ns, timeout_s=2.0, fallback=True)
