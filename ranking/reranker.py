@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 
 from apex_rank.errors import ArtifactError, ConfigError, NotFittedError, SchemaError
-from apex_rank.ranking.features import FEATURES, feature_matrix
+from apex_rank.ranking.rerank_features import FEATURES, feature_matrix
 from apex_rank.threads import thread_count
 
 log = logging.getLogger(__name__)

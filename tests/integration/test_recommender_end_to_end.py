@@ -20,8 +20,9 @@ import pytest
 
 from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdError
 from apex_rank.ranking.candidates import generate_candidates
-from apex_rank.ranking.features import FEATURES, build_feature_frame
-from apex_rank.ranking.recommender import MAX_K, RESULT_SCHEMA, load_recommender, rank_states
+from apex_rank.ranking.pipeline import MAX_K, RESULT_SCHEMA, rank_states
+from apex_rank.ranking.recommender import load_recommender
+from apex_rank.ranking.rerank_features import FEATURES, build_feature_frame
 from apex_rank.schemas import embeddings_frame
 from apex_rank.tasks import APEX_TASKS
 from tests.integration.test_recommender_fixtures import build, recommender, train_interactions, world
@@ -382,7 +383,7 @@ def test_unknown_songs_in_interactions_are_counted(caplog: pytest.LogCaptureFixt
     w = world()
     inter = train_interactions()
     bad = inter.head(5).with_columns(pl.lit("ghost-song").alias("song_id"))
-    with caplog.at_level(logging.WARNING, logger="apex_rank.ranking.recommender"):
+    with caplog.at_level(logging.WARNING, logger="apex_rank.ranking.build"):
         rec = build(w.songs, w.embeddings, pl.concat([inter, bad]))
     assert rec.report["unknown_song_rows"] == 5
     assert rec.report["unknown_song_examples"] == ["ghost-song"]

@@ -18,7 +18,8 @@ from apex_rank.ranking.candidates import (
     candidate_positions,
     generate_candidates,
 )
-from apex_rank.ranking.features import (
+from apex_rank.ranking.pipeline import rank_arrays, rank_states
+from apex_rank.ranking.rerank_features import (
     FEATURES,
     GAP_COLUMNS,
     RECENT,
@@ -27,7 +28,6 @@ from apex_rank.ranking.features import (
     feature_array,
     feature_matrix,
 )
-from apex_rank.ranking.recommender import rank_arrays, rank_states
 from apex_rank.ranking.reranker import select_top_k
 from apex_rank.ranking.state import UserState
 from apex_rank.threads import using_threads

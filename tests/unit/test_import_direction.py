@@ -150,14 +150,14 @@ def test_the_demo_checks_catch_absolute_relative_lazy_and_named_references(tmp_p
     assert library_files() and all("cli" not in p.relative_to(ROOT).parts[:2] for p in library_files())
 
 
-# Sub-layers (issue 12), as the code stands: the build of ranking/ still lives in the
-# Recommender facade (ranking/recommender.py), so "nothing imports the build" is stated for the
-# APEX build modules; ranking/build.py joins BUILD_MODULES when it is split out. Lazy imports
-# inside functions, relative imports and dotted strings all count.
+# Sub-layers (issue 12): only the build side imports the APEX build modules (the build of
+# ranking/ is ranking/build.py). Lazy imports inside functions, relative imports and dotted
+# strings all count.
 BUILD_MODULES = ("apex_rank.training", "apex_rank.features.apex_tables")
 BUILD_SIDE = (
     "apex_rank.features.apex_tables",
-    "apex_rank.ranking.recommender",  # Recommender.build trains APEX when given no predictor
+    "apex_rank.ranking.build",  # trains APEX when Recommender.build is given no predictor
+    "apex_rank.ranking.config",  # ApexFitConfig.train_config: the TrainConfig of the APEX recipe
     "apex_rank.offline_eval",
     "apex_rank.cli",
 )

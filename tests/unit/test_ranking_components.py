@@ -47,7 +47,7 @@ def test_query_groups_split_long_queries() -> None:
 
 
 def _frame(n_users: int = 60, per: int = 30) -> pl.DataFrame:
-    from apex_rank.ranking.features import FEATURES
+    from apex_rank.ranking.rerank_features import FEATURES
 
     rng = np.random.default_rng(1)
     n = n_users * per
@@ -66,7 +66,7 @@ def _frame(n_users: int = 60, per: int = 30) -> pl.DataFrame:
 
 
 def test_base_score_follows_the_als_rank_and_puts_unranked_songs_last() -> None:
-    from apex_rank.ranking.features import FEATURES
+    from apex_rank.ranking.rerank_features import FEATURES
 
     X = np.zeros((4, len(FEATURES)), np.float32)
     X[:, FEATURES.index("rank_als")] = [1.0, 7.0, 500.0, np.nan]
@@ -92,7 +92,7 @@ def test_reranker_learns_and_roundtrips(tmp_path: Path) -> None:
 def test_trees_that_do_not_beat_the_als_order_on_validation_only_break_its_ties() -> None:
     """Labels that follow the ALS rank leave the trees nothing to add: below ``min_val_gain``
     they keep the ALS order and only order the songs outside its list."""
-    from apex_rank.ranking.features import FEATURES
+    from apex_rank.ranking.rerank_features import FEATURES
     from apex_rank.ranking.reranker import TREES_TIE_BREAK
 
     f = _frame()
