@@ -225,3 +225,69 @@ def test_the_online_engine_never_imports_a_store_module() -> None:
     engines = [p for p in all_files() if module_name(p) in ENGINES]
     assert len(engines) == len(ENGINES), "an engine module is gone: update ENGINES"
     assert [hit for p in engines for hit in store_references(p)] == []
+
+
+# Sub-layers of ranking/ (issue 12). Components (candidates, cf, index, content_map, reranker,
+# rerank_features, state) <- config, pipeline, bundle <- build <- the Recommender facade.
+BUILD = "apex_rank.ranking.build"
+FACADE = "apex_rank.ranking.recommender"
+# Only the facade runs the build (Recommender.build); the CLI, the evaluation and the demo build
+# through it. A module that needs one build step on its own joins this list, with its reason.
+BUILD_IMPORTERS = (FACADE,)
+# What ranking/online may take from the offline ranking package: the serving pipeline, the
+# bundle, the user and song state, the configs and the components the pipeline is made of;
+# never the build.
+ONLINE_MAY_TAKE = tuple(f"apex_rank.ranking.{m}" for m in (
+    "pipeline", "bundle", "state", "config", "candidates", "cf", "index", "content_map", "reranker", "rerank_features"))
+# The engine also takes the facade: it serves a loaded Recommender (rank_items on its own als
+# source, add_songs for ingested songs, user_state to publish the bundle's users), and adding
+# songs to a catalogue lives in the facade, not in the pipeline or the bundle.
+ONLINE_MAY_TAKE_THE_FACADE = ("apex_rank.ranking.online.engine",)
+
+
+def offline_ranking_module(name: str) -> str | None:
+    """The module of the offline ranking package that ``name`` points into (None: outside it)."""
+    parts = name.split(".")
+    if parts[:2] != ["apex_rank", "ranking"] or len(parts) < 3 or parts[2] == "online":
+        return None
+    return ".".join(parts[:3])
+
+
+def taken_wrongly_online(here: str, names: list[str]) -> list[str]:
+    """The names an online module ``here`` must not take from the offline ranking package."""
+    allowed = (*ONLINE_MAY_TAKE, *((FACADE,) if here in ONLINE_MAY_TAKE_THE_FACADE else ()))
+    return [n for n in names if (m := offline_ranking_module(n)) is not None and m not in allowed]
+
+
+def test_nothing_but_the_facade_imports_the_build() -> None:
+    files = all_files()
+    assert {BUILD, FACADE} <= {module_name(p) for p in files}, "the build or the facade moved: update BUILD/FACADE"
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {n}" for p in files
+           if module_name(p) not in (BUILD, *BUILD_IMPORTERS)
+           for line, n, _ in references(p) if within(n, BUILD)]
+    assert bad == []
+
+
+def test_the_pipeline_bundle_and_config_import_neither_the_build_nor_the_facade() -> None:
+    below = ("apex_rank.ranking.pipeline", "apex_rank.ranking.bundle", "apex_rank.ranking.config")
+    files = [p for p in all_files() if module_name(p) in below]
+    assert len(files) == len(below), "a serving module moved: update the list"
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {n}" for p in files
+           for line, n, _ in references(p) if within(n, (BUILD, FACADE))]
+    assert bad == []
+
+
+def test_online_takes_only_the_pipeline_bundle_state_and_components() -> None:
+    bad = [f"{p.relative_to(ROOT)} takes {n}" for p in all_files() if within(module_name(p), ONLINE)
+           for n in taken_wrongly_online(module_name(p), [n for _, n, _ in references(p)])]
+    assert bad == []
+
+
+def test_the_online_rule_catches_build_facade_and_relative_imports() -> None:
+    tree = ast.parse("from ..build import training_frame\nfrom apex_rank.ranking import recommender\n"
+                     "import apex_rank.ranking.pipeline\nfrom ..state import UserState\nfrom .keys import Keys\n")
+    names = [n for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+             for n in named_modules(node, ONLINE)]
+    wrong = taken_wrongly_online("apex_rank.ranking.online.ranker", names)
+    assert sorted({offline_ranking_module(n) for n in wrong}) == [BUILD, FACADE]
+    assert {offline_ranking_module(n) for n in taken_wrongly_online(ONLINE_MAY_TAKE_THE_FACADE[0], names)} == {BUILD}
