@@ -297,25 +297,6 @@ def ranked_items(r: RankedArrays, n_states: int) -> list[list[Item]]:
     return out
 
 
-def rank_states(
-    states: Sequence[UserState],
-    k: int,
-    sources: Sequence[CandidateSource],
-    song_table: SongTable,
-    reranker: Reranker,
-    candidate_config: CandidateConfig,
-    *,
-    excludes: Sequence[set[str]] | None = None,
-    cold_share: float | None = None,
-    min_cold_share: float = 0.0,
-) -> pl.DataFrame:
-    """:func:`rank_arrays` as a frame (:func:`ranked_frame`): best first per user (ties by
-    song_id), users in user-id order."""
-    r = rank_arrays(states, k, sources, song_table, reranker, candidate_config, excludes=excludes,
-                    cold_share=cold_share, min_cold_share=min_cold_share)
-    return ranked_frame(r, states, song_table)
-
-
 def cold_shortfall(song_table: SongTable, song_ids: Sequence[str], k: int, cold_share: float | None) -> int:
     """New-song slots asked for by ``cold_share`` that a served list could not fill."""
     if cold_share is None:

@@ -43,7 +43,6 @@ from apex_rank.ranking.pipeline import (
     cold_shortfall,
     make_sources,
     rank_arrays,
-    rank_states,
     ranked_frame,
     ranked_items,
     song_columns,
@@ -55,7 +54,7 @@ from apex_rank.tasks import APEX_TASKS
 
 __all__ = [  # what services import from here (the names moved to .config, .pipeline and .bundle included)
     "KIND", "MAX_K", "RESULT_SCHEMA", "ApexFitConfig", "IndexConfig", "RankedArrays", "Recommender",
-    "RecommenderConfig", "check_k", "cold_shortfall", "load_recommender", "rank_arrays", "rank_states",
+    "RecommenderConfig", "check_k", "cold_shortfall", "load_recommender", "rank_arrays",
 ]
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import pytest
 
 from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdError
 from apex_rank.ranking.candidates import generate_candidates
-from apex_rank.ranking.pipeline import MAX_K, RESULT_SCHEMA, rank_states
+from apex_rank.ranking.pipeline import MAX_K, RESULT_SCHEMA, rank_arrays, ranked_frame
 from apex_rank.ranking.recommender import load_recommender
 from apex_rank.ranking.rerank_features import FEATURES, build_feature_frame
 from apex_rank.schemas import embeddings_frame
@@ -67,8 +67,8 @@ def test_state_path_matches_recommend() -> None:
     rec = recommender()
     u = _users(1)[0]
     state = rec.user_state(u)
-    out = rank_states([state], 10, rec.sources, rec.songs, rec.reranker, rec.config.candidates,
-                      min_cold_share=rec.min_cold_share)
+    out = ranked_frame(rank_arrays([state], 10, rec.sources, rec.songs, rec.reranker, rec.config.candidates,
+                                   min_cold_share=rec.min_cold_share), [state], rec.songs)
     assert out.drop("user_id").equals(rec.recommend(u, k=10))
     cands = generate_candidates([state], rec.sources, rec.config.candidates)
     feats = build_feature_frame([state], cands, rec.songs)

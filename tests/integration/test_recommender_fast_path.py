@@ -1,9 +1,10 @@
 """The array serving path equals the frame path it replaced.
 
-``rank_states`` runs on ``candidate_arrays`` / ``feature_array`` / ``Reranker.score_matrix``;
-``generate_candidates`` / ``build_feature_frame`` / ``Reranker.score`` wrap the same functions in
-frames for training and batch work. The reference below is the frame pipeline with the polars
-top-k the serving path used before it ran on arrays: ids, order, sources and scores must match.
+``rank_arrays`` (as a frame: ``ranked_frame``) runs on ``candidate_arrays`` / ``feature_array`` /
+``Reranker.score_matrix``; ``generate_candidates`` / ``build_feature_frame`` / ``Reranker.score``
+wrap the same functions in frames for training and batch work. The reference below is the frame
+pipeline with the polars top-k the serving path used before it ran on arrays: ids, order,
+sources and scores must match.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from apex_rank.ranking.candidates import (
     candidate_positions,
     generate_candidates,
 )
-from apex_rank.ranking.pipeline import rank_arrays, rank_states
+from apex_rank.ranking.pipeline import rank_arrays, ranked_frame
 from apex_rank.ranking.rerank_features import (
     FEATURES,
     GAP_COLUMNS,
@@ -56,7 +57,8 @@ def test_array_path_equals_frame_path() -> None:
     excludes = [set(rec.user_state(users[(i + 1) % len(users)]).history[:3]) for i in range(len(users))]
     with using_threads(1):
         for k in (1, 20, 150):
-            got = rank_states(states, k, rec.sources, rec.songs, rec.reranker, rec.config.candidates, excludes=excludes)
+            got = ranked_frame(rank_arrays(states, k, rec.sources, rec.songs, rec.reranker, rec.config.candidates,
+                                           excludes=excludes), states, rec.songs)
             ref = _frame_reference(states, k, excludes)  # pure score order (no new-song floor)
             assert got["user_id"].to_list() == ref["user_id"].to_list(), k
             assert got["song_id"].to_list() == ref["song_id"].to_list(), k
@@ -64,8 +66,8 @@ def test_array_path_equals_frame_path() -> None:
             assert got["rank"].to_list() == ref["rank"].to_list(), k
             np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), rtol=0, atol=1e-6)
             # single users equal their rows of the batch (served with the build's new-song floor)
-            got = rank_states(states, k, rec.sources, rec.songs, rec.reranker, rec.config.candidates, excludes=excludes,
-                              min_cold_share=rec.min_cold_share)
+            got = ranked_frame(rank_arrays(states, k, rec.sources, rec.songs, rec.reranker, rec.config.candidates,
+                                           excludes=excludes, min_cold_share=rec.min_cold_share), states, rec.songs)
             for i, u in enumerate(users[:5]):
                 one = rec.recommend(u, k=k, exclude=excludes[i])
                 part = got.filter(pl.col("user_id") == u).drop("user_id")
