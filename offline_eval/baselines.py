@@ -53,6 +53,8 @@ class EvalContext:
     songs, embeddings, train_df: the tables, for rankers that take tables (hybrid).
     priors: (n_items, 7) APEX predictions (NaN columns for untrained tasks) or None.
     seed: seed for models with randomness.
+    request_s: when the test's lists are asked for (epoch seconds): the cut of a global time
+        split; None where each user's test follows their own history (random, item-cold).
     """
 
     item_ids: list[str]
@@ -66,6 +68,7 @@ class EvalContext:
     priors: np.ndarray | None = None
     apex: Any = None
     seed: int = 42
+    request_s: float | None = None
 
     @property
     def n_items(self) -> int:
@@ -305,7 +308,7 @@ class HybridRanker(Ranker):
             excl = {s for s, a in zip(self.ctx.item_ids, allowed, strict=True) if not a}
         states = [self.rec.user_state(u) for u in uid]
         df = self.rec.recommend_states(states, k, excludes=[excl] * len(states),
-                                       cold_share=self._params.get("cold_share"))
+                                       cold_share=self._params.get("cold_share"), at=self.ctx.request_s)
         out = np.full((len(users), k), -1, dtype=np.int64)
         if df.height == 0:
             return out

@@ -224,6 +224,20 @@ def _raw_X(ctx: bl.EvalContext) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ ranking
+GLOBAL_CUT_SPLITS = ("temporal", "new-releases")
+
+
+def request_time(split: Any) -> float | None:
+    """When the test's lists are asked for: the cut of a global time split (its first test
+    timestamp, epoch seconds); None for splits whose test follows each user's own history."""
+    if split.kind not in GLOBAL_CUT_SPLITS or split.test.height == 0:
+        return None
+    ts = split.test["ts"]
+    if ts.dtype.is_temporal():
+        return float(ts.cast(pl.Datetime("us")).dt.epoch("us").min()) / 1e6
+    return float(ts.cast(pl.Float64).min())
+
+
 def _fit_rank(
     name: str, params: dict[str, Any], ctx: bl.EvalContext, users: np.ndarray, k: int,
     allowed: np.ndarray | None = None,
@@ -290,12 +304,14 @@ def evaluate_ranking(
         split = make_split(data.interactions, cfg.split, seed=cfg.seed, train_share=cfg.train_share,
                            cold_share=cfg.cold_share)
         ctx = bl.build_context(data.songs, data.embeddings, split.train, split.cold_items, seed=cfg.seed)
+        ctx.request_s = request_time(split)
         targets = build_targets(ctx, split.test, cold_slices=cold)
         need_val = cfg.tune and any(tune_cf.values()) or bool(hybrid_grid)
         if need_val:
             vsplit = validation_split(split, train_share=cfg.train_share, cold_share=cfg.cold_share)
             vctx = bl.build_context(data.songs, data.embeddings, vsplit.train,
                                     split.cold_items | vsplit.cold_items, seed=cfg.seed)
+            vctx.request_s = request_time(vsplit)
             vtargets = build_targets(vctx, vsplit.test, cold_slices=cold)
     say(f"split {cfg.split}: {split.info}")
     needs_apex = any(m in cfg.models for m in ("apex_prior", "hybrid"))

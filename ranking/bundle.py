@@ -247,6 +247,8 @@ def read_bundle(folder: str | Path, device: str = "auto") -> RecommenderParts:
     pseudo_index = CandidateIndex.load(folder / "pseudo_cf.faiss", device=device)
     reranker = Reranker.load(folder / "reranker.txt", cfg.reranker)
     reranker.tree_weight = float(report.get("reranker_tree_weight", 1.0))
+    gap = report.get("max_gap_s")  # absent in bundles built before it existed: no limit
+    reranker.max_gap_s = float("inf") if gap is None else float(gap)
     apex = ApexPredictor.load(folder / "apex", device=device)
     parts = RecommenderParts(config=cfg, songs=songs, users=users, cf=cf, content_map=cmap,
                              content_index=content_index, pseudo_index=pseudo_index, reranker=reranker,

@@ -131,11 +131,13 @@ def rank_arrays(
     excludes: Sequence[set[str]] | None = None,
     cold_share: float | None = None,
     min_cold_share: float = 0.0,
+    at: float | None = None,
 ) -> RankedArrays:
     """The pure per-user path: candidates → features → reranker scores → top-k per user.
 
     ``cold_share`` (exposure control, see :func:`select_top_k`): exactly that share of new
-    songs; None: the scores decide, with at least ``min_cold_share`` new songs.
+    songs; None: the scores decide, with at least ``min_cold_share`` new songs. ``at``: when the
+    lists are asked for (``Reranker.trusted_states``; None continues each user's history).
 
     Runs on arrays of catalogue positions (:func:`~apex_rank.ranking.candidates.candidate_positions`,
     :func:`~apex_rank.ranking.rerank_features.feature_array`, ``Reranker.score_matrix``): the union and
@@ -153,7 +155,8 @@ def rank_arrays(
     upos = {st.user_id: i for i, st in enumerate(states)}  # a repeated user id reads its last state
     last = np.asarray([upos[st.user_id] for st in states], dtype=np.int64)
     X = feature_array(states, last[rows], s, np.where(R > 0, R, np.nan).astype(np.float32), song_table, history=hist)
-    scores = reranker.score_matrix(X)
+    trusted = reranker.trusted_states(np.asarray([st.last_seen_s for st in states], dtype=np.float64), at)
+    scores = reranker.score_matrix(X, None if trusted is None else trusted[last[rows]])
     # users by user id, then score descending, ties by song id
     _, urank = sorted_codes(np.asarray([st.user_id for st in states], dtype=object))
     cold = ~song_table.warm[s]
@@ -214,6 +217,7 @@ class ServingPipeline:
         excludes: Sequence[set[str]] | None = None,
         cold_share: float | None = None,
         progress: bool = False,
+        at: float | None = None,
     ) -> RankedArrays:
         """Top-``k`` for each state, best first, states in the order given (see the module doc).
 
@@ -222,7 +226,7 @@ class ServingPipeline:
         number in [0, 1] gives ``round(cold_share · k)`` slots to new songs
         (:func:`~apex_rank.ranking.reranker.select_top_k`). A user id given twice among the
         states with something to rank is a :class:`ConfigError` (each would read the other's
-        candidates).
+        candidates). ``at``: when the lists are asked for (:func:`rank_arrays`).
         """
         check_k(k)
         check_cold_share(cold_share)
@@ -241,7 +245,7 @@ class ServingPipeline:
             idx = np.asarray(known[start : start + self.batch_users], dtype=np.int64)
             r = rank_arrays([states[i] for i in idx], k, self.sources, self.songs, self.reranker, self.candidates,
                             excludes=[ex[i] for i in idx], cold_share=cold_share,
-                            min_cold_share=self.min_cold_share)
+                            min_cold_share=self.min_cold_share, at=at)
             parts.append(r._replace(user=idx[r.user]))
         if unknown:
             parts.append(self._fallback(states, unknown, k, ex))

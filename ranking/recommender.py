@@ -154,7 +154,7 @@ class Recommender:
 
     # ------------------------------------------------------------------ recommending
     def recommend(self, user_id: str, k: int = 20, exclude: Iterable[str] | None = None, *,
-                  cold_share: float | None = None) -> pl.DataFrame:
+                  cold_share: float | None = None, at: float | None = None) -> pl.DataFrame:
         """Top-k songs for one user (columns ``RESULT_SCHEMA``); unknown users get the fallback.
 
         Fewer than k rows come back when fewer songs are rankable (k larger than the catalogue,
@@ -167,26 +167,36 @@ class Recommender:
         what was served). None, the default, lets the model decide: its scores, with at least
         the share of new songs ``build`` found costless on its validation slice
         (:attr:`min_cold_share`).
+
+        ``at`` (epoch seconds): when the list is asked for. None, the default, continues the
+        user's history (their next plays follow the latest one, as in a leave-latest-out test).
+        A request more than the build's ``report["max_gap_s"]`` after the user's latest play is
+        ranked in the ALS order, the reranker's trees only breaking its ties (new-song floor
+        kept): the trees learned from labels that followed the fit part within that gap, and
+        their corrections do not carry over to users who come back later
+        (:func:`~apex_rank.ranking.build._max_gap`).
         """
         out = self.recommend_states([self.user_state(user_id)], k, excludes=[set(exclude) if exclude else set()],
-                                    cold_share=cold_share)
+                                    cold_share=cold_share, at=at)
         out.drop_in_place("user_id")  # eager: a lazy drop costs a query per request
         return out
 
-    def recommend_batch(self, user_ids: Sequence[str], k: int = 20, *, cold_share: float | None = None) -> pl.DataFrame:
+    def recommend_batch(self, user_ids: Sequence[str], k: int = 20, *, cold_share: float | None = None,
+                        at: float | None = None) -> pl.DataFrame:
         """Long frame (``user_id`` + ``RESULT_SCHEMA``), users in input order; a user id repeated in
         the batch is answered once (the repeat is logged). Equals per-user ``recommend``
-        (``cold_share`` as there)."""
+        (``cold_share`` and ``at`` as there)."""
         seen: dict[str, None] = dict.fromkeys(user_ids)
         if len(seen) < len(user_ids):
             log.info("recommend_batch: %d duplicate user ids answered once", len(user_ids) - len(seen))
-        return self.recommend_states([self.user_state(u) for u in seen], k, cold_share=cold_share)
+        return self.recommend_states([self.user_state(u) for u in seen], k, cold_share=cold_share, at=at)
 
     def recommend_states(self, states: Sequence[UserState], k: int = 20, *, excludes: Sequence[set[str]] | None = None,
-                         progress: bool = False, cold_share: float | None = None) -> pl.DataFrame:
+                         progress: bool = False, cold_share: float | None = None,
+                         at: float | None = None) -> pl.DataFrame:
         """Rank for explicit states (:meth:`ServingPipeline.rank`) as a frame: ``user_id`` +
         ``RESULT_SCHEMA``, states in the order given; a shortfall of new songs is logged."""
-        r = _pipeline(self).rank(states, k, excludes=excludes, cold_share=cold_share, progress=progress)
+        r = _pipeline(self).rank(states, k, excludes=excludes, cold_share=cold_share, progress=progress, at=at)
         warn_cold_shortfall(r, self.songs, k, cold_share, sum(not s.is_unknown for s in states))
         return ranked_frame(r, states, self.songs)
 

@@ -281,6 +281,7 @@ class Reranker:
         self.best_score: float = float("nan")
         self.als_order_score: float = float("nan")
         self.tree_weight = 1.0
+        self.max_gap_s = float("inf")  # see trusted_rows
         self._validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def fit(self, frame: pl.DataFrame, *, label_col: str = "label") -> Reranker:
@@ -402,8 +403,22 @@ class Reranker:
             return np.zeros(0, dtype=np.float64)
         return self.score_matrix(feature_matrix(frame))
 
-    def score_matrix(self, X: np.ndarray) -> np.ndarray:
+    def trusted_states(self, last_seen_s: np.ndarray, at: float | None) -> np.ndarray | None:
+        """(n_states,) bool: the requests made ``at`` (epoch seconds) that the trees were
+        trained for, that is at most ``max_gap_s`` after the user's latest play (None, the
+        default, or an unknown latest play: the request continues the user's history, as the
+        training groups' labels did). None when every request is (no ``at``)."""
+        if at is None or not np.isfinite(self.max_gap_s):
+            return None
+        gap = float(at) - np.asarray(last_seen_s, dtype=np.float64)
+        return ~(gap > self.max_gap_s)
+
+    def score_matrix(self, X: np.ndarray, trusted: np.ndarray | None = None) -> np.ndarray:
         """Scores (n,) float64 for a (n, len(FEATURES)) float32 matrix in ``FEATURES`` order, NaN = missing.
+
+        ``trusted`` ((n,) bool, default all): rows whose request lies inside the range of
+        situations the trees were trained on (see ``Recommender.max_gap_s``); the other rows
+        keep the ALS order, the trees only breaking its ties (weight ``TREES_TIE_BREAK``).
 
         Inputs below ``SMALL_PREDICT_ROWS`` rows are predicted on one thread: waking a thread pool
         costs more than a few hundred rows take.
@@ -416,7 +431,10 @@ class Reranker:
         trees = self.booster.predict(
             X, num_iteration=self.best_iteration, num_threads=1 if X.shape[0] < SMALL_PREDICT_ROWS else thread_count()
         )
-        return self.tree_weight * np.asarray(trees, dtype=np.float64) + base_score(X, self.config.als_prior)
+        w = self.tree_weight
+        if trusted is not None:
+            w = np.where(np.asarray(trusted, dtype=bool), w, min(w, TREES_TIE_BREAK))
+        return w * np.asarray(trees, dtype=np.float64) + base_score(X, self.config.als_prior)
 
     def feature_importance(self) -> pl.DataFrame:
         """``feature``, ``gain``, ``split`` per feature, by descending gain."""

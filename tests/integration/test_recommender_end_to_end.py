@@ -97,6 +97,27 @@ def test_song_ages_are_taken_at_each_users_latest_interaction() -> None:
     np.testing.assert_allclose(ages_end[ok], np.maximum(0.0, rec.songs.now_s - created[ok]) / 86400.0, rtol=1e-5)
 
 
+def test_a_request_long_after_the_latest_play_gets_the_als_order() -> None:
+    """``at``: within the build's ``max_gap_s`` of the user's latest play (or not given) the
+    reranker's trees rank; later, the ALS order with the trees breaking ties only."""
+    rec = recommender()
+    gap = rec.report["max_gap_s"]
+    assert gap is not None and rec.reranker.max_gap_s == gap
+    u = _users(1)[0]
+    seen = rec.user_state(u).last_seen_s
+    now = rec.recommend(u, k=10)
+    assert now.equals(rec.recommend(u, k=10, at=seen + gap))
+    later = rec.recommend(u, k=10, at=seen + gap + 1.0)
+    weight = rec.reranker.tree_weight
+    try:
+        rec.reranker.tree_weight = 1e-4  # what a reranker that never earned its place serves
+        als_order = rec.recommend(u, k=10)
+    finally:
+        rec.reranker.tree_weight = weight
+    assert later.equals(als_order)
+    assert rec.recommend_batch([u], k=10, at=seen + gap + 1.0).drop("user_id").equals(later)
+
+
 def test_unknown_user_gets_fallback() -> None:
     rec = recommender()
     out = rec.recommend("never-seen", k=7)
@@ -161,6 +182,7 @@ def test_save_load_parity(tmp_path: Path) -> None:
     assert back2.reranker.tree_weight == 1e-4
     assert back2.recommend_batch(users, k=10).equals(rec.recommend_batch(users, k=10))
     rec.reranker.tree_weight = rec.report["reranker_tree_weight"] = back.reranker.tree_weight
+    assert back.reranker.max_gap_s == rec.reranker.max_gap_s == rec.report["max_gap_s"] >= 86400.0
     assert back.similar_songs(rec.songs.song_ids[0], 5).equals(rec.similar_songs(rec.songs.song_ids[0], 5))
     man = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert man["kind"] == "apex-recommender" and man["schema"] == 4 and "lightgbm" in man["versions"]

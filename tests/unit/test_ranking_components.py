@@ -113,6 +113,28 @@ def test_trees_that_do_not_beat_the_als_order_on_validation_only_break_its_ties(
                                    als_prior=0.0)).fit(_frame()).tree_weight == 1.0
 
 
+def test_requests_past_the_trained_gap_keep_the_als_order() -> None:
+    """``trusted_states``: a request more than ``max_gap_s`` after the user's latest play is
+    scored in the ALS order (tree weight ``TREES_TIE_BREAK``); at or within the gap, or with
+    no request time, the trees count in full."""
+    from apex_rank.ranking.reranker import TREES_TIE_BREAK
+
+    f = _frame()
+    rr = Reranker(RerankerConfig(n_estimators=40, early_stopping_rounds=10, min_data_in_leaf=5)).fit(f)
+    assert rr.tree_weight == 1.0
+    assert rr.trusted_states(np.array([0.0, 50.0]), None) is None  # no request time: every state
+    assert rr.trusted_states(np.array([0.0, 50.0]), 100.0) is None  # no gap learned: every state
+    rr.max_gap_s = 60.0
+    np.testing.assert_array_equal(rr.trusted_states(np.array([0.0, 50.0, 40.0, np.nan]), 100.0),
+                                  [False, True, True, True])  # 100 s late, 50 s, exactly 60 s, unknown
+    from apex_rank.ranking.rerank_features import FEATURES
+    X = np.ascontiguousarray(f.select(FEATURES).to_numpy(), np.float32)
+    trees = rr.booster.predict(X)
+    full, als = rr.score_matrix(X), rr.score_matrix(X, np.zeros(len(X), bool))
+    np.testing.assert_allclose(full - als, (1.0 - TREES_TIE_BREAK) * trees, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(rr.score_matrix(X, np.ones(len(X), bool)), full)
+
+
 def test_recommender_config_toml(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text('rerank_share = 0.3\n[cf]\nmodel = "bpr"\nfactors = 8\n[index]\ncontent_factory = "HNSW32"\n')
