@@ -281,7 +281,7 @@ class Reranker:
         self.best_score: float = float("nan")
         self.als_order_score: float = float("nan")
         self.tree_weight = 1.0
-        self.max_gap_s = float("inf")  # see trusted_rows
+        self.max_gap_s = float("inf")  # see trusted_states
         self._validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def fit(self, frame: pl.DataFrame, *, label_col: str = "label") -> Reranker:

@@ -97,9 +97,10 @@ def test_new_releases_hybrid_ranks_new_releases(ml100k) -> None:  # type: ignore
     for base in ("content", "apex_prior"):
         assert m["hybrid"]["cold_only"]["ndcg@10"] > m[base]["cold_only"]["ndcg@10"] + 0.05
         assert m["hybrid"]["cold"]["ndcg@10"] > m[base]["cold"]["ndcg@10"]
-    # Known gap (seed 42: hybrid all 0.175 vs ALS 0.218): the recency feature, learned on each
-    # user's next plays, misleads on a global time cut whose 128 test users return after a
-    # gap. Strict xfail: this test starts failing, as a reminder, the day it is fixed.
-    if m["hybrid"]["all"]["ndcg@10"] < 0.95 * m["als"]["all"]["ndcg@10"]:
-        pytest.xfail("hybrid below 0.95 x ALS on the whole list under a global time cut (known gap)")
-    raise AssertionError("the new-releases gap is closed: turn the xfail into a floor")
+    # The lists are asked for at the cut (EvalContext.request_s), and the 128 test users come
+    # back after a median of 34 days, past the gap the reranker's groups cover: they get the
+    # ALS order with the new-song floor (seed 42: all 0.212 / warm 0.209 vs ALS 0.216 / 0.216;
+    # with the trees for everyone it was 0.183 / 0.180). The floor's 5% of slots, where new
+    # songs got 2.3% of the test plays, is the rest of the gap.
+    for s in ("all", "warm"):
+        assert m["hybrid"][s]["ndcg@10"] >= 0.95 * m["als"][s]["ndcg@10"], s
