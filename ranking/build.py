@@ -42,7 +42,7 @@ from apex_rank.ranking.index import CandidateIndex, l2_normalize
 from apex_rank.ranking.pipeline import make_sources
 from apex_rank.ranking.rerank_features import build_feature_frame
 from apex_rank.ranking.reranker import Reranker, grade_labels
-from apex_rank.ranking.state import SongTable, quality_score
+from apex_rank.ranking.state import SongTable, quality_score, recency_weights
 from apex_rank.schemas import check_id_column, embedding_matrix, validate_interactions, validate_songs
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,10 @@ def to_seconds(s: pl.Series) -> np.ndarray:
 
 
 def user_arrays(inter: pl.DataFrame, table: SongTable, half_life_days: float) -> UserArrays:
-    """Profiles, histories and activity for every user of ``inter`` (columns _u, _s, ts_s, weight)."""
+    """Profiles, histories and activity for every user of ``inter`` (columns _u, _s, ts_s, weight):
+    the batch entry point of the profile algorithm of :mod:`~apex_rank.ranking.state` (the
+    half-life mean, from each user's reference time: the later of the table's ``now_s`` and the
+    user's latest event), equal to folding each user's events with ``apply_event``."""
     users = sorted(inter["user_id"].unique().to_list())
     umap = pl.DataFrame({"user_id": pl.Series(users, dtype=pl.String), "_u": np.arange(len(users), dtype=np.int64)})
     j = inter.join(umap, on="user_id", how="left")
@@ -234,32 +237,29 @@ def user_arrays(inter: pl.DataFrame, table: SongTable, half_life_days: float) ->
     s = j["_s"].to_numpy()
     w = j["weight"].cast(pl.Float64).to_numpy()
     ts = j["ts_s"].to_numpy()
-    if half_life_days > 0:
-        age = np.nan_to_num(np.maximum(0.0, table.now_s - ts) / 86400.0, nan=0.0)
-        w = w * np.power(0.5, age / half_life_days)
     n_u, n_s = len(users), len(table)
-    W = sp.csr_matrix((w, (u, s)), shape=(n_u, n_s))
-    prof = np.asarray(W @ table.embeddings.astype(np.float64), dtype=np.float32)
-    prof = l2_normalize(prof)
-    has = np.linalg.norm(prof, axis=1) > 0
-    if not has.all():  # all-zero recency weights: fall back to plain means
-        W1 = sp.csr_matrix((np.ones(len(u)), (u, s)), shape=(n_u, n_s))
-        prof[~has] = l2_normalize(np.asarray(W1[~has] @ table.embeddings, dtype=np.float32))
-        has = np.linalg.norm(prof, axis=1) > 0
-    # histories: unique songs per user in order of first interaction
+    last = np.full(n_u, -np.inf)
+    np.maximum.at(last, u, np.where(np.isfinite(ts), ts, -np.inf))
+    last[~np.isfinite(last)] = np.nan
+    ref = np.fmax(table.now_s, last)  # NaN only without any time at all
+    W = sp.csr_matrix((recency_weights(ts, w, ref[u], half_life_days), (u, s)), shape=(n_u, n_s))
+    total = np.asarray(W @ table.embeddings.astype(np.float64))
+    mass = np.linalg.norm(total, axis=1)
+    prof = l2_normalize(total.astype(np.float32))
+    has = mass > 0  # no event of positive weight: no profile
+    # histories: unique songs per user in order of first interaction, with their summed weights
     h = (
-        j.select("_u", "_s", "ts_s")
+        j.select("_u", "_s", "ts_s", "weight")
         .with_row_index("_r")
         .sort(["_u", "ts_s", "_r"], nulls_last=True)
+        .with_columns(pl.col("weight").cast(pl.Float64).sum().over(["_u", "_s"]).alias("_w"))
         .unique(["_u", "_s"], keep="first", maintain_order=True)
     )
     counts = np.bincount(h["_u"].to_numpy(), minlength=n_u)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     act = np.bincount(u, minlength=n_u).astype(np.int64)
-    last = np.full(n_u, -np.inf)
-    np.maximum.at(last, u, np.where(np.isfinite(ts), ts, -np.inf))
-    last[~np.isfinite(last)] = np.nan
-    return UserArrays(users, np.ascontiguousarray(prof), has, indptr, h["_s"].to_numpy().astype(np.int64), act, last)
+    return UserArrays(users, np.ascontiguousarray(prof), has, indptr, h["_s"].to_numpy().astype(np.int64), act, last,
+                      h["_w"].to_numpy().astype(np.float64), np.where(has, mass, 0.0), ref)
 
 
 def _label_rows(inter: pl.DataFrame, ts_s: np.ndarray, cfg: RecommenderConfig) -> np.ndarray:

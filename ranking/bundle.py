@@ -46,14 +46,17 @@ KIND = "apex-recommender"
 # 3: ages from each user's latest interaction (users.npz ``last_seen``);
 # 4: the large arrays in plain .npy files memory-mapped at load (``songs.<name>.npy`` for
 # ``LARGE_SONG_ARRAYS``, ``users.<name>.npy`` for ``LARGE_USER_ARRAYS``, ``cf.user_factors.npy``,
-# ``cf.item_factors.npy``): N serving processes share their pages
-SCHEMA = 4
+# ``cf.item_factors.npy``): N serving processes share their pages;
+# 5: what the online event update needs to continue the build's profiles exactly (users.npz
+# ``hist_weights``, ``profile_mass``, ``profile_ref``; see ranking/state.py)
+SCHEMA = 5
 LARGE_SONG_ARRAYS = ("embeddings", "cf_factors", "pseudo_factors")
-LARGE_USER_ARRAYS = ("profiles", "hist_indices")
+LARGE_USER_ARRAYS = ("profiles", "hist_indices", "hist_weights")
 _OLDER_SCHEMA = {
     1: "its reranker features differ from this version's",
     2: "its reranker features differ from this version's",
     3: "its large arrays are inside .npz files, not in the .npy files this version memory-maps",
+    4: "its users lack the history weights and profile mass online events continue the profile from",
 }
 
 
@@ -70,6 +73,9 @@ class UserArrays:
     hist_indices: np.ndarray
     activity: np.ndarray  # (n_users,) int64
     last_seen: np.ndarray  # (n_users,) float64 time of the latest interaction (NaN unknown)
+    hist_weights: np.ndarray  # (len(hist_indices),) float64 summed weight of each history song
+    profile_mass: np.ndarray  # (n_users,) float64 norm of the recency-weighted sum (0: no profile)
+    profile_ref: np.ndarray  # (n_users,) float64 reference time of that sum (NaN unknown)
     pos: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,11 +87,13 @@ class UserArrays:
         i = self.pos.get(user_id)
         if i is None:
             return UserState(user_id, None, None, (), 0)
-        hist_idx = self.hist_indices[self.hist_indptr[i] : self.hist_indptr[i + 1]]
-        hist = tuple(songs.song_ids[j] for j in hist_idx)
+        lo, hi = self.hist_indptr[i], self.hist_indptr[i + 1]
+        hist = tuple(songs.song_ids[j] for j in self.hist_indices[lo:hi])
         factor = cf.user_factor(user_id) if cf.has_user(user_id) else None
         prof = self.profiles[i].copy() if self.has_profile[i] else None
-        return UserState(user_id, factor, prof, hist, int(self.activity[i]), float(self.last_seen[i]))
+        return UserState(user_id, factor, prof, hist, int(self.activity[i]), float(self.last_seen[i]),
+                         tuple(self.hist_weights[lo:hi].tolist()), float(self.profile_mass[i]),
+                         float(self.profile_ref[i]))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays for :func:`~apex_rank.npfiles.save_arrays` (no pickle)."""
@@ -97,12 +105,17 @@ class UserArrays:
             "hist_indices": self.hist_indices,
             "activity": self.activity,
             "last_seen": self.last_seen,
+            "hist_weights": self.hist_weights,
+            "profile_mass": self.profile_mass,
+            "profile_ref": self.profile_ref,
         }
 
     @classmethod
     def from_arrays(cls, u: dict[str, np.ndarray]) -> UserArrays:
         return cls(u["user_ids"].tolist(), u["profiles"], u["has_profile"].astype(bool), u["hist_indptr"],
-                   u["hist_indices"], u["activity"], u["last_seen"].astype(np.float64))
+                   u["hist_indices"], u["activity"], u["last_seen"].astype(np.float64),
+                   np.asarray(u["hist_weights"], dtype=np.float64), u["profile_mass"].astype(np.float64),
+                   u["profile_ref"].astype(np.float64))
 
 
 @dataclass
@@ -300,6 +313,8 @@ def check_bundle(folder: Path, p: RecommenderParts) -> None:
     if (len(ip) != n_u + 1 or ip[0] != 0 or ip[-1] != len(ix) or (np.diff(ip) < 0).any()
             or (len(ix) and (ix.min() < 0 or ix.max() >= n))):
         raise bad("users.npz", "user histories point outside the catalogue")
+    if users.hist_weights.shape != ix.shape or users.profile_mass.shape != (n_u,) or users.profile_ref.shape != (n_u,):
+        raise bad("users.npz", "history weights, profile masses or reference times do not match the users")
     if users.profiles.shape != (n_u, d) or not np.isfinite(users.profiles).all():
         raise bad("users.profiles.npy", f"profiles are not finite ({n_u}, {d}) vectors")
     if users.last_seen.shape != (n_u,) or np.isinf(users.last_seen).any():

@@ -48,7 +48,7 @@ from apex_rank.ranking.pipeline import (
     song_columns,
     warn_cold_shortfall,
 )
-from apex_rank.ranking.state import SongTable, UserState, quality_score, user_state_from_history
+from apex_rank.ranking.state import SongTable, UserState, fold_in, quality_score, user_state_from_history
 from apex_rank.schemas import check_id_column, embedding_matrix, validate_songs
 from apex_rank.tasks import APEX_TASKS
 
@@ -140,7 +140,9 @@ class Recommender:
 
     def state_from_history(self, user_id: str, song_ids: Sequence[str], *, ts: Sequence[float] | None = None,
                            weights: Sequence[float] | None = None) -> UserState:
-        """A state for a user unseen at build time, from their history (CF factor by the ALS user step).
+        """A state for a user unseen at build time, from their history: the events folded in time
+        order (``apply_event``, the update online events apply) and the CF factor of the ALS user
+        step over the summed weights (``fold_in``; see :mod:`~apex_rank.ranking.state`).
 
         History entries naming songs outside the catalogue are ignored and counted in a warning.
         """
@@ -148,9 +150,8 @@ class Recommender:
         if unknown:
             log.warning("history of user %r names %d song ids outside the catalogue (e.g. %r); ignored",
                         user_id, len(unknown), unknown[0])
-        return user_state_from_history(user_id, song_ids, ts=ts, weights=weights, song_table=self.songs,
-                                       cf_factor=self.cf.factor_from_history(song_ids, weights),
-                                       half_life_days=self.config.half_life_days)
+        return fold_in(user_state_from_history(user_id, song_ids, ts=ts, weights=weights, song_table=self.songs,
+                                               cf_factor=None, half_life_days=self.config.half_life_days), self.cf)
 
     # ------------------------------------------------------------------ recommending
     def recommend(self, user_id: str, k: int = 20, exclude: Iterable[str] | None = None, *,

@@ -1,11 +1,40 @@
 """The two pieces of state the per-user path reads: :class:`UserState` and :class:`SongTable`.
 
 ``UserState`` is everything about one user that candidate generation and the feature frame
-need (a CF factor, a content profile, the history, an activity count). The Recommender builds
-it from its interactions; an online ranker can build the same object from Redis. ``SongTable``
-is the song side (dense arrays aligned with one id list): normalised embeddings, CF factors of
-warm songs, pseudo factors, APEX priors, train popularity, release time. Both are plain data;
-the functions that read them (``generate_candidates``, ``build_feature_frame``) are pure.
+need (a CF factor, a content profile, the history, an activity count), plus what updating it by
+one more event needs (each history song's summed weight, the mass and reference time of the
+profile). It is the one user state of the project: the Recommender builds it from its
+interactions, the online store holds it (:mod:`~apex_rank.ranking.online.keys` is its codec)
+and the online events update it. ``SongTable`` is the song side (dense arrays aligned with one
+id list): normalised embeddings, CF factors of warm songs, pseudo factors, APEX priors, train
+popularity, release time. Both are plain data; the functions that read them
+(``generate_candidates``, ``build_feature_frame``) are pure.
+
+One profile algorithm, three entry points
+-----------------------------------------
+The content profile is the half-life mean of the user's history: the L2-normalised sum of the
+normalised song embeddings, each weighted by the event weight times
+``0.5 ** (age_days / half_life_days)``, ages taken from a reference time at or after every
+event (:func:`recency_weights`; the build's reference is the end of its data). As the profile
+is normalised, the reference time only scales the sum: keeping the sum's norm (``profile_mass``)
+and its reference time (``profile_ref_s``) next to the direction makes the mean incremental,
+exactly (to float rounding): a newer event rescales the sum by ``0.5 ** (Δt / half_life)``
+and moves the reference; an older one enters with its own decay.
+
+- batch, many users at once: :func:`~apex_rank.ranking.build.user_arrays` (the build; it calls
+  :func:`recency_weights` per row and sums with one sparse product);
+- incremental, one event: :func:`apply_event` (online events, the carry-over at publish, and
+  :func:`user_state_from_history`, which folds a history event by event);
+- ALS fold-in of the CF factor: :func:`fold_in` (the ALS user step over the history's summed
+  weights, :meth:`~apex_rank.ranking.cf.CFModel.factor_from_history`), for users the CF model
+  has no factor for (offline ``Recommender.state_from_history``, a user created by online
+  events).
+
+The same events give the same state whichever entry point built it; the history is the songs in
+order of first interaction (``recent_cf_sim`` reads its latest entries), each with its summed
+weight; an event of weight 0 (a skip) joins the history and the activity count and moves the
+latest time, not the profile; the online store bounds the history to ``history_len`` songs
+(earliest first interactions dropped).
 
 Example
 -------
@@ -17,32 +46,41 @@ Example
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from apex_rank.errors import SchemaError
-from apex_rank.ranking.index import l2_normalize
 from apex_rank.tasks import APEX_TASKS
+
+if TYPE_CHECKING:
+    from apex_rank.ranking.cf import CFModel
 
 
 @dataclass(frozen=True)
 class UserState:
-    """One user's state.
+    """One user's state (see the module doc for how it is built and updated).
 
     Attributes
     ----------
     user_id: the user's id.
     cf_factor: (f,) float32 CF factor, or None (no CF history).
-    profile: (d,) float32 L2-normalised content profile (recency-weighted mean of history
-        embeddings), or None (empty history).
-    history: song ids the user consumed (never recommended back).
-    activity: number of interactions.
+    profile: (d,) float32 L2-normalised content profile (half-life mean of the history
+        embeddings), or None (no event with a positive weight on a known song).
+    history: song ids the user consumed, in order of first interaction (never recommended back).
+    activity: number of interactions (events of every weight).
     last_seen_s: time of the user's latest interaction (epoch seconds; NaN unknown): the
         user's own "now", from which song ages are measured (see ``age_days`` in
-        :mod:`~apex_rank.ranking.features`).
+        :mod:`~apex_rank.ranking.rerank_features`).
+    history_weights: summed event weight of each ``history`` song (what :func:`fold_in`
+        solves from); empty: one unit weight per song (a state built without weights).
+    profile_mass: norm of the recency-weighted embedding sum behind ``profile``, at
+        ``profile_ref_s`` (what the next event's weight is measured against).
+    profile_ref_s: reference time of ``profile_mass`` (epoch seconds; NaN: no time known).
     """
 
     user_id: str
@@ -51,11 +89,84 @@ class UserState:
     history: tuple[str, ...] = ()
     activity: int = 0
     last_seen_s: float = float("nan")
+    history_weights: tuple[float, ...] = ()
+    profile_mass: float = 1.0
+    profile_ref_s: float = float("nan")
 
     @property
     def is_unknown(self) -> bool:
         """True when nothing personal is known: the popularity-and-quality fallback applies."""
         return self.cf_factor is None and self.profile is None
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """``history_weights``, or one unit weight per history song when none were kept."""
+        return self.history_weights or (1.0,) * len(self.history)
+
+
+def recency_weights(ts: np.ndarray, weights: np.ndarray, ref_s: np.ndarray | float,
+                    half_life_days: float) -> np.ndarray:
+    """The profile weight of each event: ``weight * 0.5 ** (age_days / half_life_days)``, the age
+    taken from ``ref_s`` (a scalar or one per event); an unknown time (NaN) or a time after
+    ``ref_s`` has age 0; ``half_life_days <= 0``: no decay. float64."""
+    w = np.asarray(weights, dtype=np.float64)
+    if half_life_days > 0:
+        age = np.nan_to_num(np.maximum(0.0, np.asarray(ref_s, dtype=np.float64) - np.asarray(ts, dtype=np.float64))
+                            / 86400.0, nan=0.0)
+        w = w * np.power(0.5, age / half_life_days)
+    return w
+
+
+def apply_event(state: UserState, song_id: str, embedding: np.ndarray | None, weight: float,
+                ts: float = float("nan"), *, half_life_days: float,
+                history_len: int | None = None) -> UserState:
+    """``state`` after one more event: the incremental entry point of the profile algorithm.
+
+    ``embedding``: the song's (d,) content embedding (normalised here), or None for a song the
+    catalogue lacks (it joins the history, not the profile). The song joins the end of the
+    history (a repeat adds its weight where it stands); ``history_len`` bounds the history (the
+    earliest first interactions leave); activity grows by one; ``last_seen_s`` becomes ``ts``
+    if later; the profile sum moves to the later of its reference time and ``ts`` and adds the
+    event's :func:`recency_weights` weight. Pure: returns a new state.
+    """
+    hist, hw = list(state.history), list(state.weights)
+    if song_id in hist:
+        hw[hist.index(song_id)] += float(weight)
+    else:
+        hist.append(song_id)
+        hw.append(float(weight))
+    if history_len is not None and len(hist) > history_len:
+        hist, hw = hist[-history_len:], hw[-history_len:]
+    seen = float(np.fmax(state.last_seen_s, ts))
+    profile, mass, ref = state.profile, state.profile_mass, state.profile_ref_s
+    if embedding is not None:
+        e = np.asarray(embedding, dtype=np.float64)
+        norm = float(np.linalg.norm(e))
+        e = e / norm if norm > 0 else e
+        if profile is None or profile.shape != e.shape:
+            total, ref = np.zeros_like(e), float(ts)
+        else:
+            total = mass * profile.astype(np.float64)
+            if math.isfinite(ts) and (not math.isfinite(ref) or ts > ref):
+                if math.isfinite(ref):
+                    total *= recency_weights(ref, 1.0, ts, half_life_days)
+                ref = float(ts)
+        total += recency_weights(ts, weight, ref, half_life_days) * e
+        mass = float(np.linalg.norm(total))
+        profile = (total / mass).astype(np.float32) if mass > 0 else None
+    return replace(state, profile=profile, history=tuple(hist), activity=state.activity + 1,
+                   last_seen_s=seen, history_weights=tuple(hw), profile_mass=mass if profile is not None else 0.0,
+                   profile_ref_s=ref)
+
+
+def fold_in(state: UserState, cf: CFModel) -> UserState:
+    """``state`` with the CF factor the ALS user step solves from its history: songs the CF model
+    lacks and songs of summed weight 0 (skips only) left out; no song left: no factor. The
+    fold-in entry point: what ``Recommender.state_from_history`` gives a new user offline and
+    :func:`~apex_rank.ranking.online.events.record_many` a user created by events."""
+    keep = [(s, w) for s, w in zip(state.history, state.weights, strict=True) if w > 0]
+    factor = cf.factor_from_history([s for s, _ in keep], [w for _, w in keep]) if keep else None
+    return replace(state, cf_factor=factor)
 
 
 @dataclass
@@ -215,24 +326,6 @@ def quality_score(priors: np.ndarray, popularity: np.ndarray, mean: np.ndarray, 
     return (q + 0.5 * np.log1p(np.maximum(popularity, 0.0))).astype(np.float32)
 
 
-def content_profile(
-    embeddings: np.ndarray, ts: np.ndarray | None, weights: np.ndarray | None, *, now_s: float, half_life_days: float
-) -> np.ndarray | None:
-    """Recency-weighted mean of normalised history embeddings, L2-normalised; None if empty."""
-    if embeddings.shape[0] == 0:
-        return None
-    w = np.ones(embeddings.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
-    if ts is not None and half_life_days > 0:
-        age_days = np.maximum(0.0, now_s - np.asarray(ts, dtype=np.float64)) / 86400.0
-        w = w * np.power(0.5, np.nan_to_num(age_days, nan=0.0) / half_life_days)
-    w = np.maximum(w, 0.0)
-    if w.sum() <= 0:
-        w = np.ones_like(w)
-    prof = (embeddings.astype(np.float64) * w[:, None]).sum(axis=0) / w.sum()
-    out = l2_normalize(prof[None, :].astype(np.float32))[0]
-    return out if np.linalg.norm(out) > 0 else None
-
-
 def user_state_from_history(
     user_id: str,
     song_ids: Sequence[str],
@@ -243,21 +336,16 @@ def user_state_from_history(
     cf_factor: np.ndarray | None,
     half_life_days: float = 30.0,
 ) -> UserState:
-    """Build a :class:`UserState` from a history (songs outside ``song_table`` add no profile)."""
-    hist = tuple(dict.fromkeys(song_ids))
-    profile = None
-    if song_table is not None and len(song_ids):
-        idx = song_table.index_of(song_ids)
-        keep = idx >= 0
-        if keep.any():
-            t = None if ts is None else np.asarray(ts, dtype=np.float64)[keep]
-            w = None if weights is None else np.asarray(weights, dtype=np.float64)[keep]
-            profile = content_profile(
-                song_table.embeddings[idx[keep]], t, w, now_s=song_table.now_s, half_life_days=half_life_days
-            )
-    t_all = np.asarray([] if ts is None else ts, dtype=np.float64)
-    last = float(np.nanmax(t_all)) if np.isfinite(t_all).any() else float("nan")
-    return UserState(
-        user_id, None if cf_factor is None else np.asarray(cf_factor, dtype=np.float32), profile, hist, len(song_ids),
-        last
-    )
+    """A :class:`UserState` from a history: its events folded in time order (unknown times
+    last, ties in the given order) with :func:`apply_event`; songs outside ``song_table`` join
+    the history, not the profile. ``cf_factor`` is set as given (:func:`fold_in` solves one)."""
+    n = len(song_ids)
+    t = np.full(n, np.nan) if ts is None else np.asarray(ts, dtype=np.float64)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    idx = song_table.index_of(song_ids) if song_table is not None else np.full(n, -1)
+    state = UserState(user_id, None if cf_factor is None else np.asarray(cf_factor, dtype=np.float32), None,
+                      profile_mass=0.0)
+    for i in np.lexsort((np.arange(n), np.nan_to_num(t, nan=0.0), np.isnan(t))).tolist():  # last key first
+        emb = song_table.embeddings[idx[i]] if song_table is not None and idx[i] >= 0 else None
+        state = apply_event(state, song_ids[i], emb, float(w[i]), float(t[i]), half_life_days=half_life_days)
+    return state

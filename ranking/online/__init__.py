@@ -13,10 +13,11 @@ requests together), :mod:`.publisher` (stage a version, move ``current`` atomica
 from __future__ import annotations
 
 from apex_rank.errors import RequestError
+from apex_rank.ranking.state import UserState
 
 from .config import OnlineConfig
 from .events import EVENT_WEIGHTS, Interaction, export_events, ingest, record, record_many
-from .keys import Keys, UserRecord
+from .keys import Keys
 from .memory_store import InProcessStore
 from .publisher import PublishResult, publish
 from .ranker import OnlineRanker, RankedItem, Ranking
@@ -26,7 +27,7 @@ from .warmup import WarmUp, WarmUpConsumer, bundle_cf_loader
 
 __all__ = [
     "EVENT_WEIGHTS", "InProcessStore", "Interaction", "Keys", "OnlineConfig", "OnlineRanker", "OnlineStore",
-    "PublishResult", "RankedItem", "Ranking", "RedisStore", "RequestError", "UserRecord", "WarmUp",
+    "PublishResult", "RankedItem", "Ranking", "RedisStore", "RequestError", "UserState", "WarmUp",
     "WarmUpConsumer", "bundle_cf_loader", "export_events", "ingest", "open_store", "publish", "record",
     "record_many",
 ]

@@ -31,10 +31,9 @@ class OnlineConfig:
         TTL of a version's keys while it is being published, once it is committed, and after
         a newer version replaced it (readers in flight finish on the old one).
     history_len:
-        Bound of a user's recent history as events extend it (the publisher writes the
-        bundle's history whole, so online excludes exactly what offline excludes).
-    profile_alpha:
-        Weight of the newest song in the content-profile update of an event (floor of 1/(n+1)).
+        Bound of a user's history as events extend it (the publisher writes the bundle's
+        history whole, so online excludes exactly what offline excludes). The content profile
+        follows the bundle's half-life mean (:mod:`~apex_rank.ranking.state`), not a setting here.
     events_maxlen:
         Approximate length cap of the event stream (``XADD MAXLEN ~``).
     max_k:
@@ -84,7 +83,6 @@ class OnlineConfig:
     version_ttl_s: int = 90 * 86400
     grace_s: int = 600
     history_len: int = 500
-    profile_alpha: float = 0.1
     events_maxlen: int = 10_000_000
     max_k: int = 500
     fallback_size: int = 1000
@@ -105,5 +103,3 @@ class OnlineConfig:
                      "events_maxlen", "max_k", "fallback_size", "max_body_bytes", "max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"online.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.profile_alpha <= 1.0:
-            raise ConfigError(f"online.profile_alpha must be in (0, 1], got {self.profile_alpha}")

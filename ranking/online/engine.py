@@ -58,7 +58,6 @@ from apex_rank.ranking.state import SongTable, UserState
 from .audio import AudioEmbedder, AudioIngestConfig
 from .batching import MicroBatcher
 from .bundles import bundle_fingerprint
-from .keys import UserRecord
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +130,6 @@ class _RWLock:
         with self._cond:
             self._writer = False
             self._cond.notify_all()
-
-
-def state_from_record(user_id: str, rec: UserRecord | None) -> UserState:
-    """The :class:`UserState` a stored record stands for (``None``: the empty, unknown state)."""
-    if rec is None:
-        return UserState(user_id, None, None, (), 0)
-    return UserState(user_id, rec.factor, rec.profile, tuple(rec.history), int(rec.activity), rec.last_seen_s)
-
-
-def record_from_state(state: UserState) -> UserRecord:
-    """The stored form of a :class:`UserState` (float32 vectors, history as a list)."""
-    f = None if state.cf_factor is None else np.asarray(state.cf_factor, dtype=np.float32)
-    p = None if state.profile is None else np.asarray(state.profile, dtype=np.float32)
-    return UserRecord(f, p, list(state.history), float(state.activity), float(state.last_seen_s))
 
 
 class WarmedFactorSource(CandidateSource):
@@ -398,17 +383,24 @@ class RankingEngine:
         return int(self.recommender.songs.embeddings.shape[1])
 
     @property
+    def half_life_days(self) -> float:
+        """The profile half-life the bundle's user states were built with (events extend them
+        with the same, see :class:`~.events.EventUpdate`)."""
+        return float(self.recommender.config.half_life_days)
+
+    @property
     def data_until_s(self) -> float:
         """End of the bundle's training interactions (unix seconds): what was recorded online
         after it is carried onto a newly published version."""
         return float(self.recommender.songs.now_s)
 
-    def rank_user(self, user_id: str, state: UserRecord | None, k: int,
+    def rank_user(self, user_id: str, state: UserState | None, k: int,
                   exclude: Collection[str], cold_share: float | None = None) -> list[Item]:
         """Top-``k`` for a user state (``None``: unknown user, cold-user path); ``cold_share`` as in
         ``Recommender.recommend`` (None: the scores decide). Concurrent callers are ranked
         together (:mod:`.batching`)."""
-        return self._batcher.rank(state_from_record(user_id, state), k, frozenset(exclude), cold_share)
+        st = state if state is not None else UserState(user_id, None, None)
+        return self._batcher.rank(st, k, frozenset(exclude), cold_share)
 
     def fallback(self, k: int, exclude: Collection[str]) -> list[Item]:
         """Top-``k`` of the popularity-and-quality list (no store needed)."""
@@ -503,10 +495,11 @@ class RankingEngine:
                          is_cold=~warm,
                          embeddings=np.asarray(t.embeddings, np.float32))
 
-    def user_records(self) -> Iterator[tuple[str, UserRecord]]:
+    def user_states(self) -> Iterator[tuple[str, UserState]]:
+        """Every user of the bundle with its state (what a publish writes)."""
         rec = self.recommender
         for uid in rec.user_ids:
-            yield uid, record_from_state(rec.user_state(uid))
+            yield uid, rec.user_state(uid)
 
     def n_users(self) -> int:
         """Users with a stored state in the bundle."""

@@ -32,10 +32,13 @@ from typing import NamedTuple
 import numpy as np
 
 from apex_rank.errors import RequestError, SchemaError, StoreError, UnknownIdError, VersionMovedError
+from apex_rank.ranking.cf import CFModel
+from apex_rank.ranking.state import UserState, apply_event, fold_in
 from apex_rank.schemas import MAX_WEIGHT, time_unit
 
 from .config import OnlineConfig
-from .keys import Event, UserRecord, check_id, decode_vector, encode_song_record, stream_key
+from .engine import RankingEngine
+from .keys import Event, check_id, decode_vector, encode_song_record, stream_key
 from .ranker import OnlineRanker
 from .store import OnlineStore
 
@@ -71,34 +74,44 @@ class RecordedEvent:
     history_len: int
 
 
-def apply_event(old: UserRecord | None, song_id: str, embedding: np.ndarray, weight: float,
-                *, history_len: int, alpha: float, ts: float | None = None) -> UserRecord:
-    """Pure update of a user state by one event.
+@dataclass(frozen=True)
+class EventUpdate:
+    """How recorded events update a user state: the one algorithm of
+    :mod:`~apex_rank.ranking.state` (:func:`~apex_rank.ranking.state.apply_event` per event,
+    then :func:`~apex_rank.ranking.state.fold_in` for a user ``cf`` has no factor for) with the
+    serving bundle's profile half-life and the store's history bound. ``record_many`` and the
+    carry-over at publish both apply it, so a state is the same whichever wrote it.
 
-    The song joins the end of the history (bounded to ``history_len``, a repeat moves to the
-    end); the content profile (L2-normalised, as offline) moves towards the song's normalised
-    embedding with step ``max(alpha, 1 / (n + 1))`` (``n`` history length), i.e. a running
-    mean for short histories and an exponential recency weighting after, then is
-    re-normalised; activity grows by one; ``last_seen_s`` becomes ``ts`` if later.
-    Zero-weight events (skips) return the state unchanged (a new user is still created).
+    Attributes
+    ----------
+    half_life_days: the bundle's ``RecommenderConfig.half_life_days``.
+    history_len: bound of the stored history (``OnlineConfig.history_len``).
+    cf: the bundle's CF model, which folds in users it was not fitted on (None: no fold-in;
+        the warm-up consumer then solves their factors later).
     """
-    rec = old or UserRecord()
-    if weight <= 0:
-        return UserRecord(rec.factor, rec.profile, list(rec.history), rec.activity, rec.last_seen_s)
-    seen = rec.last_seen_s if ts is None else float(np.fmax(rec.last_seen_s, ts))
-    hist = [s for s in rec.history if s != song_id] + [song_id]
-    hist = hist[-history_len:]
-    e = np.asarray(embedding, dtype=np.float32)
-    norm = float(np.linalg.norm(e))
-    e = e / norm if norm > 0 else e
-    if rec.profile is None or rec.profile.shape != e.shape:
-        profile = e.copy()
-    else:
-        step = max(alpha, 1.0 / (len(rec.history) + 1))
-        profile = ((1.0 - step) * rec.profile + step * e).astype(np.float32)
-        norm = float(np.linalg.norm(profile))
-        profile = profile / norm if norm > 0 else profile
-    return UserRecord(rec.factor, profile.astype(np.float32), hist, rec.activity + 1.0, seen)
+
+    half_life_days: float = 30.0
+    history_len: int = 500
+    cf: CFModel | None = None
+
+    @classmethod
+    def of(cls, engine: RankingEngine, config: OnlineConfig) -> EventUpdate:
+        """The update that matches ``engine``'s bundle."""
+        return cls(engine.half_life_days, config.history_len, engine.cf_model)
+
+    def step(self, user_id: str, state: UserState | None, song_id: str, embedding: np.ndarray | None,
+             weight: float, ts: float) -> UserState:
+        """``state`` (None: a new user) after one event. Pure."""
+        st = state if state is not None else UserState(user_id, None, None, profile_mass=0.0)
+        return apply_event(st, song_id, embedding, weight, ts, half_life_days=self.half_life_days,
+                           history_len=self.history_len)
+
+    def fold(self, state: UserState) -> UserState:
+        """``state`` with its CF factor folded in when ``cf`` was not fitted on the user (after the
+        events of a batch: one ALS user step per user and batch). Pure."""
+        if self.cf is None or self.cf.has_user(state.user_id):
+            return state
+        return fold_in(state, self.cf)
 
 
 def check_ts(ts: object, *, now: float | None = None) -> float:
@@ -151,13 +164,16 @@ def _checked(events: Sequence[Interaction], now: float) -> list[dict[str, str]]:
 
 
 def record_many(store: OnlineStore, events: Sequence[Interaction], *,
-                config: OnlineConfig | None = None) -> list[RecordedEvent]:
+                config: OnlineConfig | None = None,
+                engine: RankingEngine | None = None) -> list[RecordedEvent]:
     """Record a batch of interactions, all or nothing (see the module doc).
 
     Round trips to Redis: the pointer, the songs, then the store's transaction (WATCH, one
     read of the pointer and the users, MULTI/EXEC): five, whatever the batch size. A user's
-    events apply in batch order with :func:`apply_event`, exactly as one :func:`record` call
+    events apply in batch order with :class:`EventUpdate`, exactly as one :func:`record` call
     each would; ``created`` is true on the first event of a user the store did not hold.
+    ``engine``: the serving engine, whose bundle sets the profile half-life and folds in the CF
+    factor of users it was not fitted on (None: half-life 30 days, no fold-in).
 
     Example
     -------
@@ -178,6 +194,7 @@ def record_many(store: OnlineStore, events: Sequence[Interaction], *,
     cfg = config or OnlineConfig()
     if not events:
         return []
+    rule = EventUpdate.of(engine, cfg) if engine is not None else EventUpdate(history_len=cfg.history_len)
     fields = _checked(events, time.time())
     user_ids = [f["u"] for f in fields]
     by_user: dict[str, list[int]] = {}
@@ -199,16 +216,15 @@ def record_many(store: OnlineStore, events: Sequence[Interaction], *,
         if unknown:
             raise UnknownIdError(_refusal(unknown, len(fields)))
 
-        def update(uid: str, old: UserRecord | None, emb: dict[str, np.ndarray] = emb) -> UserRecord:
-            rec = old  # pure: a retried transaction calls it again from the stored state
+        def update(uid: str, old: UserState | None, emb: dict[str, np.ndarray] = emb) -> UserState:
+            st = old  # pure: a retried transaction calls it again from the stored state
             for i in by_user[uid]:
-                created[i] = rec is None
+                created[i] = st is None
                 f = fields[i]
-                rec = apply_event(rec, f["s"], emb[f["s"]], EVENT_WEIGHTS[f["k"]],
-                                  history_len=cfg.history_len, alpha=cfg.profile_alpha,
-                                  ts=float(f["t"]))
-                history_len[i] = len(rec.history)
-            return rec if rec is not None else UserRecord()
+                st = rule.step(uid, st, f["s"], emb[f["s"]], EVENT_WEIGHTS[f["k"]], float(f["t"]))
+                history_len[i] = len(st.history)
+            assert st is not None  # by_user lists every user with at least one event
+            return rule.fold(st)
 
         try:
             ids, _ = store.record_events(version, fields, user_ids, update, cfg.version_ttl_s,
@@ -222,9 +238,10 @@ def record_many(store: OnlineStore, events: Sequence[Interaction], *,
 
 
 def record(store: OnlineStore, user_id: str, song_id: str, kind: str = "play",
-           ts: float | None = None, *, config: OnlineConfig | None = None) -> RecordedEvent:
+           ts: float | None = None, *, config: OnlineConfig | None = None,
+           engine: RankingEngine | None = None) -> RecordedEvent:
     """Record one interaction: :func:`record_many` with one event (same checks and errors)."""
-    return record_many(store, [Interaction(user_id, song_id, kind, ts)], config=config)[0]
+    return record_many(store, [Interaction(user_id, song_id, kind, ts)], config=config, engine=engine)[0]
 
 
 def event_problem(event: Event, *, now: float | None = None) -> str | None:

@@ -32,14 +32,19 @@ key                                 type      holds
                                               the warm-up consumer solved from the song's
                                               listeners since the bundle's cutoff (songs cold in
                                               the bundle only); carried over at publish
-``apexrank:{NS}:v{V}:u:{USER}``     hash      user state: ``f`` CF factor (f32 bytes, absent for
+``apexrank:{NS}:v{V}:u:{USER}``     hash      user state (:class:`~apex_rank.ranking.state.
+                                              UserState`): ``f`` CF factor (f32 bytes, absent for
                                               users without one; for users the bundle has no
-                                              factor for, written by the warm-up consumer from
-                                              their history), ``p`` content profile (f32
-                                              bytes), ``h`` recent history (JSON list of song ids,
-                                              oldest first, bounded), ``n`` activity (JSON number),
-                                              ``t`` time of the latest interaction (JSON number of
-                                              unix seconds; absent when unknown)
+                                              factor for, folded in from their history by
+                                              ``record_many`` and the warm-up consumer), ``p``
+                                              content profile (f32 bytes), ``m`` its mass and
+                                              ``r`` its reference time (JSON numbers; see
+                                              :mod:`~apex_rank.ranking.state`), ``h`` history
+                                              (JSON list of song ids in order of first
+                                              interaction, bounded), ``w`` each history song's
+                                              summed weight (JSON list), ``n`` activity (JSON
+                                              number), ``t`` time of the latest interaction (JSON
+                                              number of unix seconds; absent when unknown)
 ==================================  ========  =====================================================
 
 Every ``v{V}`` key carries a TTL: ``staging_ttl_s`` while a publish is running (a killed
@@ -58,12 +63,13 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from apex_rank.errors import RequestError, StoreError
+from apex_rank.ranking.state import UserState
 from apex_rank.schemas import ID_PATTERN, ID_RULE  # one id rule for tables and the online API
 
 log = logging.getLogger(__name__)
@@ -220,50 +226,56 @@ def as_text(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else ("" if x is None else str(x))
 
 
-@dataclass
-class UserRecord:
-    """A user's online state as stored (see :mod:`.keys` for the fields)."""
-
-    factor: np.ndarray | None = None
-    profile: np.ndarray | None = None
-    history: list[str] = field(default_factory=list)
-    activity: float = 0.0
-    last_seen_s: float = float("nan")
-
-
-def encode_user(rec: UserRecord) -> dict[str, bytes]:
+def encode_user(state: UserState) -> dict[str, bytes]:
     """A user state as the fields of its hash (see the module doc)."""
     # numbers as repr(float): the bytes json.dumps writes for a finite float, 8x cheaper (a
     # batch of events encodes and decodes hundreds of users)
     fields: dict[str, bytes] = {
-        "h": encode_history(rec.history),
-        "n": repr(float(rec.activity)).encode(),
+        "h": encode_history(list(state.history)),
+        "w": b"[" + ",".join(repr(float(w)) for w in state.weights).encode() + b"]",
+        "n": str(int(state.activity)).encode(),
     }
-    if rec.factor is not None:
-        fields["f"] = encode_vector(rec.factor)
-    if rec.profile is not None:
-        fields["p"] = encode_vector(rec.profile)
-    if math.isfinite(rec.last_seen_s):
-        fields["t"] = repr(float(rec.last_seen_s)).encode()
+    if state.cf_factor is not None:
+        fields["f"] = encode_vector(state.cf_factor)
+    if state.profile is not None:
+        fields["p"] = encode_vector(state.profile)
+        fields["m"] = repr(float(state.profile_mass)).encode()
+    if math.isfinite(state.last_seen_s):
+        fields["t"] = repr(float(state.last_seen_s)).encode()
+    if math.isfinite(state.profile_ref_s):
+        fields["r"] = repr(float(state.profile_ref_s)).encode()
     return fields
 
 
-def decode_user(raw: dict[Any, Any], where: str) -> UserRecord | None:
-    """The fields of a user hash (``HGETALL``) as a state; ``None`` for an empty hash."""
+def decode_user(user_id: str, raw: dict[Any, Any], where: str) -> UserState | None:
+    """The fields of ``user_id``'s hash (``HGETALL``) as its state; ``None`` for an empty hash.
+    Fields an older writer did not write read as: ``w`` one unit weight per history song, ``m``
+    1, ``r`` unknown."""
     if not raw:
         return None
     f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    history = decode_history(f.get("h"), where)
     try:
-        activity = float(f.get("n", b"0"))  # a JSON number, as float() reads it
+        activity = int(float(f.get("n", b"0")))  # a JSON number, as float() reads it
         last_seen = float(f["t"]) if f.get("t") else float("nan")
+        mass = float(f["m"]) if f.get("m") else 1.0
+        ref = float(f["r"]) if f.get("r") else float("nan")
+        weights = tuple(float(w) for w in json.loads(f["w"])) if f.get("w") else ()
     except (ValueError, TypeError) as err:
-        raise StoreError(f"{where}: activity or last-seen field is not a number") from err
-    return UserRecord(
-        factor=decode_vector(f["f"], where) if f.get("f") else None,
+        raise StoreError(f"{where}: activity, last-seen, profile mass, reference time or history "
+                         "weights field is not a number") from err
+    if weights and len(weights) != len(history):
+        raise StoreError(f"{where}: {len(weights)} history weights for {len(history)} history songs")
+    return UserState(
+        user_id,
+        cf_factor=decode_vector(f["f"], where) if f.get("f") else None,
         profile=decode_vector(f["p"], where) if f.get("p") else None,
-        history=decode_history(f.get("h"), where),
+        history=tuple(history),
         activity=activity,
         last_seen_s=last_seen,
+        history_weights=weights,
+        profile_mass=mass,
+        profile_ref_s=ref,
     )
 
 

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from apex_rank.errors import StoreError, VersionMovedError
+from apex_rank.ranking.state import UserState
 
-from .keys import Event, Keys, UserRecord, decode_events, encode_vector, stream_key
+from .keys import Event, Keys, decode_events, encode_vector, stream_key
 from .store import CommitResult, OnlineStore, with_factor
 
 
@@ -39,7 +40,7 @@ class InProcessStore(OnlineStore):
         self._songs: dict[int, dict[str, bytes]] = {}
         self._emb: dict[int, dict[str, bytes]] = {}
         self._ingested: dict[int, set[str]] = {}
-        self._users: dict[int, dict[str, UserRecord]] = {}
+        self._users: dict[int, dict[str, UserState]] = {}
         self._events: list[tuple[str, dict[str, str]]] = []
         self._catalogue: list[tuple[str, str, int]] = []
         self._warm: dict[int, dict[str, bytes]] = {}
@@ -75,7 +76,7 @@ class InProcessStore(OnlineStore):
             for i, sid in enumerate(ids):
                 s[sid], e[sid] = records[i], emb[i].tobytes()
 
-    def write_users(self, version: int, users: Sequence[tuple[str, UserRecord]], ttl_s: int) -> None:
+    def write_users(self, version: int, users: Sequence[tuple[str, UserState]], ttl_s: int) -> None:
         with self._lock:
             u = self._users.setdefault(version, {})
             for uid, rec in users:
@@ -107,7 +108,7 @@ class InProcessStore(OnlineStore):
     def expire_version(self, version: int, ttl_s: int) -> int:
         return 0
 
-    def read_user(self, version: int, user_id: str) -> tuple[int | None, UserRecord | None]:
+    def read_user(self, version: int, user_id: str) -> tuple[int | None, UserState | None]:
         with self._lock:
             return self._current, self._users.get(version, {}).get(user_id)
 
@@ -117,8 +118,8 @@ class InProcessStore(OnlineStore):
             return [(s.get(i), e.get(i)) for i in ids]
 
     def record_events(self, version: int, events: Sequence[dict[str, str]], user_ids: Sequence[str],
-                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int,
-                      maxlen: int) -> tuple[list[str], dict[str, UserRecord]]:
+                      update: Callable[[str, UserState | None], UserState], ttl_s: int,
+                      maxlen: int) -> tuple[list[str], dict[str, UserState]]:
         if not events:
             return [], {}
         with self._lock:
@@ -136,7 +137,7 @@ class InProcessStore(OnlineStore):
             return ids, new
 
     def update_users(self, version: int, user_ids: Sequence[str],
-                     update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int, *,
+                     update: Callable[[str, UserState | None], UserState], ttl_s: int, *,
                      require_current: bool) -> None:
         with self._lock:
             if require_current:

@@ -40,10 +40,12 @@ from typing import Any
 import numpy as np
 
 from apex_rank.errors import ContentionError, StoreError, VersionMovedError
+from apex_rank.ranking.state import UserState
 
 from .config import OnlineConfig
 from .engine import RankingEngine
-from .keys import KEY_SCHEMA, Event, UserRecord, decode_vector, encode_song_record, stream_id_before, stream_key
+from .events import EventUpdate, event_problem
+from .keys import KEY_SCHEMA, Event, decode_vector, encode_song_record, stream_id_before, stream_key
 from .store import OnlineStore
 from .warmup import replay_warmup
 
@@ -134,9 +136,9 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
                        for i in range(lo, hi)]
             store.write_songs(version, block.ids[lo:hi], records, emb[lo:hi], cfg.staging_ttl_s)
             step(hi - lo)
-        batch: list[tuple[str, UserRecord]] = []
-        for uid, rec in engine.user_records():
-            batch.append((uid, rec))
+        batch: list[tuple[str, UserState]] = []
+        for uid, state in engine.user_states():
+            batch.append((uid, state))
             if len(batch) >= bs:
                 store.write_users(version, batch, cfg.staging_ttl_s)
                 step(len(batch))
@@ -151,7 +153,7 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
             carried, cat_pos = carry_songs(store, version, known, stream_id_before(since_ms), None,
                                            cfg.staging_ttl_s, require_current=False)
             replayed, ev_pos = replay_events(store, version, stream_id_before(since_ms), None, cfg,
-                                             require_current=False)
+                                             EventUpdate.of(engine, cfg), require_current=False)
             warmed_songs, warmed_users = replay_warmup(store, version, engine.cf_model,
                                                        stream_id_before(since_ms), config=cfg,
                                                        require_current=False)
@@ -177,7 +179,8 @@ def publish(engine: RankingEngine, store: OnlineStore, *, config: OnlineConfig |
         try:
             n, _ = carry_songs(store, version, known, cat_pos, cat_mark, cfg.version_ttl_s,
                                require_current=True)
-            m, _ = replay_events(store, version, ev_pos, ev_mark, cfg, require_current=True)
+            m, _ = replay_events(store, version, ev_pos, ev_mark, cfg, EventUpdate.of(engine, cfg),
+                                 require_current=True)
             carried, replayed = carried + n, replayed + m
         except VersionMovedError as err:  # a newer publish committed and carries them itself
             log.warning("carry-over after the commit of version %d stopped: %s", version, err)
@@ -232,13 +235,11 @@ def carry_songs(store: OnlineStore, version: int, known: set[str], after_id: str
 
 
 def replay_events(store: OnlineStore, version: int, after_id: str, until_id: str | None,
-                  config: OnlineConfig, *, require_current: bool) -> tuple[int, str]:
+                  config: OnlineConfig, rule: EventUpdate, *, require_current: bool) -> tuple[int, str]:
     """Apply the events recorded after stream id ``after_id`` (up to ``until_id``) to the user
-    states of ``version``, in stream order, with :func:`~.events.apply_event`.
+    states of ``version``, in stream order, with ``rule`` (what ``record_many`` applies).
     Events naming a song ``version`` lacks are skipped (counted in a warning).
     Returns (events applied, last stream id read)."""
-    from .events import apply_event, event_problem
-
     n, skipped, implausible, last = 0, 0, 0, after_id
     for batch in store.read_events(0, after_id=after_id, until_id=until_id):
         if not batch:
@@ -258,14 +259,13 @@ def replay_events(store: OnlineStore, version: int, after_id: str, until_id: str
         usable = sum(e.song_id in emb for e in batch)
         n, skipped = n + usable, skipped + len(batch) - usable
 
-        def update(uid: str, old: UserRecord | None, by_user: dict[str, list[Event]] = by_user,
-                   emb: dict[str, np.ndarray] = emb) -> UserRecord:
-            rec = old  # pure: a transaction retried after a concurrent write calls it again
+        def update(uid: str, old: UserState | None, by_user: dict[str, list[Event]] = by_user,
+                   emb: dict[str, np.ndarray] = emb) -> UserState:
+            st = old  # pure: a transaction retried after a concurrent write calls it again
             for e in by_user[uid]:
                 if e.song_id in emb:
-                    rec = apply_event(rec, e.song_id, emb[e.song_id], e.weight,
-                                      history_len=config.history_len, alpha=config.profile_alpha, ts=e.ts)
-            return rec if rec is not None else UserRecord()
+                    st = rule.step(uid, st, e.song_id, emb[e.song_id], e.weight, e.ts)
+            return rule.fold(st) if st is not None else UserState(uid, None, None, profile_mass=0.0)
 
         ttl = config.version_ttl_s if require_current else config.staging_ttl_s
         try:

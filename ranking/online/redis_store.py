@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from apex_rank.errors import ContentionError, MissingDependencyError, StoreError, VersionMovedError
+from apex_rank.ranking.state import UserState
 
-from .keys import Event, Keys, UserRecord, as_text, decode_events, decode_user, encode_user, encode_vector
+from .keys import Event, Keys, as_text, decode_events, decode_user, encode_user, encode_vector
 from .store import CommitResult, OnlineStore, with_factor
 
 # when it started and the new version's manifest (written last) exists. Returns {status, old,
@@ -204,7 +205,7 @@ class RedisStore(OnlineStore):
         except redis.RedisError as err:
             raise self._fail(f"writing {len(ids)} songs to {songs_key}", err) from err
 
-    def write_users(self, version: int, users: Sequence[tuple[str, UserRecord]], ttl_s: int) -> None:
+    def write_users(self, version: int, users: Sequence[tuple[str, UserState]], ttl_s: int) -> None:
         import redis
 
         try:
@@ -289,7 +290,7 @@ class RedisStore(OnlineStore):
         pipe.execute()
         return len(keys)
 
-    def read_user(self, version: int, user_id: str) -> tuple[int | None, UserRecord | None]:
+    def read_user(self, version: int, user_id: str) -> tuple[int | None, UserState | None]:
         import redis
 
         key = self.keys.user(version, user_id)
@@ -300,7 +301,7 @@ class RedisStore(OnlineStore):
             cur, raw = pipe.execute()
         except redis.RedisError as err:
             raise self._fail(f"HGETALL {key}", err) from err
-        return (int(cur) if cur else None), decode_user(raw, key)
+        return (int(cur) if cur else None), decode_user(user_id, raw, key)
 
     def read_songs(self, version: int, ids: Sequence[str]) -> list[tuple[bytes | None, bytes | None]]:
         import redis
@@ -317,25 +318,25 @@ class RedisStore(OnlineStore):
         return list(zip(recs, embs, strict=True))
 
     def record_events(self, version: int, events: Sequence[dict[str, str]], user_ids: Sequence[str],
-                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int,
-                      maxlen: int) -> tuple[list[str], dict[str, UserRecord]]:
+                      update: Callable[[str, UserState | None], UserState], ttl_s: int,
+                      maxlen: int) -> tuple[list[str], dict[str, UserState]]:
         if not events:
             return [], {}
         return self._write_batch(version, user_ids, update, ttl_s, events, maxlen, True,
                                  f"recording {len(events)} event(s)")
 
     def _write_batch(self, version: int, user_ids: Sequence[str],
-                     update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int,
+                     update: Callable[[str, UserState | None], UserState], ttl_s: int,
                      events: Sequence[dict[str, str]], maxlen: int, require_current: bool,
                      what: str, also: Callable[[Any], None] | None = None
-                     ) -> tuple[list[str], dict[str, UserRecord]]:
+                     ) -> tuple[list[str], dict[str, UserState]]:
         """Replace users by ``update`` and append ``events`` in one optimistic transaction of
         three round trips and two commands besides the WATCH (the scripts above), whatever the
         batch size: per-command overhead, not the network, bounds a batch's cost here.
         ``also(pipe)`` queues more writes into the same MULTI (before the script)."""
         users = list(dict.fromkeys(user_ids))
         keys = [self.keys.user(version, u) for u in users]
-        new: dict[str, UserRecord] = {}
+        new: dict[str, UserState] = {}
 
         def read(pipe: Any) -> None:
             pipe.evalsha(_READ_USERS_SHA, len(keys), *keys)
@@ -350,7 +351,7 @@ class RedisStore(OnlineStore):
                 for name, text in e.items():
                     args += (name, text)
             for u, k, flat in zip(users, keys, results[0], strict=True):
-                old = decode_user(dict(zip(flat[::2], flat[1::2], strict=True)), k)
+                old = decode_user(u, dict(zip(flat[::2], flat[1::2], strict=True)), k)
                 new[u] = rec = update(u, old)
                 fields = encode_user(rec)
                 args.append(len(fields))
@@ -414,7 +415,7 @@ class RedisStore(OnlineStore):
         raise ContentionError(f"{what}: too many concurrent writers, nothing written")
 
     def update_users(self, version: int, user_ids: Sequence[str],
-                     update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int, *,
+                     update: Callable[[str, UserState | None], UserState], ttl_s: int, *,
                      require_current: bool) -> None:
         if user_ids:
             self._write_batch(version, user_ids, update, ttl_s, [], 0, require_current, "updating")

@@ -538,7 +538,7 @@ def create_app(ranker: OnlineRanker, *, config: OnlineConfig | None = None,
     @app.post("/events")
     def post_events(body: EventsIn) -> dict[str, Any]:
         done = record_many(ranker.store, [Interaction(e.user_id, e.song_id, e.kind, e.ts)
-                                          for e in body.events], config=cfg)
+                                          for e in body.events], config=cfg, engine=ranker.engine)
         return {"recorded": len(done),
                 "events": [{"event_id": r.event_id, "user_id": r.user_id, "created": r.created}
                            for r in done]}

@@ -26,13 +26,15 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from apex_rank.errors import StoreError
+from apex_rank.ranking.state import UserState
 
-from .keys import Event, Keys, UserRecord
+from .keys import Event, Keys
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +51,13 @@ class CommitResult(NamedTuple):
     catalogue_mark: str
 
 
-def with_factor(factors: Mapping[str, np.ndarray]) -> Callable[[str, UserRecord | None], UserRecord]:
-    """The pure user update of :meth:`OnlineStore.write_warm`: the state with its CF factor set."""
+def with_factor(factors: Mapping[str, np.ndarray]) -> Callable[[str, UserState | None], UserState]:
+    """The pure user update of :meth:`OnlineStore.write_warm`: the state with its CF factor set
+    (a user without a state gets one holding only the factor)."""
 
-    def update(uid: str, old: UserRecord | None) -> UserRecord:
-        rec = old or UserRecord()
-        return UserRecord(np.asarray(factors[uid], dtype=np.float32), rec.profile, list(rec.history),
-                          rec.activity, rec.last_seen_s)
+    def update(uid: str, old: UserState | None) -> UserState:
+        return replace(old or UserState(uid, None, None, profile_mass=0.0),
+                       cf_factor=np.asarray(factors[uid], dtype=np.float32))
 
     return update
 
@@ -90,7 +92,7 @@ class OnlineStore(ABC):
         """Write one batch of song records and embeddings ((n, d) float32) under ``version``."""
 
     @abstractmethod
-    def write_users(self, version: int, users: Sequence[tuple[str, UserRecord]], ttl_s: int) -> None:
+    def write_users(self, version: int, users: Sequence[tuple[str, UserState]], ttl_s: int) -> None:
         """Write one batch of user states under ``version``."""
 
     @abstractmethod
@@ -119,7 +121,7 @@ class OnlineStore(ABC):
         """Set the TTL of every key of ``version``; returns how many keys were touched."""
 
     @abstractmethod
-    def read_user(self, version: int, user_id: str) -> tuple[int | None, UserRecord | None]:
+    def read_user(self, version: int, user_id: str) -> tuple[int | None, UserState | None]:
         """One round trip: the ``current`` pointer and ``user_id``'s state under ``version``."""
 
     @abstractmethod
@@ -128,8 +130,8 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def record_events(self, version: int, events: Sequence[dict[str, str]], user_ids: Sequence[str],
-                      update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int,
-                      maxlen: int) -> tuple[list[str], dict[str, UserRecord]]:
+                      update: Callable[[str, UserState | None], UserState], ttl_s: int,
+                      maxlen: int) -> tuple[list[str], dict[str, UserState]]:
         """Append ``events`` to the stream, in order, and replace the state of each user in
         ``user_ids`` under ``version`` by ``update(user_id, old)``, all or nothing and only while
         ``version`` is current (else :class:`VersionMovedError`, nothing written).
@@ -142,8 +144,8 @@ class OnlineStore(ABC):
         """
 
     def record_event(self, version: int, event: dict[str, str], user_id: str,
-                     update: Callable[[UserRecord | None], UserRecord], ttl_s: int,
-                     maxlen: int) -> tuple[str, UserRecord]:
+                     update: Callable[[UserState | None], UserState], ttl_s: int,
+                     maxlen: int) -> tuple[str, UserState]:
         """One event through :meth:`record_events`: returns its stream id and the new state."""
         ids, new = self.record_events(version, [event], [user_id], lambda _u, old: update(old),
                                       ttl_s, maxlen)
@@ -151,7 +153,7 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def update_users(self, version: int, user_ids: Sequence[str],
-                     update: Callable[[str, UserRecord | None], UserRecord], ttl_s: int, *,
+                     update: Callable[[str, UserState | None], UserState], ttl_s: int, *,
                      require_current: bool) -> None:
         """Replace each user's state under ``version`` by ``update(user_id, old)`` in one
         transaction (retried if a concurrent writer touched one of them); with

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from apex_rank.ranking.online.engine import RankingEngine, record_from_state
+from apex_rank.ranking.online.engine import RankingEngine
 
 from .online_support import bundle_dir
 
@@ -18,7 +18,7 @@ def test_concurrent_callers_share_calls_and_get_their_own_answers() -> None:
     engine = RankingEngine.load(bundle_dir(7), max_batch=8)
     rec = engine.recommender
     users = rec.user_ids[:48]
-    states = {u: record_from_state(rec.user_state(u)) for u in users}
+    states = {u: rec.user_state(u) for u in users}
     want = {u: [(s, sc, src) for s, sc, src in rec.recommend(u, k=7).select("song_id", "score", "source").iter_rows()]
             for u in users}
     calls: list[int] = []

@@ -27,7 +27,7 @@ def engine() -> RankingEngine:
 
 
 def _unplayed(engine: RankingEngine, user: str, n: int) -> list[str]:
-    hist = set(dict(engine.user_records())[user].history)
+    hist = set(dict(engine.user_states())[user].history)
     return [s for s in engine.recommender.songs.song_ids if s not in hist][:n]
 
 
@@ -55,11 +55,11 @@ def test_republish_keeps_events_and_ingested_songs(engine: RankingEngine, redis_
     res = publish(engine, store, config=cfg)  # the same bundle again: version 2
     assert (res.version, res.carried_songs, res.replayed_events) == (2, 1, 5)
     cur, after = store.read_user(2, u)
-    assert cur == 2 and after.history == before.history and after.history[-3:] == played
+    assert cur == 2 and after.history == before.history and list(after.history[-3:]) == played
     assert after.activity == before.activity
     np.testing.assert_allclose(after.profile, before.profile, rtol=1e-6)
     assert store.read_user(2, u2)[1].history[-1] == "carried-song"
-    assert store.read_user(2, "brand-new-user")[1].history == [played[0]]
+    assert store.read_user(2, "brand-new-user")[1].history == (played[0],)
     assert store.ingested_ids(2) == ["carried-song"] and store.read_songs(2, ["carried-song"])[0][1]
     # a ranker starting on version 2 can rank the carried song, with the priors ingest stored
     fresh = RankingEngine.load(bundle_dir(7), max_batch=1)
@@ -81,7 +81,7 @@ def test_republish_keeps_events_and_ingested_songs(engine: RankingEngine, redis_
 
     plain = publish(engine, store, config=cfg, carry=False)  # opt out: the bundle's state only
     assert plain.replayed_events == 0 and store.read_user(plain.version, "brand-new-user")[1] is None
-    assert store.read_user(plain.version, u)[1].history == dict(engine.user_records())[u].history
+    assert store.read_user(plain.version, u)[1].history == dict(engine.user_states())[u].history
 
 
 def test_events_recorded_during_a_publish_land_exactly_once(engine: RankingEngine, redis_url: str,
@@ -92,7 +92,7 @@ def test_events_recorded_during_a_publish_land_exactly_once(engine: RankingEngin
     cfg = OnlineConfig(namespace=redis_prefix, batch_size=50)  # small batches: a longer publish
     store = RedisStore(redis_url, redis_prefix)
     publish(engine, store, config=cfg)
-    base = {u: r.activity for u, r in engine.user_records()}
+    base = {u: r.activity for u, r in engine.user_states()}
     users = engine.recommender.user_ids[:8]
     songs = engine.recommender.songs.song_ids
     counts = dict.fromkeys(users, 0)
@@ -152,5 +152,5 @@ def test_carry_over_skips_events_an_older_writer_let_through(engine: RankingEngi
     res = publish(engine, store, config=cfg)
     assert res.replayed_events == 1
     got = store.read_user(res.version, u)[1]
-    assert got.last_seen_s == now and got.activity == dict(engine.user_records())[u].activity + 1
+    assert got.last_seen_s == now and got.activity == dict(engine.user_states())[u].activity + 1
     store.close()

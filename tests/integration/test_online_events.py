@@ -357,7 +357,7 @@ def test_batches_load_their_scripts_on_a_fresh_or_flushed_server(tmp_path: Path)
         record_many(store, [Interaction("u1", "s000", "play", NOW), Interaction("u1", "s001")])
         redis.Redis.from_url(own.url).script_flush()
         record_many(store, [Interaction("u1", "s002", "like", NOW)])
-        assert store.read_user(v, "u1")[1].history == ["s000", "s001", "s002"]
+        assert store.read_user(v, "u1")[1].history == ("s000", "s001", "s002")
         assert len(_stream(store)) == 3
         store.close()
     finally:

@@ -11,7 +11,7 @@ import pytest
 
 from apex_rank.ranking.candidates import FactorIndexConfig, FactorSource
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, ingest, publish, record
-from apex_rank.ranking.online.engine import RankingEngine, record_from_state
+from apex_rank.ranking.online.engine import RankingEngine
 from apex_rank.ranking.recommender import load_recommender
 
 from .online_support import bundle_dir
@@ -173,7 +173,7 @@ def test_engine_answers_als_from_the_ivf_index_above_min_songs(bundle: str) -> N
     users = rec.user_ids[:60]
 
     def ranked(e: RankingEngine, u: str, k: int = 20) -> list[str]:
-        return [s for s, _, _ in e.rank_user(u, record_from_state(rec.user_state(u)), k, ())]
+        return [s for s, _, _ in e.rank_user(u, rec.user_state(u), k, ())]
 
     for u in users:
         assert ranked(engine, u) == rec.recommend(u, k=20)["song_id"].to_list(), u

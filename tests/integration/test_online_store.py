@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from apex_rank.errors import RequestError, StoreError
-from apex_rank.ranking.online.events import apply_event
+from apex_rank.ranking.online.events import EventUpdate
 from apex_rank.ranking.online.keys import (
     Keys,
-    UserRecord,
     check_id,
     decode_song_record,
     encode_song_record,
@@ -17,8 +16,14 @@ from apex_rank.ranking.online.keys import (
 from apex_rank.ranking.online.memory_store import InProcessStore
 from apex_rank.ranking.online.redis_store import RedisStore
 from apex_rank.ranking.online.store import OnlineStore
+from apex_rank.ranking.state import UserState
 
 pytestmark = pytest.mark.integration
+
+
+def play(uid: str, old: UserState | None, song: str, emb: np.ndarray, ts: float = float("nan")) -> UserState:
+    """``old`` after one play of ``song`` (the update record_many applies, history bound 3)."""
+    return EventUpdate(history_len=3).step(uid, old, song, emb, 1.0, ts)
 
 
 @pytest.fixture(params=["redis", "in-process"])
@@ -62,7 +67,7 @@ def test_publish_commit_read_cycle(store: OnlineStore) -> None:
     emb = np.eye(3, 4, dtype=np.float32)
     recs = [encode_song_record(np.full(7, i, np.float32), i, 1.0, False) for i in range(3)]
     store.write_songs(v, ["a", "b", "c"], recs, emb, 60)
-    store.write_users(v, [("u1", UserRecord(np.ones(2, np.float32), emb[0], ["a"], 1.0))], 60)
+    store.write_users(v, [("u1", UserState("u1", np.ones(2, np.float32), emb[0], ("a",), 1))], 60)
     with pytest.raises(StoreError, match="manifest"):
         store.commit(v, None)  # no manifest yet: an incomplete publish is never made current
     store.write_meta(v, {"version": v}, 60)
@@ -70,7 +75,7 @@ def test_publish_commit_read_cycle(store: OnlineStore) -> None:
     assert res.moved and res.before is None
     cur, rec = store.read_user(v, "u1")
     assert cur == v and rec is not None
-    assert rec.history == ["a"] and np.array_equal(rec.factor, np.ones(2, np.float32))
+    assert rec.history == ("a",) and np.array_equal(rec.cf_factor, np.ones(2, np.float32))
     assert store.read_user(v, "nobody")[1] is None
     (r, e), (r2, _) = store.read_songs(v, ["b", "zzz"])
     assert decode_song_record(r, "b")["popularity"] == 1.0 and r2 is None
@@ -92,18 +97,18 @@ def test_record_event_creates_user_and_streams(store: OnlineStore) -> None:
     v = _publish_empty(store)
     e = np.array([1, 0, 0, 0], np.float32)
 
-    def upd(old: UserRecord | None) -> UserRecord:
-        return apply_event(old, "a", e, 1.0, history_len=3, alpha=0.1)
+    def upd(old: UserState | None) -> UserState:
+        return play("new", old, "a", e)
 
     for _ in range(2):
         eid, new = store.record_event(v, {"u": "new", "s": "a", "k": "play", "t": "1.0", "w": "1"},
                                       "new", upd, 60, 1000)
-    assert new.history == ["a"] and new.activity == 2.0
+    assert new.history == ("a",) and new.activity == 2
     assert np.isnan(new.last_seen_s)  # no ts given: unknown, and stored as absent
     events = [ev for batch in store.read_events(0) for ev in batch]
     assert [ev.user_id for ev in events] == ["new", "new"] and events[-1].event_id == eid
     _, new = store.record_event(v, {"u": "new", "s": "a", "k": "play", "t": "1.7e9", "w": "1"}, "new",
-                                lambda old: apply_event(old, "a", e, 1.0, history_len=3, alpha=0.1, ts=1.7e9), 60, 1000)
+                                lambda old: play("new", old, "a", e, 1.7e9), 60, 1000)
     assert new.last_seen_s == 1.7e9
     assert store.read_user(v, "new")[1].last_seen_s == 1.7e9  # the latest interaction time round-trips
 
@@ -115,13 +120,14 @@ def test_record_events_is_all_or_nothing(store: OnlineStore) -> None:
     e = np.array([1, 0, 0, 0], np.float32)
     ev = [{"u": u, "s": "a", "k": "play", "t": "1.7e9", "w": "1"} for u in ("p", "q", "p")]
 
-    def upd(uid: str, old: UserRecord | None) -> UserRecord:
+    def upd(uid: str, old: UserState | None) -> UserState:
         rec = old
         for _ in range(2 if uid == "p" else 1):
-            rec = apply_event(rec, "a", e, 1.0, history_len=3, alpha=0.1, ts=1.7e9)
+            rec = play(uid, rec, "a", e, 1.7e9)
+        assert rec is not None
         return rec
 
-    def fails_on_q(uid: str, old: UserRecord | None) -> UserRecord:
+    def fails_on_q(uid: str, old: UserState | None) -> UserState:
         if uid == "q":
             raise RuntimeError("update failed")
         return upd(uid, old)
@@ -130,10 +136,10 @@ def test_record_events_is_all_or_nothing(store: OnlineStore) -> None:
         store.record_events(v, ev, ["p", "q", "p"], fails_on_q, 60, 1000)
     assert store.read_user(v, "p")[1] is None and [x for b in store.read_events(0) for x in b] == []
     ids, new = store.record_events(v, ev, ["p", "q", "p"], upd, 60, 1000)
-    assert len(ids) == 3 and sorted(new) == ["p", "q"] and new["p"].activity == 2.0
+    assert len(ids) == 3 and sorted(new) == ["p", "q"] and new["p"].activity == 2
     got = [x for b in store.read_events(0) for x in b]
     assert [x.event_id for x in got] == ids and [x.user_id for x in got] == ["p", "q", "p"]
-    assert store.read_user(v, "q")[1].activity == 1.0
+    assert store.read_user(v, "q")[1].activity == 1
     assert store.record_events(v, [], [], upd, 60, 1000) == ([], {})
 
 
@@ -149,9 +155,8 @@ def test_catalogue_announcements(store: OnlineStore) -> None:
 def test_history_bound_and_profile_norm() -> None:
     rec = None
     for i in range(5):
-        rec = apply_event(rec, f"s{i}", np.eye(4, dtype=np.float32)[i % 4] * 3, 1.0,
-                          history_len=3, alpha=0.1)
-    assert rec is not None and rec.history == ["s2", "s3", "s4"]
+        rec = play("u", rec, f"s{i}", np.eye(4, dtype=np.float32)[i % 4] * 3, 1.7e9 + i)
+    assert rec is not None and rec.history == ("s2", "s3", "s4") and rec.history_weights == (1.0, 1.0, 1.0)
     assert abs(float(np.linalg.norm(rec.profile)) - 1.0) < 1e-5
 
 
@@ -159,10 +164,10 @@ def test_last_seen_is_the_latest_event_time_whatever_the_arrival_order() -> None
     """Song ages are measured from the user's latest interaction (ranking.features age_days):
     a late-arriving older event must not move it back."""
     e = np.ones(4, np.float32)
-    rec = apply_event(None, "a", e, 1.0, history_len=3, alpha=0.1, ts=200.0)
-    rec = apply_event(rec, "b", e, 1.0, history_len=3, alpha=0.1, ts=100.0)
+    rec = play("u", None, "a", e, 200.0)
+    rec = play("u", rec, "b", e, 100.0)
     assert rec.last_seen_s == 200.0
-    rec = apply_event(rec, "c", e, 1.0, history_len=3, alpha=0.1, ts=300.0)
+    rec = play("u", rec, "c", e, 300.0)
     assert rec.last_seen_s == 300.0
 
 
@@ -175,8 +180,8 @@ def test_writes_to_a_replaced_version_are_refused(store: OnlineStore) -> None:
     new = _publish_empty(store)
     e = np.array([1, 0, 0, 0], np.float32)
 
-    def upd(prev: UserRecord | None) -> UserRecord:
-        return apply_event(prev, "a", e, 1.0, history_len=3, alpha=0.1)
+    def upd(prev: UserState | None) -> UserState:
+        return play("x", prev, "a", e)
 
     ev = {"u": "x", "s": "a", "k": "play", "t": "1.0", "w": "1"}
     with pytest.raises(VersionMovedError, match=f"version {old} is no longer current"):
@@ -189,7 +194,7 @@ def test_writes_to_a_replaced_version_are_refused(store: OnlineStore) -> None:
     assert [ev for b in store.read_events(0) for ev in b] == []  # nothing half-written
     # staging writes (require_current=False) go to any version
     store.update_users(old, ["x"], lambda u, r: upd(r), 60, require_current=False)
-    assert store.read_user(old, "x")[1].history == ["a"]
+    assert store.read_user(old, "x")[1].history == ("a",)
     store.add_song(old, "s1", encode_song_record(np.zeros(7), 0, 0, True), e, 60, require_current=False)
     assert store.ingested_ids(old) == ["s1"]
     eid, _ = store.record_event(new, ev, "x", upd, 60, 1000)
@@ -228,7 +233,7 @@ def test_warm_write_read_and_log(store: OnlineStore) -> None:
     v = _publish_empty(store)
     e = np.array([1, 0, 0, 0], np.float32)
     store.record_event(v, {"u": "p", "s": "a", "k": "play", "t": "1.7e9", "w": "1"}, "p",
-                       lambda old: apply_event(old, "a", e, 1.0, history_len=3, alpha=0.1, ts=1.7e9), 60, 1000)
+                       lambda old: play("p", old, "a", e, 1.7e9), 60, 1000)
     events, last = store.read_new_events("0-0", count=10)
     assert [x.user_id for x in events] == ["p"] and last == events[0].event_id == store.last_event_id()
     assert store.read_new_events(last, block_ms=10) == ([], last)
@@ -241,7 +246,7 @@ def test_warm_write_read_and_log(store: OnlineStore) -> None:
     factor, plays = decode_warm_song(back["s1"], "s1")
     assert np.array_equal(factor, f) and plays == 3.0
     rec = store.read_user(v, "p")[1]
-    assert np.array_equal(rec.factor, f) and rec.history == ["a"] and rec.last_seen_s == 1.7e9
+    assert np.array_equal(rec.cf_factor, f) and rec.history == ("a",) and rec.last_seen_s == 1.7e9
     (eid, songs, ver), = store.read_warm_log("0-0")
     assert (songs, ver) == (["s1", "s2"], v) and store.last_warm_id() == eid
     _publish_empty(store)

@@ -95,7 +95,9 @@ def test_cold_song_played_by_20_users_of_one_taste_rises_for_a_21st_via_als(
 def test_user_created_by_events_gets_the_offline_fold_in_factor(
         engine: RankingEngine, redis_url: str, redis_prefix: str) -> None:
     """Parity: the online user step equals ``Recommender.state_from_history`` (offline fold-in)
-    for the same history and weights, bit for bit; the user is created through HTTP /events."""
+    for the same history and weights, bit for bit; the user is created through HTTP /events,
+    which folds the factor in within the request (``EventUpdate``), and the warm-up consumer
+    solves the same factor from the stream."""
     from fastapi.testclient import TestClient
 
     from apex_rank.ranking.online.service import create_app
@@ -109,16 +111,17 @@ def test_user_created_by_events_gets_the_offline_fold_in_factor(
                 + [{"user_id": "fresh-user", "song_id": songs[0], "kind": "play"}]}
         r = client.post("/events", json=body)
         assert r.status_code == 200 and r.json()["events"][0]["created"] is True
-    assert store.read_user(1, "fresh-user")[1].factor is None  # not solved in the request
+    in_request = store.read_user(1, "fresh-user")[1].cf_factor
     consumer.catch_up()
-    online = store.read_user(1, "fresh-user")[1].factor
+    online = store.read_user(1, "fresh-user")[1].cf_factor
     # the same history: the plays and likes (a skip is no interaction, online or in training)
     weights = {"play": 1.0, "like": 2.0}
     history = [(s, weights[k]) for s, k in zip(songs, kinds) if k != "skip"] + [(songs[0], 1.0)]
     offline = rec.state_from_history("fresh-user", [s for s, _ in history],
                                      weights=[w for _, w in history]).cf_factor
-    assert online is not None and offline is not None
+    assert online is not None and offline is not None and in_request is not None
     np.testing.assert_array_equal(online, offline)
+    np.testing.assert_array_equal(in_request, offline)
     assert ranker.rank("fresh-user", 10).items[0].source != "fallback"
     ranker.close()
 
@@ -133,12 +136,12 @@ def test_warmed_factors_survive_a_publish_and_the_consumer_follows(
     consumer.catch_up()
     ranker.close()
     v1_song = store.read_warm(1)[song]
-    v1_user = store.read_user(1, "newcomer")[1].factor
+    v1_user = store.read_user(1, "newcomer")[1].cf_factor
 
     res = publish(engine, store, config=cfg)  # the same bundle again: version 2
     assert (res.version, res.warmed_songs, res.warmed_users) == (2, 1, 1)
     assert store.read_warm(2)[song] == v1_song  # same bundle, same events: same factor
-    np.testing.assert_array_equal(store.read_user(2, "newcomer")[1].factor, v1_user)
+    np.testing.assert_array_equal(store.read_user(2, "newcomer")[1].cf_factor, v1_user)
 
     serving = RankingEngine.load(bundle_dir(7), max_batch=1)
     with OnlineRanker.connect(redis_url, namespace=redis_prefix, config=cfg, engine=serving,
@@ -179,7 +182,6 @@ def test_warmed_song_joins_the_ivf_als_source_and_a_batch_equals_single_calls(
     the answers of single calls."""
     from apex_rank.ranking.candidates import FactorIndexConfig
     from apex_rank.ranking.cf import solve_item_factor
-    from apex_rank.ranking.online.engine import record_from_state
 
     ivf = RankingEngine.load(bundle_dir(7), max_batch=1,
                                  als_index=FactorIndexConfig(min_songs=1, nprobe=10_000))
@@ -195,7 +197,7 @@ def test_warmed_song_joins_the_ivf_als_source_and_a_batch_equals_single_calls(
     assert ivf.warm_songs([song, "not-a-song", cf.song_ids[0]], np.stack([v, v, v]),
                           np.asarray([20.0, 1.0, 1.0])) == 1  # unknown and bundle-fitted: skipped
     users = [target, *listeners[:5]]
-    states = {u: record_from_state(rec.user_state(u)) for u in users}
+    states = {u: rec.user_state(u) for u in users}
     single = {u: ivf.rank_user(u, states[u], 400, ()) for u in users}
     assert [src for s, _, src in single[target] if s == song] == ["als"]
     batch = ivf._rank_states([rec.user_state(u) for u in users], 400, [frozenset()] * len(users))

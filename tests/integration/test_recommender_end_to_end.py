@@ -185,7 +185,7 @@ def test_save_load_parity(tmp_path: Path) -> None:
     assert back.reranker.max_gap_s == rec.reranker.max_gap_s == rec.report["max_gap_s"] >= 86400.0
     assert back.similar_songs(rec.songs.song_ids[0], 5).equals(rec.similar_songs(rec.songs.song_ids[0], 5))
     man = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert man["kind"] == "apex-recommender" and man["schema"] == 4 and "lightgbm" in man["versions"]
+    assert man["kind"] == "apex-recommender" and man["schema"] == 5 and "lightgbm" in man["versions"]
     # issue 15: the large arrays are memory-mapped from their .npy files, the ALS matrix held once
     for arr in (back.songs.embeddings, back.songs.cf_factors, back.songs.pseudo_factors, back.cf.item_factors,
                 back.cf.user_factors, back._users.profiles, back._users.hist_indices):
@@ -213,6 +213,11 @@ def test_bundle_from_another_schema_or_missing_file(tmp_path: Path) -> None:
     (newer / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ArtifactError, match=r"bundle schema 3 was built by an older apex-rank \(its large arrays.*"
                                             r"\.npy.*rebuild"):
+        load_recommender(newer)
+    man["schema"] = 4  # users without the history weights and profile mass of the online update (issue 12)
+    (newer / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match=r"bundle schema 4 was built by an older apex-rank \(its users lack the "
+                                            r"history weights.*rebuild"):
         load_recommender(newer)
     (b / "reranker.txt").unlink()
     with pytest.raises(ArtifactError, match="reranker.txt"):
