@@ -18,6 +18,8 @@ from urllib.parse import quote
 
 import pytest
 
+from apex_rank.synthetic import World
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -136,6 +138,14 @@ class OwnRedis:
 
 
 @lru_cache(maxsize=4)
+def bundle_world(seed: int = 7) -> World:
+    """The synthetic world :func:`bundle_dir` builds its bundle from."""
+    from apex_rank.synthetic import WorldConfig, make_world
+
+    return make_world(WorldConfig(n_songs=800, n_users=200, dim=32, interactions_per_user=30, seed=seed))
+
+
+@lru_cache(maxsize=4)
 def bundle_dir(seed: int = 7) -> str:
     """A small Recommender bundle (synthetic world, seeded) saved in a temp folder.
 
@@ -145,10 +155,9 @@ def bundle_dir(seed: int = 7) -> str:
     from apex_rank.ranking.cf import CFConfig
     from apex_rank.ranking.recommender import ApexFitConfig, Recommender, RecommenderConfig
     from apex_rank.ranking.reranker import RerankerConfig
-    from apex_rank.synthetic import WorldConfig, make_world
     from apex_rank.threads import using_threads
 
-    world = make_world(WorldConfig(n_songs=800, n_users=200, dim=32, interactions_per_user=30, seed=seed))
+    world = bundle_world(seed)
     cfg = RecommenderConfig(apex=ApexFitConfig(epochs=2, patience=1, batch_size=512),
                             reranker=RerankerConfig(n_estimators=15, early_stopping_rounds=5),
                             cf=CFConfig(factors=16, iterations=5), seed=seed)
