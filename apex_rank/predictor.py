@@ -24,6 +24,7 @@ from apex_rank.device import resolve_device
 from apex_rank.errors import CheckpointError, SchemaError
 from apex_rank.manifest import read_manifest, write_manifest
 from apex_rank.model import TRUNK_WIDTHS, ApexHead, FusedApexHead
+from apex_rank.schemas import embedding_matrix
 from apex_rank.tasks import APEX_TASKS, TASK_SETS
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 KIND = "apex-predictor"
 SCHEMA = 1
 WEIGHTS = "head.safetensors"
+# rows per forward pass: a row's scores depend on how many rows share its matrix product (CPU
+# kernels differ by size), so an engine that must match `predict` bit for bit cuts the same blocks
+PREDICT_ROWS = 65536
 
 
 class ApexPredictor:
@@ -87,7 +91,7 @@ class ApexPredictor:
         trained = np.isin(APEX_TASKS, self.tasks)
         return ~(np.isfinite(P) == trained[None, :]).all(axis=1) | np.isinf(P).any(axis=1)
 
-    def predict(self, embeddings: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
+    def predict(self, embeddings: np.ndarray, *, batch_size: int = PREDICT_ROWS) -> np.ndarray:
         """(n, d) embeddings → (n, 7) float32 in ``APEX_TASKS`` order.
 
         Tasks the head was not trained for (a popularity-only head) are NaN columns.
@@ -108,15 +112,33 @@ class ApexPredictor:
         out[:, self._cols] = np.concatenate(parts)
         return out
 
-    def score_songs(self, song_ids: Sequence[str], embeddings: np.ndarray) -> pl.DataFrame:
+    def score_songs(
+        self, song_ids: Sequence[str], embeddings: np.ndarray, *, batch_size: int = PREDICT_ROWS
+    ) -> pl.DataFrame:
         """A table ``song_id`` + one float32 column per APEX task."""
         if len(song_ids) != len(embeddings):
             raise SchemaError(f"{len(song_ids)} song ids for {len(embeddings)} embedding rows")
-        P = self.predict(embeddings)
+        P = self.predict(embeddings, batch_size=batch_size)
         cols: dict[str, Any] = {"song_id": pl.Series(list(song_ids), dtype=pl.String)}
         for j, t in enumerate(APEX_TASKS):
             cols[t] = pl.Series(P[:, j], dtype=pl.Float32)
         return pl.DataFrame(cols)
+
+    def score_embeddings(
+        self, emb: pl.DataFrame, *, source: str = "embeddings", batch_size: int = PREDICT_ROWS
+    ) -> pl.DataFrame:
+        """An embeddings table → ``song_id`` + the 7 task columns: the pure batch step of
+        ``apex-rank predict``, on one machine and in each Ray actor (``--engine ray``).
+
+        Refuses embeddings of another encoder than the head's (naming ``source``, the file) and
+        rows :func:`embedding_matrix` rejects (wrong width, NaN, a repeated id; naming the song).
+        """
+        if self.encoder and "encoder" in emb.columns and emb.height and emb["encoder"][0] != self.encoder:
+            raise SchemaError(
+                f"{source}: embeddings come from encoder {emb['encoder'][0]!r} but the model expects {self.encoder!r}"
+            )
+        ids, X = embedding_matrix(emb, expected_width=self.input_dim)
+        return self.score_songs(ids, X, batch_size=batch_size)
 
     # ---------------------------------------------------------------- persistence
     def save(self, folder: str | Path) -> Path:

@@ -26,6 +26,7 @@ Example
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -174,7 +175,8 @@ def _song_id(path: Path, root: Path) -> str:
 
 
 def collect_sources(source: str | Path) -> list[SongSource]:
-    """Songs to embed from a folder (recursive) or a manifest table (parquet/CSV).
+    """Songs to embed from a folder (recursive), a manifest table (parquet/CSV) or a glob
+    pattern (``music/**/*.flac``; ids are the paths under the folder before the first wildcard).
 
     A manifest needs an ``audio_path`` column (relative paths are taken from the manifest's
     folder) and may have ``song_id``; without it ids are derived from the paths. Duplicate ids
@@ -191,10 +193,19 @@ def collect_sources(source: str | Path) -> list[SongSource]:
 def _collect(source: str | Path) -> tuple[list[SongSource], list[FileFailure]]:
     src = Path(source)
     passed_over: list[FileFailure] = []
-    if src.is_dir():
-        scan = scan_audio_folder(src)
-        sources = [SongSource(_song_id(p, src), str(p)) for p in scan.files]
-        passed_over = [FileFailure(_song_id(p, src), str(p), f"{p}: {why}") for p, why in scan.skipped]
+    if src.is_dir() or (not src.exists() and glob.has_magic(str(source))):
+        if src.is_dir():
+            scan = scan_audio_folder(src)
+            root, files = src, scan.files
+            passed_over = [FileFailure(_song_id(p, src), str(p), f"{p}: {why}") for p, why in scan.skipped]
+        else:  # a glob: ids are the paths under the folder before the first wildcard
+            parts = src.parts
+            first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            root = Path(*parts[:first]) if first else Path(".")
+            files = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
+            if not files:
+                raise SchemaError(f"{source}: the pattern matches no file")
+        sources = [SongSource(_song_id(p, root), str(p)) for p in files]
         passed_over += [FileFailure(s.song_id, s.path, f"{s.path}: its id {s.song_id!r} is longer than 128 characters")
                         for s in sources if len(s.song_id) > 128]
         sources = [s for s in sources if len(s.song_id) <= 128]
@@ -220,7 +231,7 @@ def _collect(source: str | Path) -> tuple[list[SongSource], list[FileFailure]]:
             f"audio files are found by extension ({', '.join(AUDIO_EXTENSIONS)})"
         )
     else:
-        raise SchemaError(f"{src}: no such folder or manifest table")
+        raise SchemaError(f"{src}: no such folder or manifest table (nor a glob pattern)")
     seen: dict[str, str] = {}
     for s in sources:
         if s.song_id in seen:

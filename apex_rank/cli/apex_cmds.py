@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from apex_rank.cli.embed_cmds import add_engine_options
 from apex_rank.cli.outputs import check_out_file, check_out_folder
 from apex_rank.config import load_config
-from apex_rank.errors import SchemaError
 from apex_rank.manifest import write_json_atomic
 from apex_rank.predictor import ApexPredictor
-from apex_rank.schemas import embedding_matrix, read_table
+from apex_rank.schemas import read_table
 from apex_rank.training import TrainConfig
 
 
@@ -31,9 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="predict the 7 APEX scores for an embeddings table")
     p.add_argument("--model", required=True, help="predictor folder")
-    p.add_argument("--embeddings", required=True, help="embeddings parquet")
-    p.add_argument("--out", required=True, help="output parquet: song_id + 7 task columns")
+    p.add_argument("--embeddings", required=True, help="embeddings parquet (or folder of parts, --engine ray)")
+    p.add_argument("--out", required=True, help="output parquet: song_id + 7 task columns (--engine ray: a folder)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--engine ray)")
+    add_engine_options(p, batch_size=None)  # a Ray actor call scores a parquet row group
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("import-official", help="convert the authors' best_model.pt into a predictor folder")
@@ -74,19 +76,38 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return _predict_ray(args)
     check_out_file(args.out)
     predictor = ApexPredictor.load(args.model, device=args.device)
-    emb = read_table(args.embeddings, "embeddings")
-    if predictor.encoder and "encoder" in emb.columns and emb.height and emb["encoder"][0] != predictor.encoder:
-        raise SchemaError(
-            f"{args.embeddings}: embeddings come from encoder {emb['encoder'][0]!r} but the model "
-            f"expects {predictor.encoder!r}"
-        )
-    ids, X = embedding_matrix(emb, expected_width=predictor.input_dim)
+    scores = predictor.score_embeddings(read_table(args.embeddings, "embeddings"), source=args.embeddings)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    predictor.score_songs(ids, X).write_parquet(out)
-    print(f"predictions for {len(ids)} songs written to {out}")
+    scores.write_parquet(out)
+    print(f"predictions for {scores.height} songs written to {out}")
+    return 0
+
+
+def _predict_ray(args: argparse.Namespace) -> int:
+    import sys
+
+    from tqdm import tqdm
+
+    from apex_rank.features.ray_engine import predict_on_ray
+
+    bar = None if args.no_progress else tqdm(unit="song", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(n_done: int) -> None:
+        if bar is not None:
+            bar.update(n_done - bar.n)
+
+    try:
+        run = predict_on_ray(args.model, args.embeddings, args.out, address=args.address, device=args.device,
+                             actors=args.actors, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"predictions for {run.n_written} songs written to {args.out} ({run.n_resumed} already there)")
     return 0
 
 

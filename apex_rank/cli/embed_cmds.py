@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Bad files are skipped and listed; the command fails only if nothing could be embedded (or with --strict).",
     )
     p.add_argument(
-        "source", metavar="PATH_OR_MANIFEST", help="folder of audio files, or parquet/CSV with audio_path[, song_id]"
+        "source",
+        metavar="PATH_OR_MANIFEST",
+        help="folder of audio files, parquet/CSV with audio_path[, song_id], or a quoted glob ('music/**/*.flac')",
     )
     p.add_argument(
         "--encoder",
@@ -29,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fusion", choices=("official", "mean"), help="layer fusion for mert (default official)")
     p.add_argument("--allow-download", action="store_true", help="let mert fetch the hub model (needs network)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own code (MERT needs it)")
-    p.add_argument("--out", required=True, help="output parquet")
+    p.add_argument("--out", required=True, help="output parquet (--engine ray: a folder of parquet parts)")
+    add_engine_options(p, batch_size=8)
     p.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the encoder's own default)")
     p.add_argument("--cache", metavar="DIR", help="content-hash cache folder: re-runs embed only new or changed files")
@@ -52,6 +55,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true", help="exit non-zero if any file was skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
+
+
+def add_engine_options(p: argparse.ArgumentParser, *, batch_size: int | None) -> None:
+    """``--engine`` and the Ray options, shared by ``embed`` and ``predict``."""
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default) or ray: Ray Data actors write a resumable folder of parquet parts "
+                   "(needs pip install 'apex-rank[scale]')")
+    p.add_argument("--address", help="--engine ray: address of a running Ray cluster ('auto'); default: a local one")
+    p.add_argument("--actors", type=int, help="--engine ray: actors (default: one per GPU for a model, else per CPU)")
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=int, default=batch_size,
+                       help=f"--engine ray: rows per actor call and per part file (default {batch_size})")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,7 +107,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         write_embeddings,
     )
 
-    check_out_file(args.out)
+    if args.engine == "local":
+        check_out_file(args.out)
     cfg = EmbedConfig(
         encoder=args.encoder,
         encoder_options=_options(args),
@@ -118,26 +134,37 @@ def cmd_embed(args: argparse.Namespace) -> int:
         bar.update(1)
 
     try:
-        result = embed_audio(args.source, cfg, progress=progress)
+        if args.engine == "ray":
+            from apex_rank.features.ray_engine import embed_on_ray
+
+            run = embed_on_ray(args.source, cfg, args.out, address=args.address, batch_size=args.batch_size,
+                               actors=args.actors, progress=progress)
+            n_ok, skipped, audio_s = run.n_written + run.n_resumed, run.skipped, run.audio_s
+            encoder_id, n_new, n_old, old = run.encoder_id, run.n_written, run.n_resumed, f"already in {args.out}"
+            speed_x = run.speed_x
+        else:
+            result = embed_audio(args.source, cfg, progress=progress)
+            n_ok, skipped, audio_s = result.table.height, result.skipped, result.audio_s
+            encoder_id, n_new, n_old, old = result.encoder_id, result.n_embedded, result.n_cached, "from cache"
+            speed_x = result.speed_x
+            if n_ok:
+                write_embeddings(result.table, args.out)
     finally:
         if bar is not None:
             bar.close()
-    n_ok = result.table.height
-    if n_ok:
-        write_embeddings(result.table, args.out)
-    speed = f"new audio at {result.speed_x:.0f}x real-time" if result.n_embedded else "nothing new to embed"
+    speed = f"new audio at {speed_x:.0f}x real-time" if n_new else "nothing new to embed"
     print(
-        f"embedded {n_ok} song(s) with {result.encoder_id} ({result.n_embedded} new, {result.n_cached} from cache), "
-        f"{result.audio_s / 3600:.3f} h of audio, {speed}" + (f" -> {args.out}" if n_ok else "")
+        f"embedded {n_ok} song(s) with {encoder_id or args.encoder} ({n_new} new, {n_old} {old}), "
+        f"{audio_s / 3600:.3f} h of audio, {speed}" + (f" -> {args.out}" if n_ok else "")
     )
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} file(s):", file=sys.stderr)
-        for line in iter_failures_summary(result.skipped):
+    if skipped:
+        print(f"skipped {len(skipped)} file(s):", file=sys.stderr)
+        for line in iter_failures_summary(skipped):
             print(f"  {line}", file=sys.stderr)
     if n_ok == 0:
         print("apex-rank embed: error: nothing could be embedded", file=sys.stderr)
         return 1
-    if args.strict and result.skipped:
+    if args.strict and skipped:
         print("apex-rank embed: error: --strict and some files were skipped", file=sys.stderr)
         return 1
     return 0
