@@ -16,7 +16,8 @@ import numpy as np
 
 from apex_rank.ranking.online.config import OnlineConfig
 from apex_rank.ranking.online.engine import RankingEngine
-from apex_rank.ranking.online.events import Interaction, ingest, record, record_many
+from apex_rank.ranking.online.events import Interaction, record, record_many
+from apex_rank.ranking.online.ingest import ingest
 from apex_rank.ranking.online.memory_store import InProcessStore
 from apex_rank.ranking.online.publisher import publish
 from apex_rank.ranking.online.ranker import OnlineRanker
