@@ -426,7 +426,7 @@ def _candidate_recall(frame: pl.DataFrame, n_positive: int) -> dict[str, float]:
     pos = frame.filter(pl.col("label") > 0)
     out = {"union": pos.height / max(n_positive, 1)}
     for c in RANK_COLUMNS:
-        out[c.removeprefix("rank_")] = pos[c].is_not_null().sum() / max(n_positive, 1)
+        out[c.removeprefix("rank_")] = int(pos[c].is_not_null().sum()) / max(n_positive, 1)
     out["n_positive_pairs"] = n_positive
     return out
 
