@@ -61,6 +61,13 @@ class RerankerConfig:
         show to reorder the ALS list; below it they only order what that list ties (songs
         outside its top :data:`ALS_PRIOR_RANK_CAP`, new songs among them; see ``tree_weight``).
     seed: seeds the user split, the negative sample and LightGBM.
+    engine: ``"local"`` (LightGBM in this process) or ``"dask"``: the training groups are cut into
+        partitions of whole users, each partition's LightGBM inputs are built on a Dask worker
+        and ``lightgbm.dask.DaskLGBMRanker`` trains on them (the ``scale`` extra; see
+        :mod:`apex_rank.ranking.dask_reranker`).
+    dask_partitions: partitions of the training groups for ``engine="dask"`` (0: one per worker).
+    dask_address: the scheduler for ``engine="dask"`` (``tcp://host:8786``); empty: the client
+        already running in this process.
     """
 
     num_leaves: int = 31
@@ -78,8 +85,15 @@ class RerankerConfig:
     als_prior: float = 1.0
     min_val_gain: float = 0.02
     seed: int = 0
+    engine: str = "local"
+    dask_partitions: int = 0
+    dask_address: str = ""
 
     def __post_init__(self) -> None:
+        if self.engine not in ("local", "dask"):
+            raise ConfigError(f"reranker.engine must be 'local' or 'dask', got {self.engine!r}")
+        if self.dask_partitions < 0:
+            raise ConfigError(f"reranker.dask_partitions must be >= 0, got {self.dask_partitions}")
         if not 0.0 < self.val_share < 1.0:
             raise ConfigError(f"reranker.val_share must be in (0, 1), got {self.val_share}")
         if not 1 <= self.max_query_rows <= LGB_QUERY_LIMIT:
@@ -271,6 +285,14 @@ def query_groups(user_ids: pl.Series, max_rows: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+def lgb_inputs(part: pl.DataFrame, label_col: str, cfg: RerankerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LightGBM's inputs from training groups sorted by user: the feature matrix, the labels
+    clipped to ``max_grade`` and the query group sizes (on one machine, and per partition on
+    each Dask worker)."""
+    y = np.clip(part[label_col].to_numpy(), 0, cfg.max_grade).astype(np.int32)
+    return feature_matrix(part), y, query_groups(part["user_id"], cfg.max_query_rows)
+
+
 class Reranker:
     """LightGBM lambdarank over ``FEATURES`` (see module doc)."""
 
@@ -327,31 +349,35 @@ class Reranker:
             "force_row_wise": True,
             "verbosity": -1,
         }
-        sets = []
-        for flag in (False, True):
-            part = f.filter(pl.col("_val") == flag)
-            y = np.clip(part[label_col].to_numpy(), 0, cfg.max_grade).astype(np.int32)
-            sets.append((feature_matrix(part), y, query_groups(part["user_id"], cfg.max_query_rows)))
-        dtrain = lgb.Dataset(sets[0][0], sets[0][1], group=sets[0][2], feature_name=list(FEATURES), free_raw_data=True,
-                             init_score=base_score(sets[0][0], cfg.als_prior))
-        dval = lgb.Dataset(sets[1][0], sets[1][1], group=sets[1][2], reference=dtrain,
-                           init_score=base_score(sets[1][0], cfg.als_prior))
-        evals: dict[str, dict[str, list[float]]] = {}
-        self.booster = lgb.train(
-            params,
-            dtrain,
-            num_boost_round=cfg.n_estimators,
-            valid_sets=[dval],
-            valid_names=["val"],
-            callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)],
-        )
-        self.best_iteration = int(self.booster.best_iteration or cfg.n_estimators)
-        hist = evals.get("val", {}).get(f"ndcg@{cfg.eval_at}", [])
-        self.best_score = float(hist[self.best_iteration - 1]) if hist else float("nan")
+        val = lgb_inputs(f.filter(pl.col("_val")), label_col, cfg)
+        if cfg.engine == "dask":
+            from apex_rank.ranking.dask_reranker import train_on_dask
+
+            self.booster, self.best_iteration, self.best_score = train_on_dask(
+                params, f.filter(~pl.col("_val")), val, label_col, cfg
+            )
+        else:
+            train = lgb_inputs(f.filter(~pl.col("_val")), label_col, cfg)
+            dtrain = lgb.Dataset(train[0], train[1], group=train[2], feature_name=list(FEATURES), free_raw_data=True,
+                                 init_score=base_score(train[0], cfg.als_prior))
+            dval = lgb.Dataset(val[0], val[1], group=val[2], reference=dtrain,
+                               init_score=base_score(val[0], cfg.als_prior))
+            evals: dict[str, dict[str, list[float]]] = {}
+            self.booster = lgb.train(
+                params,
+                dtrain,
+                num_boost_round=cfg.n_estimators,
+                valid_sets=[dval],
+                valid_names=["val"],
+                callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)],
+            )
+            self.best_iteration = int(self.booster.best_iteration or cfg.n_estimators)
+            hist = evals.get("val", {}).get(f"ndcg@{cfg.eval_at}", [])
+            self.best_score = float(hist[self.best_iteration - 1]) if hist else float("nan")
         # the same validation groups ordered by the ALS source alone: what the reranker must beat
-        r_als = sets[1][0][:, FEATURES.index("rank_als")]
-        self.als_order_score = group_ndcg(sets[1][1], -np.nan_to_num(r_als, nan=np.inf), sets[1][2], cfg.eval_at)
-        self._validation = sets[1]  # kept for exposure_on_validation (not saved)
+        r_als = val[0][:, FEATURES.index("rank_als")]
+        self.als_order_score = group_ndcg(val[1], -np.nan_to_num(r_als, nan=np.inf), val[2], cfg.eval_at)
+        self._validation = val  # kept for exposure_on_validation (not saved)
         # Trees that barely beat the ALS order on validation learned corrections that do not
         # carry over to the serving side, whose CF is refitted on every interaction: MovieLens
         # random split, validation +0.6% over the ALS order, test -1.4% (seed 43). Such trees
