@@ -154,7 +154,12 @@ def build_parts(
     played[inter["_s"].unique().to_numpy()] = True
     sources_t, _ = make_sources(table_t, cf_t, _content_index(table_t, cfg, subset=played),
                                 _pseudo_index(table_t, cfg, subset=played), cfg.candidates, rankable=played)
-    frame, recall = training_frame(label_part, users_t, table_t, cf_t, sources_t, cfg)
+    if cfg.reranker.engine == "dask":  # issue 16: the frame built per partition of users on the Dask workers
+        from apex_rank.ranking.dask_reranker import training_frame_on_dask
+
+        frame, recall = training_frame_on_dask(training_frame, label_part, users_t, table_t, cf_t, sources_t, cfg=cfg)
+    else:
+        frame, recall = training_frame(label_part, users_t, table_t, cf_t, sources_t, cfg)
     report.update(
         n_fit_songs=int(fit_part["_s"].n_unique()),
         n_simulated_new_songs=int(len(sim)),

@@ -1,7 +1,9 @@
 """Reranker training on Dask: ``RerankerConfig(engine="dask")`` (the ``scale`` extra).
 
-:meth:`~apex_rank.ranking.reranker.Reranker.fit` prepares the groups as it does on one machine
-(the same users, validation split and negative sample) and hands the training groups here:
+The build makes the training frame with :func:`training_frame_on_dask`: its own frame builder
+run on each worker for a block of users. Then :meth:`~apex_rank.ranking.reranker.Reranker.fit`
+prepares the groups as it does on one machine (the same users, validation split and negative
+sample) and hands the training groups here:
 
 1. :func:`user_partitions` cuts them into partitions of whole users (a query group is never
    split across partitions, LightGBM's ranking objective needs each group on one worker);
@@ -21,12 +23,13 @@ running in the caller's process.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from apex_rank.errors import ConfigError
+from apex_rank.errors import ConfigError, SchemaError
 from apex_rank.ranking.rerank_features import FEATURES
 from apex_rank.ranking.reranker import RerankerConfig, base_score, group_ndcg, lgb_inputs, query_groups
 
@@ -64,6 +67,60 @@ def user_partitions(frame: pl.DataFrame, n_parts: int) -> list[pl.DataFrame]:
     part_of_user = np.minimum((ends - sizes) * n_parts // ends[-1], n_parts - 1)
     cuts = np.r_[0, ends[np.flatnonzero(np.diff(part_of_user)) ], frame.height]
     return [frame.slice(int(a), int(b - a)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def training_frame_on_dask(
+    build_frame: Callable[..., tuple[pl.DataFrame, dict[str, float]]],
+    label_part: pl.DataFrame,
+    *training_side: Any,
+    cfg: Any,
+) -> tuple[pl.DataFrame, dict[str, float]]:
+    """The reranker's training frame built per partition of users on the Dask workers.
+
+    ``build_frame`` is the build's own frame builder (``build.training_frame``, passed in: this
+    module may not import the build), called on each worker with that partition's rows of
+    ``label_part`` and the training side (user states, songs, CF, candidate sources; sent once to
+    every worker). Partitions are blocks of users in id order, so the frames concatenate in the
+    order one machine builds them; each partition samples its share of
+    ``reranker.max_train_users``. The per-source recall of the partitions is merged by their
+    positive pairs.
+    """
+    from dataclasses import replace
+
+    client = _client(cfg.reranker.dask_address)
+    workers = sorted(client.scheduler_info().get("workers", {}))
+    if not workers:
+        raise ConfigError("reranker.engine='dask': the Dask cluster has no worker")
+    users = label_part["user_id"].unique().sort()
+    n_parts = max(1, min(cfg.reranker.dask_partitions or len(workers), users.len()))
+    share = replace(cfg, reranker=replace(cfg.reranker, max_train_users=-(-cfg.reranker.max_train_users // n_parts)))
+    side = client.scatter(list(training_side), broadcast=True)
+    futures = []
+    for i, block in enumerate(np.array_split(np.arange(users.len()), n_parts)):
+        rows = label_part.filter(pl.col("user_id").is_in(users.gather(block).implode()))
+        futures.append(client.submit(_frame_or_none, build_frame, rows, *side, share,
+                                     workers=[workers[i % len(workers)]], pure=False))
+    results = client.gather(futures)
+    built = [r for r in results if not isinstance(r, str)]
+    if not built:
+        raise SchemaError(results[0])
+    frame = pl.concat([f for f, _ in built])
+    n_pos = sum(int(r["n_positive_pairs"]) for _, r in built)
+    recall = {k: sum(r[k] * r["n_positive_pairs"] for _, r in built) / max(n_pos, 1)
+              for k in built[0][1] if k != "n_positive_pairs"}
+    recall["n_positive_pairs"] = n_pos
+    log.info("reranker training frame: %d rows of %d users built in %d partitions on %d workers", frame.height,
+             users.len(), n_parts, len(workers))
+    return frame, recall
+
+
+def _frame_or_none(build_frame: Callable[..., Any], *args: Any) -> Any:
+    """``build_frame(*args)``, or the message of its SchemaError: a partition none of whose users
+    has both earlier and later plays is empty, not a failure (unless every partition is)."""
+    try:
+        return build_frame(*args)
+    except SchemaError as err:
+        return str(err)
 
 
 def _worker_inputs(part: pl.DataFrame, label_col: str, cfg: RerankerConfig) -> tuple[np.ndarray, ...]:

@@ -61,7 +61,8 @@ class RerankerConfig:
         show to reorder the ALS list; below it they only order what that list ties (songs
         outside its top :data:`ALS_PRIOR_RANK_CAP`, new songs among them; see ``tree_weight``).
     seed: seeds the user split, the negative sample and LightGBM.
-    engine: ``"local"`` (LightGBM in this process) or ``"dask"``: the training groups are cut into
+    engine: ``"local"`` (LightGBM in this process) or ``"dask"``: the build makes the training
+        frame per partition of users on the Dask workers, and the training groups are cut into
         partitions of whole users, each partition's LightGBM inputs are built on a Dask worker
         and ``lightgbm.dask.DaskLGBMRanker`` trains on them (the ``scale`` extra; see
         :mod:`apex_rank.ranking.dask_reranker`).

@@ -96,3 +96,26 @@ def test_bad_dask_settings_are_clear_errors() -> None:
     cfg = RerankerConfig(engine="dask", dask_address="tcp://127.0.0.1:9", n_estimators=5)
     with pytest.raises(ConfigError, match=r"reranker.dask_address 'tcp://127.0.0.1:9': no Dask scheduler answers"):
         Reranker(cfg).fit(_frame(20, 4, "u"))
+
+
+def test_build_with_the_dask_engine_makes_the_one_machine_training_frame(client: object) -> None:
+    """Recommender.build with reranker.engine='dask' builds the training frame per partition of
+    users on the workers (build.training_frame on each) and trains there: the same rows and the
+    same candidate recall as one machine, and a reranker that ranks its validation groups alike."""
+    from apex_rank.ranking.cf import CFConfig
+    from apex_rank.ranking.recommender import ApexFitConfig, Recommender, RecommenderConfig
+    from apex_rank.threads import using_threads
+    from tests.integration.online_support import bundle_world
+
+    world = bundle_world(7)
+    cfg = RecommenderConfig(apex=ApexFitConfig(epochs=2, patience=1, batch_size=512),
+                            reranker=RerankerConfig(n_estimators=30, early_stopping_rounds=10),
+                            cf=CFConfig(factors=16, iterations=5), seed=7)
+    with using_threads(1):
+        local = Recommender.build(world.songs, world.embeddings, world.interactions, config=cfg)
+        on_dask = Recommender.build(world.songs, world.embeddings, world.interactions,
+                                    config=replace(cfg, reranker=replace(cfg.reranker, engine="dask")))
+    assert on_dask.report["n_rerank_rows"] == local.report["n_rerank_rows"] > 0
+    assert on_dask.report["candidate_recall"] == pytest.approx(local.report["candidate_recall"], abs=1e-12)
+    assert on_dask.reranker.als_order_score == local.reranker.als_order_score  # the same validation groups
+    assert abs(on_dask.reranker.best_score - local.reranker.best_score) <= 0.02
