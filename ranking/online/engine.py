@@ -3,13 +3,12 @@
 :class:`RankingEngine` holds a published bundle's heavy state (FAISS index, CF item factors,
 reranker, APEX predictor, song table), loaded explicitly from the bundle folder, and ranks for
 a user state read from the store. The online layer never imports model code itself: it asks
-the engine. The engine never imports a store module: states come in and records go out as
-plain values.
+the engine. The engine never imports a store module: user states come in and go out as
+:class:`~apex_rank.ranking.state.UserState` values, the one state type the store decodes to.
 
-The online path and the offline path are the same code: a :class:`~apex_rank.ranking.state.
-UserState` is rebuilt from the stored user record (CF factor, content profile, history,
-activity; float32 bytes decode to the exact arrays that were published) and handed to
-``Recommender.rank_items``, which runs ``rank_arrays`` (candidates → features → reranker →
+The online path and the offline path are the same code: the stored
+:class:`~apex_rank.ranking.state.UserState` (float32 bytes decode to the exact arrays that
+were published) is handed to ``Recommender.rank_items``, which runs ``rank_arrays`` (candidates → features → reranker →
 top-k), the function whose frame form ``Recommender.recommend`` returns. Hence
 ``OnlineRanker.rank(u) == Recommender.recommend(u)`` for an unchanged state, with one
 exception by design: from ``FactorIndexConfig.min_songs`` warm songs (50k by default) the

@@ -1,8 +1,10 @@
 """Events: what changes the users' online state between publishes.
 
 ``record_many`` appends a batch of interactions to the event stream and, in the same Redis
-transaction, updates each user's bounded recent history and content profile under the current
-version, so the next ``rank`` reflects them; a user the store has never seen is created.
+transaction, updates each user's state under the current version with the build's own
+algorithm (:class:`EventUpdate`: history, activity, latest time and the half-life mean profile
+event by event, then the CF factor folded in for a user the bundle has none for), so the next
+``rank`` reflects them; a user the store has never seen is created.
 Every event of a batch is checked before any is written (ids, kind, a ``ts`` of unix seconds
 in ``[2000-01-01, now + 1 day]``, the song in the current catalogue), the batch is written
 all or nothing, and it costs a fixed number of round trips whatever its size (``record`` is
