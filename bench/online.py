@@ -99,9 +99,11 @@ def _rss_kb(pid: int) -> int:
     return total
 
 
-def build_bundle(n_songs: int, n_users: int, out: Path) -> dict[str, float]:
+def build_bundle(n_songs: int, n_users: int, out: Path, *, max_train_users: int = 1000) -> dict[str, Any]:
     """Build and save a bundle with 300 candidates per user. The APEX head is a seeded,
-    untrained one (its priors only feed features; latency does not depend on their quality)."""
+    untrained one (its priors only feed features; latency does not depend on their quality).
+    ``max_train_users`` caps the users whose candidates train the reranker (``bench.capacity``
+    raises it to time training at two sizes)."""
     import torch
 
     from apex_rank.model import ApexHead
@@ -119,7 +121,7 @@ def build_bundle(n_songs: int, n_users: int, out: Path) -> dict[str, float]:
     apex = ApexPredictor(ApexHead(input_dim=64), encoder="synthetic", device="cpu")
     cfg = RecommenderConfig(
         candidates=CandidateConfig(als=120, content=80, pseudo_cf=60, fresh=40),  # 300 candidates
-        reranker=RerankerConfig(n_estimators=60, early_stopping_rounds=15, max_train_users=1000),
+        reranker=RerankerConfig(n_estimators=60, early_stopping_rounds=15, max_train_users=max_train_users),
         cf=CFConfig(factors=32, iterations=8),
         # IVF content index as in bench.ranking: an exact scan of 100k vectors per request costs ~4.5 ms
         index=IndexConfig(content_factory=ivf_factory(n_songs), nprobe=32))
@@ -127,7 +129,9 @@ def build_bundle(n_songs: int, n_users: int, out: Path) -> dict[str, float]:
     t2 = time.perf_counter()
     rec.save(out)
     return {"world_s": round(t1 - t0, 1), "build_s": round(t2 - t1, 1),
-            "save_s": round(time.perf_counter() - t2, 1), "interactions": inter.height}
+            "save_s": round(time.perf_counter() - t2, 1), "interactions": inter.height,
+            "timings": {k: round(v, 2) for k, v in rec.report.get("timings", {}).items()},
+            "n_rerank_rows": rec.report.get("n_rerank_rows")}
 
 def _http_phase(args: argparse.Namespace, bundle: Path, ns: str, users: list[str],
                 table: list[dict[str, Any]], n_req: int, load_s: float) -> dict[str, Any]:

@@ -325,7 +325,7 @@ class CandidateIndex:
         ivf = _ivf_of(index)
         if ivf is not None and hasattr(ivf, "do_polysemous_training"):
             # index_factory turns it on for IVF-PQ; it only serves polysemous_ht search (never
-            # used here) and made training 5-10x slower (2 min for 20k vectors at 256-d)
+            # used here) and made training 6x slower or worse (docs/scale.md)
             ivf.do_polysemous_training = False
         self._shards: list[Any] = [index]
         self._fixed_bytes: int | None = None
