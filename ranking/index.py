@@ -110,7 +110,8 @@ def bytes_per_vector(index: Any) -> int:
         elif isinstance(layer, faiss.IndexIVF):
             code = int(layer.code_size) + 8
         elif isinstance(layer, faiss.IndexHNSW):
-            code = 4 * layer.d + 8 * 2 * layer.hnsw.nb_neighbors(0)
+            # float32 vector, int32 links of the bottom layer, offsets and levels (upper layers: ~1/M of it)
+            code = 4 * layer.d + 4 * layer.hnsw.nb_neighbors(0) + 16
         elif code is None and not isinstance(layer, faiss.IndexPreTransform):
             code = int(layer.sa_code_size())
     return per + (code or 0)

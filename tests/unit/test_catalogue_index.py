@@ -194,3 +194,15 @@ def test_schema_one_manifest_still_loads(tmp_path: Path) -> None:
                                                                      "ef_search", "ids")}))
     back = CandidateIndex.load(tmp_path / "i.faiss")
     assert back.search(np.eye(1, 8, dtype=np.float32), 1)[1].tolist() == [["a"]]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "PQ8x4", "IVF32,Flat", "IVF32,PQ8", "PCAR16,IVF32,PQ8"])
+def test_memory_estimate_of_any_factory(factory: str, tmp_path: Path) -> None:
+    """memory_bytes (what sharding budgets with) against the written file; an id map keeps a
+    reverse map in memory that its file does not hold (8 B a vector)."""
+    X = np.random.default_rng(0).normal(size=(3000, 32)).astype(np.float32)
+    idx = CandidateIndex(32, factory)
+    idx.add([f"s{i}" for i in range(len(X))], X)
+    written = idx.save(tmp_path / "x.faiss")[0].stat().st_size
+    in_memory = written + (0 if idx._is_ivf else 8 * len(X))
+    assert abs(idx.memory_bytes() - in_memory) / in_memory < 0.05, (idx.memory_bytes(), in_memory)
