@@ -59,15 +59,18 @@ class Sizes:
     als_topk_argv: tuple[str, ...]
     events_argv: tuple[str, ...]
     embed: bool
+    faiss_argv: tuple[str, ...]  # bench.faiss_scale (issue 16: IVF-PQ at catalogue scale)
 
 
 QUICK = Sizes(online_songs=(10_000,), batch_songs=(10_000,), batch_world="bench.online bundle",
               online_requests=200, apex_repeats=20, batch_repeats=3, latency_users=50,
               als_topk_argv=("--quick", "--sizes", "10000,100000", "--skip-candidate-recall"),
-              events_argv=("--quick",), embed=False)
+              events_argv=("--quick",), embed=False,
+              faiss_argv=("--songs", "100000", "--queries", "200", "--singles", "100", "--nprobe", "16,64"))
 FULL = Sizes(online_songs=(100_000, 1_000_000), batch_songs=(10_000, 100_000), batch_world="bench.ranking world",
              online_requests=400,
-             apex_repeats=25, batch_repeats=3, latency_users=200, als_topk_argv=(), events_argv=(), embed=True)
+             apex_repeats=25, batch_repeats=3, latency_users=200, als_topk_argv=(), events_argv=(), embed=True,
+             faiss_argv=())
 
 
 @dataclass
@@ -219,7 +222,7 @@ def _batch(results: Results, songs: int, sizes: Sizes, bundles: Path) -> None:
 
 
 def run(sizes: Sizes, bundles: Path, redis_url: str) -> Results:
-    from bench import als_topk, events
+    from bench import als_topk, events, faiss_scale
 
     res = Results()
     res.apex = _section(res, "APEX head (bench.apex_head)",
@@ -234,6 +237,7 @@ def run(sizes: Sizes, bundles: Path, redis_url: str) -> Results:
                  partial(_batch, res, n, sizes, bundles))
     _section(res, "ALS top-k (bench.als_topk)", lambda: als_topk.main(list(sizes.als_topk_argv)))
     _section(res, "event recording (bench.events)", lambda: events.main([*sizes.events_argv, "--redis", redis_url]))
+    _section(res, "FAISS at catalogue scale (bench.faiss_scale)", lambda: faiss_scale.main(list(sizes.faiss_argv)))
     if sizes.embed:
         from bench import embed
 
