@@ -44,7 +44,7 @@ import polars as pl
 import pyarrow as pa
 
 from apex_rank.config import to_dict
-from apex_rank.errors import ConfigError, SchemaError
+from apex_rank.errors import ApexRankError, ConfigError, SchemaError
 from apex_rank.features.audio import AudioConfig
 from apex_rank.features.embed import (
     EmbedConfig,
@@ -154,6 +154,8 @@ class _Session:
         ctx = self.ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the CLI draws its own bar, per file
         ctx.verbose_progress = False
+        if not log.isEnabledFor(logging.INFO):  # Ray Data's plan and timing lines only with -v
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     def resources(self) -> tuple[int, int]:
         res = self.ray.cluster_resources()
@@ -165,19 +167,21 @@ class _Session:
 
 
 def _batches(ds: Any) -> Iterator[pa.Table]:
-    """The pipeline's output blocks, with an apex-rank error raised inside an actor re-raised
-    as itself (Ray wraps it)."""
-    from apex_rank.errors import ApexRankError
+    """The pipeline's output blocks; a block holding an ``_error`` (an apex-rank error an actor
+    met, which Ray would otherwise pass on as a traceback text) raises that error here."""
+    from apex_rank import errors
 
-    try:
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
-    except Exception as err:
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, ApexRankError):
-            cause = cause.__cause__ or getattr(cause, "cause", None)
-        if cause is not None:
-            raise cause from None
-        raise
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if "_error" in batch.column_names:
+            kind, message = batch["_error"][0].as_py(), batch["_message"][0].as_py()
+            cls = getattr(errors, kind, errors.ApexRankError)
+            raise cls(message)
+        yield batch
+
+
+def _error_block(err: Exception, where: str) -> pa.Table:
+    message = str(err) if str(err).startswith(where) else f"{where}: {err}"
+    return pa.table({"_error": [type(err).__name__], "_message": [message]})
 
 
 # ------------------------------------------------------------------------------- embed
@@ -310,10 +314,11 @@ def embed_on_ray(
         try:
             cpus, gpus = session.resources()
             use_gpu = gpus > 0 and spec.name != "spectral"
-            n_actors = actors or (gpus if use_gpu else cpus)
-            threads = 1 if use_gpu else max(1, cpus // n_actors)
             table = pa.table({"song_id": [s.song_id for s in todo], "audio_path": [s.path for s in todo]})
-            ds = session.ray.data.from_arrow(_blocks(table, batch_size)).map_batches(
+            blocks = _blocks(table, batch_size)
+            n_actors = min(actors or (gpus if use_gpu else cpus), len(blocks))
+            threads = 1 if use_gpu else max(1, cpus // n_actors)
+            ds = session.ray.data.from_arrow(blocks).map_batches(
                 _EmbedActor,
                 fn_constructor_args=(spec, config.audio, config.keep_segments, threads),
                 batch_size=batch_size,
@@ -373,7 +378,10 @@ class _ScoreActor:
             scores = self.predictor.score_songs([], np.empty((0, self.predictor.input_dim), np.float32))
         else:
             source = ", ".join(f"{s['path']} rows {s['offset']}-{s['offset'] + s['length'] - 1}" for s in unit)
-            scores = self.predictor.score_embeddings(emb, source=source, batch_size=self.rows)
+            try:
+                scores = self.predictor.score_embeddings(emb, source=source, batch_size=self.rows)
+            except ApexRankError as err:  # bad rows: the driver raises it, naming the file and song
+                return _error_block(err, source)
             scores = scores.filter(~pl.col("song_id").is_in(list(self.done)))  # whole blocks scored: same bits
         return scores.to_arrow()
 
@@ -428,6 +436,8 @@ def predict_on_ray(
     if not paths:
         raise SchemaError(f"embeddings folder {src} holds no parquet file")
     blocks = _row_blocks(paths, rows)
+    if not blocks:
+        raise SchemaError(f"embeddings table {src} is empty")
     predictor = ApexPredictor.load(model_dir, device="cpu")  # fails here, before any Ray work, on a bad folder
     out = Path(out_dir)
     settings = {"model": str(Path(model_dir).resolve()), "encoder": predictor.encoder, "tasks": list(predictor.tasks)}
@@ -437,7 +447,7 @@ def predict_on_ray(
     try:
         cpus, gpus = session.resources()
         use_gpu = gpus > 0 and device != "cpu"
-        n_actors = actors or (gpus if use_gpu else cpus)
+        n_actors = min(actors or (gpus if use_gpu else cpus), len(blocks))
         threads = 1 if use_gpu else max(1, cpus // n_actors)
         ds = session.ray.data.from_items([{"slices": b} for b in blocks], override_num_blocks=len(blocks))
         ds = ds.map_batches(

@@ -16,11 +16,12 @@ import torch
 from polars.testing import assert_frame_equal
 
 from apex_rank.cli.main import main
-from apex_rank.errors import ConfigError
+from apex_rank.errors import ConfigError, SchemaError
 from apex_rank.features.audio import AudioConfig
 from apex_rank.features.embed import EmbedConfig, EmbedProgress, embed_audio, iter_failures_summary, write_embeddings
 from apex_rank.model import ApexHead
 from apex_rank.predictor import ApexPredictor
+from tests.integration.test_embed_pipeline import _clip
 
 ray = pytest.importorskip("ray", reason="the scale extra is not installed: pip install 'apex-rank[scale]'")
 from apex_rank.features.ray_engine import embed_on_ray, predict_on_ray  # noqa: E402
@@ -30,13 +31,6 @@ pytestmark = [pytest.mark.scale, pytest.mark.integration]
 AUDIO = AudioConfig(segment_s=2.0, min_last_s=0.5)
 GOOD = ["calm/soft_a", "calm/soft_b", "energetic/loud_a", "energetic/loud_b", "energetic/loud_c", "opus_clip"]
 BAD = {"broken.wav", "readme.mp3", "cut.flac"}
-
-
-def _clip(seed: int, seconds: float, sr: int, channels: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(round(seconds * sr)) / sr
-    x = 0.2 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.05 * rng.standard_normal(t.size)
-    return np.repeat(x[:, None], channels, axis=1).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -159,5 +153,5 @@ def test_bad_embeddings_on_ray_are_refused_naming_the_song(cluster: None, tmp_pa
     from apex_rank.schemas import embeddings_frame
 
     write_embeddings(embeddings_frame(["a", "b", "c"], X, encoder="spectral:x"), tmp_path / "e.parquet")
-    with pytest.raises(Exception, match="holds NaN or inf"):
+    with pytest.raises(SchemaError, match=r"e.parquet rows 0-2: .*song_id 'c' \(row 2\) holds NaN or inf"):
         predict_on_ray(model, tmp_path / "e.parquet", tmp_path / "scores", device="cpu")
