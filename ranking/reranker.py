@@ -84,7 +84,7 @@ class RerankerConfig:
     max_train_users: int = 5000
     negatives_per_query: int = 100
     als_prior: float = 1.0
-    min_val_gain: float = 0.02
+    min_val_gain: float = 0.05
     seed: int = 0
     engine: str = "local"
     dask_partitions: int = 0
@@ -380,9 +380,12 @@ class Reranker:
         self.als_order_score = group_ndcg(val[1], -np.nan_to_num(r_als, nan=np.inf), val[2], cfg.eval_at)
         self._validation = val  # kept for exposure_on_validation (not saved)
         # Trees that barely beat the ALS order on validation learned corrections that do not
-        # carry over to the serving side, whose CF is refitted on every interaction: MovieLens
-        # random split, validation +0.6% over the ALS order, test -1.4% (seed 43). Such trees
-        # keep the ALS order and only order the songs it ties.
+        # carry over to the serving side, whose CF is refitted on every interaction (the
+        # validation groups are ordered by the weaker CF of the training side, so part of what
+        # the trees correct is gone when serving): MovieLens random split, validation +0.6%
+        # over the ALS order and test -1.4% (seed 43), validation +3.1% and test -4.2% (seed
+        # 42); the item-cold split, +33% and +7%. Such trees keep the ALS order and only
+        # order the songs it ties.
         if not self.best_score >= (1.0 + cfg.min_val_gain) * self.als_order_score:
             self.tree_weight = TREES_TIE_BREAK
         log.info(
