@@ -351,6 +351,8 @@ def embed_on_ray(
             session.close()
     if skipped:
         log.warning("%d of %d file(s) skipped", len(skipped), total)
+    if encoder_id is None and n_resumed:  # nothing new embedded: the id the folder's parts hold
+        encoder_id = pl.read_parquet(_parts(out)[0], columns=["encoder"])["encoder"][0]
     return RayRunResult(out, n_written, n_resumed, skipped, encoder_id, audio_s, time.perf_counter() - t0)
 
 

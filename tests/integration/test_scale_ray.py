@@ -102,6 +102,7 @@ def test_interrupted_run_resumes_without_repeating_a_song(
     assert_frame_equal(got.sort("song_id"), local[0], check_exact=True)
     again = embed_on_ray(music, cfg, out, batch_size=2)
     assert again.n_written == 0 and again.n_resumed == len(GOOD) and len(again.skipped) == len(BAD)
+    assert again.encoder_id == got["encoder"][0]
     with pytest.raises(ConfigError, match="made with other settings"):
         embed_on_ray(music, EmbedConfig(audio=AudioConfig(segment_s=1.0), keep_segments=True), out)
 
