@@ -305,6 +305,7 @@ class Reranker:
         self.als_order_score: float = float("nan")
         self.tree_weight = 1.0
         self.max_gap_s = float("inf")  # see trusted_states
+        self.validation_users: frozenset[str] = frozenset()  # the users of the validation groups (not saved)
         self._validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def fit(self, frame: pl.DataFrame, *, label_col: str = "label") -> Reranker:
@@ -329,6 +330,7 @@ class Reranker:
             is_val[: max(1, users.len() // 5)] = True
             is_val[-1] = False
         split = pl.DataFrame({"user_id": users, "_val": is_val})
+        self.validation_users = frozenset(users.filter(pl.Series(is_val)).to_list())
         f = frame.join(split, on="user_id", how="inner")
         if cfg.negatives_per_query > 0:  # training groups only: validation sees every candidate, as serving does
             val_rows = f.filter(pl.col("_val"))

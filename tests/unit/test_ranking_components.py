@@ -135,6 +135,27 @@ def test_requests_past_the_trained_gap_keep_the_als_order() -> None:
     np.testing.assert_array_equal(rr.score_matrix(X, np.ones(len(X), bool)), full)
 
 
+def test_trees_rank_past_the_trained_gap_only_with_evidence() -> None:
+    """``build._max_gap``: with no validation user coming back after more than a day, the
+    trees rank up to the 90th percentile of the users' gaps (at least a day); no timestamps,
+    no limit."""
+    from apex_rank.ranking.build import MIN_GAP_S, _max_gap
+
+    f = _frame()
+    rr = Reranker(RerankerConfig(n_estimators=20, early_stopping_rounds=5, min_data_in_leaf=5)).fit(f)
+    users = f["user_id"].unique().sort().to_list()
+    day = 86400.0
+    fit = pl.DataFrame({"user_id": users, "ts_s": [0.0] * len(users)})
+    label = pl.DataFrame({"user_id": users, "ts_s": [60.0 * i for i in range(len(users))]})  # minutes later
+    gap, info = _max_gap(fit, label, rr, f)
+    assert gap == MIN_GAP_S == day and info["n_validation_users"] == 0
+    label = label.with_columns(pl.Series("ts_s", [3 * day * (i % 5 == 0) for i in range(len(users))]))
+    gap, info = _max_gap(fit, label, rr, f)  # a fifth come back after 3 days: too few to judge
+    assert gap == 3 * day and 0 < info["n_validation_users"] < 30 and "ndcg_trees" not in info
+    no_time = label.with_columns(pl.lit(float("nan")).alias("ts_s"))
+    assert _max_gap(fit, no_time, rr, f) == (float("inf"), {})
+
+
 def test_recommender_config_toml(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text('rerank_share = 0.3\n[cf]\nmodel = "bpr"\nfactors = 8\n[index]\ncontent_factory = "HNSW32"\n')
