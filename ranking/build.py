@@ -233,8 +233,8 @@ def to_seconds(s: pl.Series) -> np.ndarray:
 def user_arrays(inter: pl.DataFrame, table: SongTable, half_life_days: float) -> UserArrays:
     """Profiles, histories and activity for every user of ``inter`` (columns _u, _s, ts_s, weight):
     the batch entry point of the profile algorithm of :mod:`~apex_rank.ranking.state` (the
-    half-life mean, from each user's reference time: the later of the table's ``now_s`` and the
-    user's latest event), equal to folding each user's events with ``apply_event``."""
+    half-life mean, ages from the table's ``now_s``), equal to folding each user's events with
+    ``apply_event``."""
     users = sorted(inter["user_id"].unique().to_list())
     umap = pl.DataFrame({"user_id": pl.Series(users, dtype=pl.String), "_u": np.arange(len(users), dtype=np.int64)})
     j = inter.join(umap, on="user_id", how="left")
@@ -246,8 +246,8 @@ def user_arrays(inter: pl.DataFrame, table: SongTable, half_life_days: float) ->
     last = np.full(n_u, -np.inf)
     np.maximum.at(last, u, np.where(np.isfinite(ts), ts, -np.inf))
     last[~np.isfinite(last)] = np.nan
-    ref = np.fmax(table.now_s, last)  # NaN only without any time at all
-    W = sp.csr_matrix((recency_weights(ts, w, ref[u], half_life_days), (u, s)), shape=(n_u, n_s))
+    ref = np.full(n_u, table.now_s)
+    W = sp.csr_matrix((recency_weights(ts, w, table.now_s, half_life_days), (u, s)), shape=(n_u, n_s))
     total = np.asarray(W @ table.embeddings.astype(np.float64))
     mass = np.linalg.norm(total, axis=1)
     prof = l2_normalize(total.astype(np.float32))

@@ -14,12 +14,14 @@ One profile algorithm, three entry points
 -----------------------------------------
 The content profile is the half-life mean of the user's history: the L2-normalised sum of the
 normalised song embeddings, each weighted by the event weight times
-``0.5 ** (age_days / half_life_days)``, ages taken from a reference time at or after every
-event (:func:`recency_weights`; the build's reference is the end of its data). As the profile
-is normalised, the reference time only scales the sum: keeping the sum's norm (``profile_mass``)
-and its reference time (``profile_ref_s``) next to the direction makes the mean incremental,
-exactly (to float rounding): a newer event rescales the sum by ``0.5 ** (Δt / half_life)``
-and moves the reference; an older one enters with its own decay.
+``0.5 ** (age_days / half_life_days)``, ages taken from a fixed reference time, the end of the
+bundle's data (``SongTable.now_s``); an event after it, or of unknown time, has age 0
+(:func:`recency_weights`). That is the profile the reranker was trained on: the build's
+training side measures ages from the end of its fit data, and the fit rows of users active
+after it weigh 1. Keeping the sum's norm (``profile_mass``) and the reference time
+(``profile_ref_s``) next to the direction makes the mean incremental, exactly (to float
+rounding): an event adds its weighted embedding to ``profile_mass * profile``. A new bundle
+(a later ``now_s``) decays what the previous one counted as recent.
 
 - batch, many users at once: :func:`~apex_rank.ranking.build.user_arrays` (the build; it calls
   :func:`recency_weights` per row and sums with one sparse product);
@@ -46,7 +48,6 @@ Example
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -80,7 +81,8 @@ class UserState:
         solves from); empty: one unit weight per song (a state built without weights).
     profile_mass: norm of the recency-weighted embedding sum behind ``profile``, at
         ``profile_ref_s`` (what the next event's weight is measured against).
-    profile_ref_s: reference time of ``profile_mass`` (epoch seconds; NaN: no time known).
+    profile_ref_s: the reference time ages are measured from (epoch seconds: the bundle's
+        ``now_s``; NaN: none, no decay).
     """
 
     user_id: str
@@ -126,8 +128,8 @@ def apply_event(state: UserState, song_id: str, embedding: np.ndarray | None, we
     catalogue lacks (it joins the history, not the profile). The song joins the end of the
     history (a repeat adds its weight where it stands); ``history_len`` bounds the history (the
     earliest first interactions leave); activity grows by one; ``last_seen_s`` becomes ``ts``
-    if later; the profile sum moves to the later of its reference time and ``ts`` and adds the
-    event's :func:`recency_weights` weight. Pure: returns a new state.
+    if later; the profile sum adds the embedding with the event's :func:`recency_weights`
+    weight, from the state's ``profile_ref_s``. Pure: returns a new state.
     """
     hist, hw = list(state.history), list(state.weights)
     if song_id in hist:
@@ -143,14 +145,8 @@ def apply_event(state: UserState, song_id: str, embedding: np.ndarray | None, we
         e = np.asarray(embedding, dtype=np.float64)
         norm = float(np.linalg.norm(e))
         e = e / norm if norm > 0 else e
-        if profile is None or profile.shape != e.shape:
-            total, ref = np.zeros_like(e), float(ts)
-        else:
-            total = mass * profile.astype(np.float64)
-            if math.isfinite(ts) and (not math.isfinite(ref) or ts > ref):
-                if math.isfinite(ref):
-                    total *= recency_weights(ref, 1.0, ts, half_life_days)
-                ref = float(ts)
+        total = (np.zeros_like(e) if profile is None or profile.shape != e.shape
+                 else mass * profile.astype(np.float64))
         total += recency_weights(ts, weight, ref, half_life_days) * e
         mass = float(np.linalg.norm(total))
         profile = (total / mass).astype(np.float32) if mass > 0 else None
@@ -344,7 +340,7 @@ def user_state_from_history(
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     idx = song_table.index_of(song_ids) if song_table is not None else np.full(n, -1)
     state = UserState(user_id, None if cf_factor is None else np.asarray(cf_factor, dtype=np.float32), None,
-                      profile_mass=0.0)
+                      profile_mass=0.0, profile_ref_s=float("nan") if song_table is None else song_table.now_s)
     for i in np.lexsort((np.arange(n), np.nan_to_num(t, nan=0.0), np.isnan(t))).tolist():  # last key first
         emb = song_table.embeddings[idx[i]] if song_table is not None and idx[i] >= 0 else None
         state = apply_event(state, song_ids[i], emb, float(w[i]), float(t[i]), half_life_days=half_life_days)

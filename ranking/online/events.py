@@ -82,6 +82,8 @@ class EventUpdate:
     Attributes
     ----------
     half_life_days: the bundle's ``RecommenderConfig.half_life_days``.
+    ref_s: the bundle's ``now_s`` (``data_until_s``), the reference of a new user's profile ages
+        (NaN: no decay).
     history_len: bound of the stored history (``OnlineConfig.history_len``).
     cf: the bundle's CF model, which folds in users it was not fitted on (None: no fold-in;
         the warm-up consumer then solves their factors later).
@@ -90,16 +92,18 @@ class EventUpdate:
     half_life_days: float = 30.0
     history_len: int = 500
     cf: CFModel | None = None
+    ref_s: float = float("nan")
 
     @classmethod
     def of(cls, engine: RankingEngine, config: OnlineConfig) -> EventUpdate:
         """The update that matches ``engine``'s bundle."""
-        return cls(engine.half_life_days, config.history_len, engine.cf_model)
+        return cls(engine.half_life_days, config.history_len, engine.cf_model, engine.data_until_s)
 
     def step(self, user_id: str, state: UserState | None, song_id: str, embedding: np.ndarray | None,
              weight: float, ts: float) -> UserState:
         """``state`` (None: a new user) after one event. Pure."""
-        st = state if state is not None else UserState(user_id, None, None, profile_mass=0.0)
+        st = state if state is not None else UserState(user_id, None, None, profile_mass=0.0,
+                                                       profile_ref_s=self.ref_s)
         return apply_event(st, song_id, embedding, weight, ts, half_life_days=self.half_life_days,
                            history_len=self.history_len)
 

@@ -265,7 +265,8 @@ def replay_events(store: OnlineStore, version: int, after_id: str, until_id: str
             for e in by_user[uid]:
                 if e.song_id in emb:
                     st = rule.step(uid, st, e.song_id, emb[e.song_id], e.weight, e.ts)
-            return rule.fold(st) if st is not None else UserState(uid, None, None, profile_mass=0.0)
+            return rule.fold(st) if st is not None else UserState(uid, None, None, profile_mass=0.0,
+                                                                  profile_ref_s=rule.ref_s)
 
         ttl = config.version_ttl_s if require_current else config.staging_ttl_s
         try:

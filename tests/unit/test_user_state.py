@@ -54,7 +54,7 @@ def test_incremental_update_equals_the_half_life_mean_in_any_arrival_order(half_
     songs, ts, weights = events(seed=2)
     want = half_life_mean(table, songs, ts, weights, NOW, half_life_days)
     for order in (np.argsort(ts), np.arange(len(ts)), np.random.default_rng(3).permutation(len(ts))):
-        st = UserState("u", None, None, profile_mass=0.0)
+        st = UserState("u", None, None, profile_mass=0.0, profile_ref_s=NOW)
         for i in order.tolist():
             st = apply_event(st, songs[i], table.embeddings[table.index_of([songs[i]])[0]], float(weights[i]),
                              float(ts[i]), half_life_days=half_life_days)
@@ -65,12 +65,15 @@ def test_incremental_update_equals_the_half_life_mean_in_any_arrival_order(half_
         assert dict(zip(st.history, st.history_weights, strict=True)) == dict(per_song.iter_rows())
 
 
-def test_a_newer_event_weighs_by_its_recency_and_a_skip_moves_only_history_and_time() -> None:
-    e = np.eye(2, dtype=np.float32)
-    st = apply_event(UserState("u", None, None, profile_mass=0.0), "a", e[0], 1.0, NOW, half_life_days=30.0)
-    st = apply_event(st, "b", e[1], 1.0, NOW + 30 * DAY, half_life_days=30.0)  # "a" is one half-life old
-    np.testing.assert_allclose(st.profile, l2_normalize(np.array([[0.5, 1.0]], np.float32))[0], rtol=1e-6)
-    assert st.profile_ref_s == NOW + 30 * DAY and st.profile_mass == pytest.approx(np.hypot(0.5, 1.0))
+def test_ages_count_from_the_reference_and_a_skip_moves_only_history_and_time() -> None:
+    e = np.eye(3, dtype=np.float32)
+    st = UserState("u", None, None, profile_mass=0.0, profile_ref_s=NOW)  # the bundle's now_s
+    st = apply_event(st, "a", e[0], 1.0, NOW - 30 * DAY, half_life_days=30.0)  # one half-life old
+    st = apply_event(st, "b", e[1], 1.0, NOW, half_life_days=30.0)
+    np.testing.assert_allclose(st.profile, l2_normalize(np.array([[0.5, 1.0, 0.0]], np.float32))[0], rtol=1e-6)
+    assert st.profile_ref_s == NOW and st.profile_mass == pytest.approx(np.hypot(0.5, 1.0))
+    later = apply_event(st, "c", e[2], 2.0, NOW + 10 * DAY, half_life_days=30.0)  # after the reference: age 0
+    np.testing.assert_allclose(later.profile, l2_normalize(np.array([[0.5, 1.0, 2.0]], np.float32))[0], rtol=1e-6)
     skipped = apply_event(st, "c", e[0], 0.0, NOW + 31 * DAY, half_life_days=30.0)
     np.testing.assert_allclose(skipped.profile, st.profile, rtol=1e-6)
     assert skipped.history == ("a", "b", "c") and skipped.activity == 3 and skipped.last_seen_s == NOW + 31 * DAY
