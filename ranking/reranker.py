@@ -463,7 +463,7 @@ class Reranker:
         trees = self.booster.predict(
             X, num_iteration=self.best_iteration, num_threads=1 if X.shape[0] < SMALL_PREDICT_ROWS else thread_count()
         )
-        w = self.tree_weight
+        w: float | np.ndarray = self.tree_weight
         if trusted is not None:
             w = np.where(np.asarray(trusted, dtype=bool), w, min(w, TREES_TIE_BREAK))
         return w * np.asarray(trees, dtype=np.float64) + base_score(X, self.config.als_prior)
