@@ -8,7 +8,7 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the parser."""
     p = sub.add_parser("build", help="build a recommender bundle from songs, embeddings and interactions")
     p.add_argument("--songs", required=True, help="songs table (parquet or csv)")
