@@ -99,8 +99,9 @@ def test_new_releases_hybrid_ranks_new_releases(ml100k) -> None:  # type: ignore
         assert m["hybrid"]["cold"]["ndcg@10"] > m[base]["cold"]["ndcg@10"]
     # The lists are asked for at the cut (EvalContext.request_s), and the 128 test users come
     # back after a median of 34 days, past the gap the reranker's groups cover: they get the
-    # ALS order with the new-song floor (these settings, seed 42: all 0.207 vs ALS 0.218, a
-    # known gap of 5%; with the trees for everyone it was 0.183 / 0.180 vs 0.216). The
-    # floor's 5% of slots, where new songs got 2.3% of the test plays, is the rest of the gap.
+    # ALS order with the new-song floor (these settings, seed 42: all 0.211 / warm 0.210 vs
+    # ALS 0.218 / 0.219, a known gap of 3%; with the trees for everyone it was 0.183 / 0.180
+    # vs 0.216). The floor's 5% of slots, where new songs got 2.3% of the test plays, is the
+    # rest of the gap. The floor below leaves room for thread-count noise.
     for s in ("all", "warm"):
         assert m["hybrid"][s]["ndcg@10"] >= 0.93 * m["als"][s]["ndcg@10"], s
