@@ -106,7 +106,7 @@ class UserState:
         return self.history_weights or (1.0,) * len(self.history)
 
 
-def recency_weights(ts: np.ndarray, weights: np.ndarray, ref_s: np.ndarray | float,
+def recency_weights(ts: np.ndarray | float, weights: np.ndarray | float, ref_s: np.ndarray | float,
                     half_life_days: float) -> np.ndarray:
     """The profile weight of each event: ``weight * 0.5 ** (age_days / half_life_days)``, the age
     taken from ``ref_s`` (a scalar or one per event); an unknown time (NaN) or a time after
