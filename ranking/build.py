@@ -424,8 +424,8 @@ def _max_gap(fit: pl.DataFrame, label: pl.DataFrame, reranker: Reranker,
     order for users who come back weeks later: new-releases split (a global cut; the median
     test user returns after 34 days), NDCG@10 0.183 against 0.216, with validation calling the
     trees 29% better. In a synthetic world without sessions the trees kept helping returning
-    users (0.114 for everyone against 0.106 with the ALS order for them), and its validation
-    holds hundreds of returning users to show it.
+    users (0.114 for everyone against 0.106 with the ALS order for them); its validation holds
+    139 returning users (trees NDCG@10 0.172, ALS order 0.081), MovieLens's holds 2.
     """
     last = fit.group_by("user_id").agg(pl.col("ts_s").max().alias("a"))
     first = label.group_by("user_id").agg(pl.col("ts_s").min().alias("b"))
