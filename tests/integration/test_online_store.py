@@ -161,7 +161,7 @@ def test_history_bound_and_profile_norm() -> None:
 
 
 def test_last_seen_is_the_latest_event_time_whatever_the_arrival_order() -> None:
-    """Song ages are measured from the user's latest interaction (ranking.features age_days):
+    """Song ages are measured from the user's latest interaction (ranking.rerank_features age_days):
     a late-arriving older event must not move it back."""
     e = np.ones(4, np.float32)
     rec = play("u", None, "a", e, 200.0)
