@@ -22,6 +22,7 @@ Example
 from __future__ import annotations
 
 import logging
+import numbers
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -439,7 +440,10 @@ class Reranker:
         """(n_states,) bool: the requests made ``at`` (epoch seconds) that the trees were
         trained for, that is at most ``max_gap_s`` after the user's latest play (None, the
         default, or an unknown latest play: the request continues the user's history, as the
-        training groups' labels did). None when every request is (no ``at``)."""
+        training groups' labels did). None when every request is (no ``at``). An ``at`` that is
+        not a finite number of seconds is a :class:`ConfigError` naming it."""
+        if at is not None and (isinstance(at, bool) or not isinstance(at, numbers.Real) or not np.isfinite(at)):
+            raise ConfigError(f"at must be a finite number of epoch seconds or None, got {at!r}")
         if at is None or not np.isfinite(self.max_gap_s):
             return None
         gap = float(at) - np.asarray(last_seen_s, dtype=np.float64)
@@ -449,7 +453,7 @@ class Reranker:
         """Scores (n,) float64 for a (n, len(FEATURES)) float32 matrix in ``FEATURES`` order, NaN = missing.
 
         ``trusted`` ((n,) bool, default all): rows whose request lies inside the range of
-        situations the trees were trained on (see ``Recommender.max_gap_s``); the other rows
+        situations the trees were trained on (:meth:`trusted_states`); the other rows
         keep the ALS order, the trees only breaking its ties (weight ``TREES_TIE_BREAK``).
 
         Inputs below ``SMALL_PREDICT_ROWS`` rows are predicted on one thread: waking a thread pool

@@ -133,6 +133,9 @@ def test_requests_past_the_trained_gap_keep_the_als_order() -> None:
     full, als = rr.score_matrix(X), rr.score_matrix(X, np.zeros(len(X), bool))
     np.testing.assert_allclose(full - als, (1.0 - TREES_TIE_BREAK) * trees, rtol=1e-9, atol=1e-9)
     np.testing.assert_array_equal(rr.score_matrix(X, np.ones(len(X), bool)), full)
+    for bad in ("tomorrow", float("nan"), True, float("inf")):
+        with pytest.raises(ConfigError, match="at must be a finite number of epoch seconds"):
+            rr.trusted_states(np.array([0.0]), bad)  # type: ignore[arg-type]
 
 
 def test_trees_rank_past_the_trained_gap_only_with_evidence() -> None:
