@@ -43,7 +43,7 @@ from apex_rank.offline_eval import baselines as bl
 from apex_rank.offline_eval.datasets import EvalDataset
 from apex_rank.offline_eval.metrics import cold_share, coverage, novelty, ranking_metrics
 from apex_rank.offline_eval.significance import compare_to_reference
-from apex_rank.offline_eval.splits import make_split, validation_split
+from apex_rank.offline_eval.splits import Split, make_split, validation_split
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +227,15 @@ def _raw_X(ctx: bl.EvalContext) -> np.ndarray:
 GLOBAL_CUT_SPLITS = ("temporal", "new-releases")
 
 
-def request_time(split: Any) -> float | None:
+def request_time(split: Split) -> float | None:
     """When the test's lists are asked for: the cut of a global time split (its first test
     timestamp, epoch seconds); None for splits whose test follows each user's own history."""
     if split.kind not in GLOBAL_CUT_SPLITS or split.test.height == 0:
         return None
     ts = split.test["ts"]
     if ts.dtype.is_temporal():
-        return float(ts.cast(pl.Datetime("us")).dt.epoch("us").min()) / 1e6
-    return float(ts.cast(pl.Float64).min())
+        return float(ts.cast(pl.Datetime("us")).dt.epoch("us").to_numpy().min()) / 1e6
+    return float(ts.cast(pl.Float64).to_numpy().min())
 
 
 def _fit_rank(

@@ -515,35 +515,26 @@ def _fit_side(
     return cf, table, cmap
 
 
-def _content_index(
-    table: SongTable, cfg: RecommenderConfig, device: str = "auto", subset: np.ndarray | None = None
-) -> CandidateIndex:
-    idx = CandidateIndex(
-        table.embeddings.shape[1],
-        cfg.index.content_factory,
-        nprobe=cfg.index.nprobe,
-        ef_search=cfg.index.ef_search,
-        device=device,
-    )
-    keep = np.arange(len(table)) if subset is None else np.flatnonzero(subset)
-    idx.add([table.song_ids[i] for i in keep], table.embeddings[keep])
+def _song_index(table: SongTable, cfg: RecommenderConfig, factory: str, vectors: np.ndarray, rows: np.ndarray,
+                *, normalize: bool = True) -> CandidateIndex:
+    """A FAISS candidate index over the songs at table positions ``rows``."""
+    idx = CandidateIndex(vectors.shape[1], factory, normalize=normalize, nprobe=cfg.index.nprobe,
+                         ef_search=cfg.index.ef_search, device="auto")
+    if len(rows):
+        idx.add([table.song_ids[i] for i in rows], vectors[rows])
     return idx
 
-def _pseudo_index(
-    table: SongTable, cfg: RecommenderConfig, device: str = "auto", subset: np.ndarray | None = None
-) -> CandidateIndex:
-    idx = CandidateIndex(
-        table.pseudo_factors.shape[1],
-        cfg.index.pseudo_factory,
-        normalize=False,
-        nprobe=cfg.index.nprobe,
-        ef_search=cfg.index.ef_search,
-        device=device,
-    )
-    cold = np.flatnonzero(~table.warm & (True if subset is None else subset))
-    if len(cold):
-        idx.add([table.song_ids[i] for i in cold], table.pseudo_factors[cold])
-    return idx
+
+def _content_index(table: SongTable, cfg: RecommenderConfig, subset: np.ndarray | None = None) -> CandidateIndex:
+    """Embeddings of every song (of ``subset``)."""
+    rows = np.arange(len(table)) if subset is None else np.flatnonzero(subset)
+    return _song_index(table, cfg, cfg.index.content_factory, table.embeddings, rows)
+
+
+def _pseudo_index(table: SongTable, cfg: RecommenderConfig, subset: np.ndarray | None = None) -> CandidateIndex:
+    """Pseudo CF factors of the songs without a CF factor (of ``subset``)."""
+    rows = np.flatnonzero(~table.warm & (True if subset is None else subset))
+    return _song_index(table, cfg, cfg.index.pseudo_factory, table.pseudo_factors, rows, normalize=False)
 
 
 def training_frame(
