@@ -202,11 +202,13 @@ class Recommender:
         return ranked_frame(r, states, self.songs)
 
     def rank_items(self, states: Sequence[UserState], k: int, excludes: Sequence[set[str]] | None = None,
-                   cold_share: float | None = None) -> list[list[Item]]:
+                   cold_share: float | None = None, at: float | None = None) -> list[list[Item]]:
         """:meth:`recommend_states` without the frame, for serving: per state, its top-k as
         ``(song_id, score, source)``, best first (the same :class:`RankedArrays` the frame is
-        made from). The online engine calls it on a view of this object with its own sources."""
-        return ranked_items(_pipeline(self).rank(states, k, excludes=excludes, cold_share=cold_share), len(states))
+        made from). The online engine calls it on a view of this object with its own sources,
+        ``at`` the time of the request."""
+        return ranked_items(_pipeline(self).rank(states, k, excludes=excludes, cold_share=cold_share, at=at),
+                            len(states))
 
     def similar_songs(self, song_id: str, k: int = 20) -> pl.DataFrame:
         """Content neighbours of a catalogue song (itself excluded): song_id, score, rank, is_cold, priors."""

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection, Iterator, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -331,6 +332,7 @@ class RankingEngine:
         self._fallback = FallbackList(list(t.song_ids), np.asarray(t.quality, dtype=np.float64),
                                       fallback_size)
         self._batcher: MicroBatcher[list[Item]] = MicroBatcher(self._rank_states, max_batch)
+        self.clock: Callable[[], float] = time.time  # when a request is made (epoch seconds)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, *, device: str = "cpu", fallback_size: int = 1000,
@@ -368,10 +370,11 @@ class RankingEngine:
         self._lock.acquire_read()
         try:
             ex = [set(e) for e in excludes]
+            at = self.clock()  # a request is made now: users back after a long gap (see Reranker.trusted_states)
             if self._view.swaps_sources:  # the Recommender's own method, on the engine's sources
-                items = Recommender.rank_items(cast(Recommender, self._view), states, k, ex, cold_share)
+                items = Recommender.rank_items(cast(Recommender, self._view), states, k, ex, cold_share, at)
             else:
-                items = self.recommender.rank_items(states, k, ex, cold_share)
+                items = self.recommender.rank_items(states, k, ex, cold_share, at)
         finally:
             self._lock.release_read()
         return {s.user_id: it for s, it in zip(states, items, strict=True)}

@@ -53,6 +53,29 @@ def test_rank_equals_recommend_for_every_user(bundle: str, published: RankingEng
         assert not set(excl) & {i.song_id for i in got.items}
 
 
+def test_online_requests_are_made_now_and_a_user_back_after_max_gap_gets_the_als_order(
+        bundle: str, published: RankingEngine, redis_url: str, redis_prefix: str) -> None:
+    """The engine ranks at its clock's time (``Recommender.recommend(at=...)``): a user whose
+    latest play is more than the reranker's ``max_gap_s`` before the request gets what the
+    offline path serves at that time, the ALS order with the trees breaking ties only."""
+    rec = load_recommender(bundle)
+    u = rec.user_ids[2]
+    seen = rec.user_state(u).last_seen_s
+    rr = published.recommender.reranker
+    gap, clock = rr.max_gap_s, published.clock
+    with OnlineRanker.connect(redis_url, namespace=redis_prefix, engine=published, follow=False) as ranker:
+        try:
+            rr.max_gap_s = rec.reranker.max_gap_s = 86400.0
+            for at in (seen + 3600.0, seen + 30 * 86400.0):
+                published.clock = lambda at=at: at
+                got = [i.song_id for i in ranker.rank(u, k=20).items]
+                assert got == rec.recommend(u, k=20, at=at)["song_id"].to_list(), at
+            trusted = rec.recommend(u, k=20, at=seen + 3600.0)["song_id"].to_list()
+            assert got != trusted  # 30 days later is a different list: the ALS order
+        finally:
+            rr.max_gap_s, published.clock = gap, clock
+
+
 def test_http_recommend_equals_recommend(bundle: str, published: RankingEngine,
                                          redis_url: str, redis_prefix: str) -> None:
     from fastapi.testclient import TestClient
