@@ -237,20 +237,23 @@ def group_ndcg(
     *,
     cold: np.ndarray | None = None,
     min_cold_share: float = 0.0,
-    warm_only: bool = False,
+    targets: str = "all",
 ) -> float:
     """Mean NDCG@k over consecutive groups with a positive (gain 2^label − 1, LightGBM's).
 
     The top k of a group is chosen as served with ``min_cold_share`` as a floor
-    (:func:`select_top_k`); ``warm_only`` counts only warm rows (``cold`` False) as relevant
-    (groups without a warm positive are left out), the offline evaluation's ``warm`` slice.
+    (:func:`select_top_k`); ``targets`` "warm" ("cold") counts only warm (new, ``cold`` True)
+    rows as relevant, groups without such a positive left out: the offline evaluation's
+    ``warm`` (``cold``) slice.
     """
     n = len(labels)
     g = np.repeat(np.arange(len(groups)), groups)
     y = labels.astype(np.float64)
     is_cold = np.zeros(n, bool) if cold is None else np.asarray(cold, bool)
-    if warm_only:
-        y = np.where(is_cold, 0.0, y)
+    if targets not in ("all", "warm", "cold"):
+        raise ConfigError(f"targets must be 'all', 'warm' or 'cold', got {targets!r}")
+    if targets != "all":
+        y = np.where(is_cold == (targets == "warm"), 0.0, y)
     order = np.lexsort((np.arange(n), -scores, g))
     keep, rank = select_top_k(g[order], is_cold[order], k, min_cold_share, floor=True,
                               draws=_group_draws(len(groups))[g[order]])
@@ -406,10 +409,10 @@ class Reranker:
         return self
 
     def floors_on_validation(self, shares: tuple[float, ...], k: int = 10) -> list[dict[str, Any]]:
-        """NDCG@k of the whole list and of warm targets on the validation groups: the ALS order
-        first, then the reranker with each minimum new-song share in ``shares`` (a floor, see
-        :func:`select_top_k`), and the share of new songs it served. Once, after :meth:`fit`:
-        the validation groups are not saved, and are freed here."""
+        """NDCG@k of the whole list, of warm targets and of new-song targets on the validation
+        groups: the ALS order first, then the reranker with each minimum new-song share in
+        ``shares`` (a floor, see :func:`select_top_k`), and the share of new songs it served.
+        Once, after :meth:`fit`: the validation groups are not saved, and are freed here."""
         if self._validation is None:
             raise NotFittedError("the reranker's validation groups are gone (only once, right after fit)")
         X, y, groups = self._validation
@@ -419,12 +422,13 @@ class Reranker:
         als = -np.nan_to_num(X[:, FEATURES.index("rank_als")], nan=np.inf)
         out: list[dict[str, Any]] = [{"model": "als_order", "min_cold_share": None,
                                       "ndcg_all": group_ndcg(y, als, groups, k),
-                                      "ndcg_warm": group_ndcg(y, als, groups, k, cold=cold, warm_only=True)}]
+                                      **{f"ndcg_{t}": group_ndcg(y, als, groups, k, cold=cold, targets=t)
+                                         for t in ("warm", "cold")}}]
         g = np.repeat(np.arange(len(groups)), groups)
         for share in shares:
             out.append({"model": "reranker", "min_cold_share": share,
-                        "ndcg_all": group_ndcg(y, sc, groups, k, cold=cold, min_cold_share=share),
-                        "ndcg_warm": group_ndcg(y, sc, groups, k, cold=cold, min_cold_share=share, warm_only=True),
+                        **{f"ndcg_{t}": group_ndcg(y, sc, groups, k, cold=cold, min_cold_share=share, targets=t)
+                           for t in ("all", "warm", "cold")},
                         "served_cold_share": served_cold_share(g, cold, sc, k, share)})
         return out
 

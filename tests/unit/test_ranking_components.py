@@ -229,4 +229,10 @@ def test_group_ndcg_counts_what_is_served() -> None:
     # a floor of one new song in two slots swaps the second warm song for the cold positive
     assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, min_cold_share=0.5) == pytest.approx(1.0)
     # warm targets only: the cold positive is not relevant
-    assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, warm_only=True) == pytest.approx(1.0)
+    assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, targets="warm") == pytest.approx(1.0)
+    # new-song targets only: the cold positive is served 2nd under the floor, absent without it
+    assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, min_cold_share=0.5, targets="cold") == pytest.approx(
+        1 / np.log2(3))
+    assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, targets="cold") == 0.0
+    with pytest.raises(ConfigError, match="targets"):
+        group_ndcg(y, sc, np.array([5]), 2, cold=cold, targets="new")
