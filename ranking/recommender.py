@@ -36,7 +36,6 @@ from apex_rank.ranking.index import l2_normalize
 from apex_rank.ranking.pipeline import (
     MAX_K,
     RESULT_SCHEMA,
-    Item,
     RankedArrays,
     ServingPipeline,
     check_k,
@@ -44,7 +43,6 @@ from apex_rank.ranking.pipeline import (
     make_sources,
     rank_arrays,
     ranked_frame,
-    ranked_items,
     song_columns,
     warn_cold_shortfall,
 )
@@ -197,18 +195,15 @@ class Recommender:
                          at: float | None = None) -> pl.DataFrame:
         """Rank for explicit states (:meth:`ServingPipeline.rank`) as a frame: ``user_id`` +
         ``RESULT_SCHEMA``, states in the order given; a shortfall of new songs is logged."""
-        r = _pipeline(self).rank(states, k, excludes=excludes, cold_share=cold_share, progress=progress, at=at)
+        r = self.pipeline().rank(states, k, excludes=excludes, cold_share=cold_share, progress=progress, at=at)
         warn_cold_shortfall(r, self.songs, k, cold_share, sum(not s.is_unknown for s in states))
         return ranked_frame(r, states, self.songs)
 
-    def rank_items(self, states: Sequence[UserState], k: int, excludes: Sequence[set[str]] | None = None,
-                   cold_share: float | None = None, at: float | None = None) -> list[list[Item]]:
-        """:meth:`recommend_states` without the frame, for serving: per state, its top-k as
-        ``(song_id, score, source)``, best first (the same :class:`RankedArrays` the frame is
-        made from). The online engine calls it on a view of this object with its own sources,
-        ``at`` the time of the request."""
-        return ranked_items(_pipeline(self).rank(states, k, excludes=excludes, cold_share=cold_share, at=at),
-                            len(states))
+    def pipeline(self) -> ServingPipeline:
+        """The serving pipeline over this Recommender's parts as they are now (songs added
+        since are seen). The online engine ranks with it, its own candidate sources swapped in."""
+        return ServingPipeline(self.sources, self.songs, self.reranker, self.config.candidates, self.fallback_source,
+                               self.config.batch_users, self.min_cold_share)
 
     def similar_songs(self, song_id: str, k: int = 20) -> pl.DataFrame:
         """Content neighbours of a catalogue song (itself excluded): song_id, score, rank, is_cold, priors."""
@@ -301,14 +296,6 @@ class Recommender:
     def save(self, folder: str | Path) -> Path:
         """Write the bundle folder atomically (:func:`~apex_rank.ranking.bundle.save_bundle`); returns it."""
         return save_bundle(folder, self.parts)
-
-
-def _pipeline(rec: Recommender) -> ServingPipeline:
-    """The serving pipeline over ``rec``'s parts as they are now. A function, not a method: the
-    online engine hands ``rank_items`` a view of the Recommender with its own ``sources``, and
-    every attribute must be read from that view."""
-    return ServingPipeline(rec.sources, rec.songs, rec.reranker, rec.config.candidates, rec.fallback_source,
-                           rec.config.batch_users, rec.min_cold_share)
 
 
 def load_recommender(folder: str | Path, device: str = "auto") -> Recommender:

@@ -8,14 +8,16 @@ the engine. The engine never imports a store module: user states come in and go 
 
 The online path and the offline path are the same code: the stored
 :class:`~apex_rank.ranking.state.UserState` (float32 bytes decode to the exact arrays that
-were published) is handed to ``Recommender.rank_items``, which runs ``rank_arrays`` (candidates → features → reranker →
-top-k), the function whose frame form ``Recommender.recommend`` returns. Hence
+were published) is handed to the Recommender's :class:`~apex_rank.ranking.pipeline.ServingPipeline`
+(``Recommender.pipeline()``, the engine's candidate sources swapped in), whose ``rank`` runs
+``rank_arrays`` (candidates → features → reranker → top-k), the function whose frame form
+``Recommender.recommend`` returns. Hence
 ``OnlineRanker.rank(u) == Recommender.recommend(u)`` for an unchanged state, with one
 exception by design: from ``FactorIndexConfig.min_songs`` warm songs (50k by default) the
 engine answers the ``als`` source from an IVF index over the item factors
 (:class:`~apex_rank.ranking.candidates.FactorIndexSource`, recall@100 0.97-0.99) instead of
 scanning them all; the offline paths (``recommend``, ``recommend_batch``, evaluation) stay
-exact. Everything else ``rank_items`` reads comes from the live Recommender.
+exact. Everything else the pipeline reads comes from the live Recommender.
 
 Warm-up (:mod:`.warmup`): songs whose factors were solved online since the bundle
 (:meth:`RankingEngine.warm_songs`) become warm songs of the engine's song table, join the
@@ -32,13 +34,13 @@ Concurrent requests are ranked together by :class:`~.batching.MicroBatcher` (see
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -52,6 +54,7 @@ from apex_rank.ranking.candidates import (
     FactorSource,
 )
 from apex_rank.ranking.cf import CFModel
+from apex_rank.ranking.pipeline import ranked_items
 from apex_rank.ranking.recommender import Recommender, cold_shortfall, load_recommender
 from apex_rank.ranking.state import SongTable, UserState
 
@@ -225,12 +228,12 @@ class _WithoutSongs(CandidateSource):
                                             catalogue)
 
 
-class _ServingView:
-    """The Recommender as ``Recommender.rank_items`` reads it, with the engine's ``als`` source
-    (the bundle's warm songs, exactly or from the IVF index, plus the warmed songs) and the
-    warmed songs left out of the cold-song sources (``pseudo_cf``, ``fresh``: a warmed song is a
-    warm song). Every other attribute is read from the live Recommender at each access, so songs
-    added later (and the ``fresh`` source rebuilt for them) are seen at once."""
+class _EngineSources:
+    """The candidate sources the engine ranks with: the Recommender's, with the engine's ``als``
+    source (the bundle's warm songs, exactly or from the IVF index, plus the warmed songs) and
+    the warmed songs left out of the cold-song sources (``pseudo_cf``, ``fresh``: a warmed song
+    is a warm song). Read from the live Recommender at each access, so songs added later (and
+    the ``fresh`` source rebuilt for them) are seen at once."""
 
     def __init__(self, recommender: Recommender, als: CandidateSource) -> None:
         self._rec = recommender
@@ -240,15 +243,6 @@ class _ServingView:
         # (the Recommender's source list it was built from, the list served): sources are built
         # once per change, not per request (each caches its catalogue maps)
         self._built: tuple[list[CandidateSource], list[CandidateSource]] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._rec, name)
-
-    @property
-    def swaps_sources(self) -> bool:
-        """Whether :attr:`sources` differs from the Recommender's: warmed songs, an IVF ``als``
-        source, or a source list the Recommender rebuilt (an ingest) after songs were warmed."""
-        return bool(self._warmed) or all(s is not self._bundle_als for s in self._rec.sources)
 
     def set_warmed(self, song_ids: list[str], factors: np.ndarray) -> None:
         self._warmed = list(song_ids)
@@ -318,7 +312,7 @@ class RankingEngine:
         als = approximate_als(recommender, als_index)
         exact = next(s for s in recommender.sources if isinstance(s, FactorSource))
         self._approximate = als is not None
-        self._view = _ServingView(recommender, exact if als is None else als)
+        self._sources = _EngineSources(recommender, exact if als is None else als)
         t0 = recommender.songs
         self._bundle_warm = np.asarray(t0.warm, dtype=bool).copy()  # ingested songs come after
         self._popularity_scale = t0.popularity_scale
@@ -371,10 +365,8 @@ class RankingEngine:
         try:
             ex = [set(e) for e in excludes]
             at = self.clock()  # a request is made now: users back after a long gap (see Reranker.trusted_states)
-            if self._view.swaps_sources:  # the Recommender's own method, on the engine's sources
-                items = Recommender.rank_items(cast(Recommender, self._view), states, k, ex, cold_share, at)
-            else:
-                items = self.recommender.rank_items(states, k, ex, cold_share, at)
+            pipeline = dataclasses.replace(self.recommender.pipeline(), sources=self._sources.sources)
+            items = ranked_items(pipeline.rank(states, k, excludes=ex, cold_share=cold_share, at=at), len(states))
         finally:
             self._lock.release_read()
         return {s.user_id: it for s, it in zip(states, items, strict=True)}
@@ -443,7 +435,7 @@ class RankingEngine:
         (``log_popularity`` as for a bundle song with that many plays). That is what the next
         retrain will make of them, and what the reranker learned warm songs look like; left cold,
         a song with a real factor would still be scored as if it had none. They join the ``als``
-        source and leave ``pseudo_cf`` and ``fresh`` (see :class:`_ServingView`). The published
+        source and leave ``pseudo_cf`` and ``fresh`` (see :class:`_EngineSources`). The published
         song records (:meth:`song_block`) keep the bundle's view."""
         t = self.recommender.songs
         F = np.asarray(factors, dtype=np.float32)
@@ -466,7 +458,7 @@ class RankingEngine:
                 self._warmed[sid] = i
                 n += 1
             pos = np.asarray(list(self._warmed.values()), dtype=np.int64)
-            self._view.set_warmed(list(self._warmed), t.cf_factors[pos])
+            self._sources.set_warmed(list(self._warmed), t.cf_factors[pos])
         finally:
             self._lock.release_write()
         return n

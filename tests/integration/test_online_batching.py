@@ -8,13 +8,14 @@ import threading
 import pytest
 
 from apex_rank.ranking.online.engine import RankingEngine
+from apex_rank.ranking.pipeline import ServingPipeline
 
 from .online_support import bundle_dir
 
 pytestmark = pytest.mark.integration
 
 
-def test_concurrent_callers_share_calls_and_get_their_own_answers() -> None:
+def test_concurrent_callers_share_calls_and_get_their_own_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = RankingEngine.load(bundle_dir(7), max_batch=8)
     rec = engine.recommender
     users = rec.user_ids[:48]
@@ -22,13 +23,13 @@ def test_concurrent_callers_share_calls_and_get_their_own_answers() -> None:
     want = {u: [(s, sc, src) for s, sc, src in rec.recommend(u, k=7).select("song_id", "score", "source").iter_rows()]
             for u in users}
     calls: list[int] = []
-    inner = rec.rank_items
+    inner = ServingPipeline.rank
 
-    def counting(states_, k, excludes=None, cold_share=None):  # type: ignore[no-untyped-def]
+    def counting(self, states_, k, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(len(states_))
-        return inner(states_, k, excludes, cold_share)
+        return inner(self, states_, k, **kwargs)
 
-    rec.rank_items = counting  # type: ignore[method-assign]
+    monkeypatch.setattr(ServingPipeline, "rank", counting)  # the engine's one ranking call per batch
     got: dict[str, list[tuple[str, float, str]]] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(12)

@@ -239,8 +239,8 @@ BUILD_IMPORTERS = (FACADE,)
 # never the build.
 ONLINE_MAY_TAKE = tuple(f"apex_rank.ranking.{m}" for m in (
     "pipeline", "bundle", "state", "config", "candidates", "cf", "index", "content_map", "reranker", "rerank_features"))
-# The engine also takes the facade: it serves a loaded Recommender (rank_items on its own als
-# source, add_songs for ingested songs, user_state to publish the bundle's users), and adding
+# The engine also takes the facade: it serves a loaded Recommender (its pipeline() with its own
+# als source, add_songs for ingested songs, user_state to publish the bundle's users), and adding
 # songs to a catalogue lives in the facade, not in the pipeline or the bundle.
 ONLINE_MAY_TAKE_THE_FACADE = ("apex_rank.ranking.online.engine",)
 
