@@ -54,7 +54,7 @@ from apex_rank.ranking.candidates import (
     FactorSource,
 )
 from apex_rank.ranking.cf import CFModel
-from apex_rank.ranking.pipeline import ranked_items
+from apex_rank.ranking.pipeline import Item, ranked_items
 from apex_rank.ranking.recommender import Recommender, cold_shortfall, load_recommender
 from apex_rank.ranking.state import SongTable, UserState
 
@@ -64,7 +64,6 @@ from .bundles import bundle_fingerprint
 
 log = logging.getLogger(__name__)
 
-Item = tuple[str, float, str]  # (song_id, score, source)
 
 
 @dataclass
