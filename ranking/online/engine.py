@@ -65,7 +65,6 @@ from .bundles import bundle_fingerprint
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class SongBlock:
     """Song records of a bundle as arrays: ids (n,), priors (n, 7), popularity (n,),
