@@ -156,3 +156,23 @@ def test_bad_embeddings_on_ray_are_refused_naming_the_song(cluster: None, tmp_pa
     write_embeddings(embeddings_frame(["a", "b", "c"], X, encoder="spectral:x"), tmp_path / "e.parquet")
     with pytest.raises(SchemaError, match=r"e.parquet rows 0-2: .*song_id 'c' \(row 2\) holds NaN or inf"):
         predict_on_ray(model, tmp_path / "e.parquet", tmp_path / "scores", device="cpu")
+
+
+def test_parquet_manifest_on_ray_equals_the_local_engine(cluster: None, music: Path, tmp_path: Path) -> None:
+    """A parquet manifest (relative paths from its folder, ids of its own, a missing file and a
+    bad one among them) gives the same rows and the same failures on Ray as locally."""
+    rows = {"song-a": "calm/soft_a.wav", "song-b": "energetic/loud_b.ogg", "song-c": "opus_clip.opus",
+            "song-d": "cut.flac", "song-e": "calm/not_there.wav"}
+    manifest = music / "manifest.parquet"
+    pl.DataFrame({"song_id": list(rows), "audio_path": list(rows.values())}).write_parquet(manifest)
+    try:
+        cfg = EmbedConfig(audio=AUDIO, keep_segments=True)
+        local = embed_audio(manifest, cfg)
+        run = embed_on_ray(manifest, cfg, tmp_path / "emb", batch_size=2)
+    finally:
+        manifest.unlink()
+    got = pl.read_parquet(tmp_path / "emb").sort("song_id")
+    assert got["song_id"].to_list() == ["song-a", "song-b", "song-c"] and run.n_written == 3
+    assert_frame_equal(got, local.table.sort("song_id"), check_exact=True)
+    assert sorted(iter_failures_summary(run.skipped)) == sorted(iter_failures_summary(local.skipped))
+    assert {f.song_id for f in run.skipped} == {"song-d", "song-e"}
