@@ -1,59 +1,107 @@
 """The versioned Redis key format of the online store, and the binary codecs of its fields.
 
-Key format, schema 1 (every key starts with ``apexrank:{NS}:``, ``NS`` the namespace)
+Key format, schema 2 (every key starts with ``apexrank:<NS>:``, ``NS`` the namespace)
 ---------------------------------------------------------------------------------------
 
-==================================  ========  =====================================================
-key                                 type      holds
-==================================  ========  =====================================================
-``apexrank:{NS}:current``           string    the published version ``V`` readers use (the pointer)
-``apexrank:{NS}:seq``               string    counter handing out version numbers (``INCR``)
-``apexrank:{NS}:events``            stream    every recorded event: ``u`` user, ``s`` song, ``k``
-                                              kind, ``t`` unix seconds, ``w`` weight (kept across
-                                              versions; never expires, trimmed by length)
-``apexrank:{NS}:catalogue``         stream    announcements of ingested songs: ``s`` song, ``v``
-                                              version (other ranker processes follow it)
-``apexrank:{NS}:warmlog``           stream    announcements of warmed factors: ``v`` version, ``s``
-                                              the song ids written (comma-separated; ids hold no
-                                              comma); ranker processes follow it like the catalogue
-``apexrank:{NS}:metrics``           hash      ``serve`` worker (``hostname-pid``) -> JSON snapshot
-                                              of its request metrics and the Redis time it was
-                                              written (every ``metrics_flush_s``; a snapshot older
-                                              than 5 periods is a dead worker's and is dropped)
-``apexrank:{NS}:v{V}:meta``         string    JSON manifest of version ``V``; written last, so its
-                                              presence marks a complete publish
-``apexrank:{NS}:v{V}:songs``        hash      song id -> song record (``SONG_RECORD`` below)
-``apexrank:{NS}:v{V}:emb``          hash      song id -> content embedding, little-endian f32
-                                              (published songs: the bundle's L2-normalised row;
-                                              ingested songs: as given; loaders index it and take
-                                              the APEX priors from the record, never re-predict)
-``apexrank:{NS}:v{V}:ingested``     set       song ids ingested into ``V`` after it was published
-``apexrank:{NS}:v{V}:warm``         hash      song id -> warm record (below): the CF factor
-                                              the warm-up consumer solved from the song's
-                                              listeners since the bundle's cutoff (songs cold in
-                                              the bundle only); carried over at publish
-``apexrank:{NS}:v{V}:u:{USER}``     hash      user state (:class:`~apex_rank.ranking.state.
-                                              UserState`): ``f`` CF factor (f32 bytes, absent for
-                                              users without one; for users the bundle has no
-                                              factor for, folded in from their history by
-                                              ``record_many`` and the warm-up consumer), ``p``
-                                              content profile (f32 bytes), ``m`` its mass and
-                                              ``r`` its reference time (JSON numbers; see
-                                              :mod:`~apex_rank.ranking.state`), ``h`` history
-                                              (JSON list of song ids in order of first
-                                              interaction, bounded), ``w`` each history song's
-                                              summed weight (JSON list), ``n`` activity (JSON
-                                              number), ``t`` time of the latest interaction (JSON
-                                              number of unix seconds; absent when unknown)
-==================================  ========  =====================================================
+``<NS>``, ``<V>`` and ``<USER>`` stand for the namespace, a version number and a user id;
+braces are literal: they are Redis Cluster *hash tags* (only the text between ``{`` and ``}``
+picks the key's slot). Every key of the namespace but the user states carries the tag
+``{<NS>}`` and so lives in one slot (the *namespace slot*); each user state carries its
+user id, ``{<USER>}``, so one user's states of every version share a slot and users spread
+over the cluster. Ids never hold braces (:func:`check_id`), so a tag is never cut short.
 
-Every ``v{V}`` key carries a TTL: ``staging_ttl_s`` while a publish is running (a killed
+==========================================  ========  =============================================
+key                                         type      holds
+==========================================  ========  =============================================
+``apexrank:<NS>:{<NS>}:current``            string    the published version ``V`` readers use (the
+                                                      pointer)
+``apexrank:<NS>:{<NS>}:seq``                string    counter handing out version numbers (``INCR``)
+``apexrank:<NS>:{<NS>}:events``             stream    every recorded event: ``u`` user, ``s`` song,
+                                                      ``k`` kind, ``t`` unix seconds, ``w`` weight
+                                                      (kept across versions; never expires, trimmed
+                                                      by length)
+``apexrank:<NS>:{<NS>}:catalogue``          stream    announcements of ingested songs: ``s`` song,
+                                                      ``v`` version (other ranker processes follow it)
+``apexrank:<NS>:{<NS>}:warmlog``            stream    announcements of warmed factors: ``v`` version,
+                                                      ``s`` the song ids written (comma-separated; ids
+                                                      hold no comma); ranker processes follow it like
+                                                      the catalogue
+``apexrank:<NS>:{<NS>}:metrics``            hash      ``serve`` worker (``hostname-pid``) -> JSON
+                                                      snapshot of its request metrics and the Redis
+                                                      time it was written (every ``metrics_flush_s``;
+                                                      a snapshot older than 5 periods is a dead
+                                                      worker's and is dropped)
+``apexrank:<NS>:v<V>:{<NS>}:meta``          string    JSON manifest of version ``V``; written last, so
+                                                      its presence marks a complete publish
+``apexrank:<NS>:v<V>:{<NS>}:songs``         hash      song id -> song record (``SONG_RECORD`` below)
+``apexrank:<NS>:v<V>:{<NS>}:emb``           hash      song id -> content embedding, little-endian f32
+                                                      (published songs: the bundle's L2-normalised
+                                                      row; ingested songs: as given; loaders index it
+                                                      and take the APEX priors from the record, never
+                                                      re-predict)
+``apexrank:<NS>:v<V>:{<NS>}:ingested``      set       song ids ingested into ``V`` after it was
+                                                      published
+``apexrank:<NS>:v<V>:{<NS>}:warm``          hash      song id -> warm record (below): the CF factor
+                                                      the warm-up consumer solved from the song's
+                                                      listeners since the bundle's cutoff (songs cold
+                                                      in the bundle only); carried over at publish
+``apexrank:<NS>:v<V>:u:{<USER>}``           hash      user state (:class:`~apex_rank.ranking.state.
+                                                      UserState`): ``f`` CF factor (f32 bytes, absent
+                                                      for users without one; for users the bundle has
+                                                      no factor for, folded in from their history by
+                                                      ``record_many`` and the warm-up consumer), ``p``
+                                                      content profile (f32 bytes), ``m`` its mass and
+                                                      ``r`` its reference time (JSON numbers; see
+                                                      :mod:`~apex_rank.ranking.state`), ``h`` history
+                                                      (JSON list of song ids in order of first
+                                                      interaction, bounded), ``w`` each history song's
+                                                      summed weight (JSON list), ``n`` activity (JSON
+                                                      number), ``t`` time of the latest interaction
+                                                      (JSON number of unix seconds; absent when
+                                                      unknown)
+==========================================  ========  =============================================
+
+Every ``v<V>`` key carries a TTL: ``staging_ttl_s`` while a publish is running (a killed
 publish leaves nothing behind for long), ``version_ttl_s`` once committed, and ``grace_s``
-after a newer version replaced it. The song record is 10 little-endian float32 values:
-the 7 APEX priors in ``APEX_TASKS`` order, popularity, age in days, is_cold (0 or 1).
-The warm record is ``1 + f`` little-endian float32 values: the song's play count since the
-bundle's cutoff (its popularity once warm), then its (f,) CF factor.
+after a newer version replaced it; all of them match ``apexrank:<NS>:v<V>:*``. The song record
+is 10 little-endian float32 values: the 7 APEX priors in ``APEX_TASKS`` order, popularity, age
+in days, is_cold (0 or 1). The warm record is ``1 + f`` little-endian float32 values: the
+song's play count since the bundle's cutoff (its popularity once warm), then its (f,) CF factor.
 No pickle anywhere: vectors are raw float32 bytes, lists and manifests are JSON.
+
+Schema 1 (before Redis Cluster) had the same keys without tags (``apexrank:<NS>:current``,
+``apexrank:<NS>:v<V>:u:<USER>``, ...). Its data is not read: a store that finds no schema-2
+pointer but a schema-1 one logs that the namespace must be published again (``apex-rank
+publish``), and the old versions expire by their TTLs.
+
+What is atomic (one server, and Redis Cluster)
+----------------------------------------------
+
+On one server every write of a batch is one ``MULTI``/``EXEC``: ``record_events`` appends the
+events and replaces the users' states under a ``WATCH`` of the pointer and the users, so a
+batch is written whole or not at all, and only while its version is current. A Redis Cluster
+runs a transaction or a script on one slot only, so there (``redis+cluster://`` URLs):
+
+- single-slot and atomic as on one server: the commit's compare-and-set of the pointer and
+  its reading of the stream positions, a song's ingest and its catalogue announcement, the
+  warm records and their warm-log announcement, and *the append of a batch of events to the
+  stream together with the check that its version is current* (all namespace slot);
+- per user, atomic: the read-compute-write of one user's state (a compare-and-set script on
+  the user's slot that writes only if the state is still the one the update was computed
+  from; else it is read and computed again);
+- not atomic: a batch as a whole. ``record_events`` first reads and computes every state
+  (an update that raises writes nothing), then appends the events under the version check (a
+  moved version raises :class:`~apex_rank.errors.VersionMovedError`, nothing written), then
+  writes the states slot by slot. The event stream is the record: an event is acknowledged
+  only once it is on the stream and its users are written; events on the stream before a
+  commit's mark reach the new version by the publish's replay, later ones were checked
+  against the new version, so the carry-over still lands every event exactly once in the new
+  version. Between the append and the states' writes (about one round trip per node) a
+  reader can see a state without the batch's events, a connection lost in that gap leaves
+  events on the stream whose states were not written (the error says so; the next publish
+  replays them), and two concurrent writers of one user may order its history unlike the
+  stream. Pipelines without a transaction (publish writes, reads of several keys) are split by
+  redis-py into one pipeline per node, written to every node before any reply is read.
 """
 
 from __future__ import annotations
@@ -74,7 +122,7 @@ from apex_rank.schemas import ID_PATTERN, ID_RULE  # one id rule for tables and 
 
 log = logging.getLogger(__name__)
 
-KEY_SCHEMA = 1
+KEY_SCHEMA = 2
 SONG_RECORD_WIDTH = 10  # 7 priors, popularity, age_days, is_cold
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -95,12 +143,14 @@ def check_id(value: object, what: str) -> str:
 
 @dataclass(frozen=True)
 class Keys:
-    """Key builder for one namespace.
+    """Key builder for one namespace (schema 2, see the module doc).
 
     Example
     -------
     >>> Keys("prod").user(3, "u1")
-    'apexrank:prod:v3:u:u1'
+    'apexrank:prod:v3:u:{u1}'
+    >>> Keys("prod").current
+    'apexrank:prod:{prod}:current'
     """
 
     namespace: str
@@ -111,52 +161,67 @@ class Keys:
 
     @property
     def root(self) -> str:
+        """The prefix of every key of the namespace (``apexrank:<NS>:*`` matches them all)."""
         return f"apexrank:{self.namespace}"
 
     @property
+    def tag(self) -> str:
+        """The hash tag of the namespace slot."""
+        return "{" + self.namespace + "}"
+
+    @property
     def current(self) -> str:
-        return f"{self.root}:current"
+        return f"{self.root}:{self.tag}:current"
 
     @property
     def seq(self) -> str:
-        return f"{self.root}:seq"
+        return f"{self.root}:{self.tag}:seq"
 
     @property
     def events(self) -> str:
-        return f"{self.root}:events"
+        return f"{self.root}:{self.tag}:events"
 
     @property
     def catalogue(self) -> str:
-        return f"{self.root}:catalogue"
+        return f"{self.root}:{self.tag}:catalogue"
 
     @property
     def warm_log(self) -> str:
-        return f"{self.root}:warmlog"
+        return f"{self.root}:{self.tag}:warmlog"
 
     @property
     def metrics(self) -> str:
-        return f"{self.root}:metrics"
+        return f"{self.root}:{self.tag}:metrics"
+
+    @property
+    def schema1_current(self) -> str:
+        """Where schema 1 kept the pointer (read only to say that a namespace is old)."""
+        return f"{self.root}:current"
 
     def version_prefix(self, version: int) -> str:
+        """The prefix of every key of ``version`` (users' included)."""
         return f"{self.root}:v{int(version)}:"
 
+    def _version_key(self, version: int, name: str) -> str:
+        return f"{self.version_prefix(version)}{self.tag}:{name}"
+
     def meta(self, version: int) -> str:
-        return f"{self.version_prefix(version)}meta"
+        return self._version_key(version, "meta")
 
     def songs(self, version: int) -> str:
-        return f"{self.version_prefix(version)}songs"
+        return self._version_key(version, "songs")
 
     def emb(self, version: int) -> str:
-        return f"{self.version_prefix(version)}emb"
+        return self._version_key(version, "emb")
 
     def ingested(self, version: int) -> str:
-        return f"{self.version_prefix(version)}ingested"
+        return self._version_key(version, "ingested")
 
     def warm(self, version: int) -> str:
-        return f"{self.version_prefix(version)}warm"
+        return self._version_key(version, "warm")
 
     def user(self, version: int, user_id: str) -> str:
-        return f"{self.version_prefix(version)}u:{user_id}"
+        return f"{self.version_prefix(version)}u:{{{user_id}}}"
 
 
 def encode_vector(vec: np.ndarray) -> bytes:

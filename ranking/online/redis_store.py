@@ -1,6 +1,11 @@
-"""The online store on a real Redis server: :class:`RedisStore` (the contract is :mod:`.store`).
+"""The online store on a real Redis server or Redis Cluster: :class:`RedisStore` (the contract
+is :mod:`.store`).
 
-All Redis access of the online layer goes through this class. Where things are:
+All Redis access of the online layer goes through this class. A ``redis+cluster://`` (or
+``rediss+cluster://``) URL selects cluster mode: the client is a ``redis.cluster.RedisCluster``
+and batches of user writes go slot by slot (:meth:`RedisStore._write_batch_per_slot`); every
+other method is the same code, as the key format (:mod:`.keys`, schema 2) keeps each
+transaction and script on one slot. Where things are:
 
 - Lua scripts (module level, below): the compare-and-set of the ``current`` pointer
   (``_COMMIT_LUA``), the read of a batch's users (``_READ_USERS_LUA``) and the writes of a
@@ -8,7 +13,8 @@ All Redis access of the online layer goes through this class. Where things are:
 - pipelines: one per method, built and executed inside it (reads that need several keys are one
   round trip);
 - optimistic transactions (WATCH / MULTI / EXEC with retries): :meth:`RedisStore._transaction`
-  and :meth:`RedisStore._write_batch` on top of it;
+  and :meth:`RedisStore._write_batch` on top of it; on a cluster the compare-and-set of the
+  users' states (``_WRITE_USERS_CAS_LUA``) takes the place of the WATCH of the users;
 - URLs: :func:`redact_url` (for logs and messages) and the URL check of the constructor.
 
 Field codecs and key names come from :mod:`.keys`.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import threading
 import time
@@ -29,8 +36,10 @@ import numpy as np
 from apex_rank.errors import ContentionError, MissingDependencyError, StoreError, VersionMovedError
 from apex_rank.ranking.state import UserState
 
-from .keys import Event, Keys, as_text, decode_events, decode_user, encode_user, encode_vector
+from .keys import KEY_SCHEMA, Event, Keys, as_text, decode_events, decode_user, encode_user, encode_vector
 from .store import CommitResult, OnlineStore, with_factor
+
+log = logging.getLogger(__name__)
 
 # when it started and the new version's manifest (written last) exists. Returns {status, old,
 # last event id, last catalogue id}: the stream positions at the moment of the move (events and
@@ -80,10 +89,67 @@ return ids
 """
 
 
-_SCRIPTS = (_READ_USERS_LUA, _WRITE_BATCH_LUA)
+# Redis Cluster: replace the states of users of one slot only if each is still the state the
+# new one was computed from (a compare-and-set on a digest, see state_digest), all or none.
+# KEYS: the user hashes. ARGV: ttl; per user the digest it was computed from ('' when it had no
+# state), the digest of the new state, the field count and the field/value pairs. Returns 1
+# when written (also when every hash already holds its new state: a call retried after a lost
+# reply applies nothing twice); 0 when a state changed in between (nothing written).
+_WRITE_USERS_CAS_LUA = """
+local function digest(key)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return '' end
+  local values, names = {}, {}
+  for j = 1, #flat, 2 do values[flat[j]] = flat[j + 1]; names[#names + 1] = flat[j] end
+  table.sort(names)
+  local parts = {}
+  for j = 1, #names do parts[j] = names[j] .. '\\n' .. #values[names[j]] .. ':' .. values[names[j]] end
+  return redis.sha1hex(table.concat(parts))
+end
+local i, stale, done = 2, false, true
+for k = 1, #KEYS do
+  local now = digest(KEYS[k])
+  if now ~= ARGV[i] then stale = true end
+  if now ~= ARGV[i + 1] then done = false end
+  i = i + 3 + 2 * tonumber(ARGV[i + 2])
+end
+if stale and not done then return 0 end
+i = 2
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[i + 2])
+  redis.call('DEL', KEYS[k])
+  redis.call('HSET', KEYS[k], unpack(ARGV, i + 3, i + 2 + 2 * n))
+  redis.call('EXPIRE', KEYS[k], ARGV[1])
+  i = i + 3 + 2 * n
+end
+return 1
+"""
+
+
+_SCRIPTS = (_READ_USERS_LUA, _WRITE_BATCH_LUA, _WRITE_USERS_CAS_LUA)
 # run by EVALSHA (loaded on NOSCRIPT): redis-py's Script in a pipeline costs a SCRIPT EXISTS
 # round trip per call
-_READ_USERS_SHA, _WRITE_BATCH_SHA = (hashlib.sha1(s.encode()).hexdigest() for s in _SCRIPTS)
+_READ_USERS_SHA, _WRITE_BATCH_SHA, _WRITE_USERS_CAS_SHA = (hashlib.sha1(s.encode()).hexdigest()
+                                                          for s in _SCRIPTS)
+
+
+def state_digest(fields: Mapping[Any, bytes]) -> str:
+    """The digest ``_WRITE_USERS_CAS_LUA`` compares: SHA-1 over the fields sorted by name
+    (hash field order is not stable in Redis), each as ``name \\n len : value``; ``""`` for no
+    state. Field names are the ASCII letters of :func:`.keys.encode_user`."""
+    if not fields:
+        return ""
+    named = sorted(((k if isinstance(k, bytes) else k.encode()), v) for k, v in fields.items())
+    return hashlib.sha1(b"".join(k + b"\n" + str(len(v)).encode() + b":" + v
+                                 for k, v in named)).hexdigest()
+
+
+def _failures() -> tuple[type[Exception], ...]:
+    """What a Redis call raises when the store fails: redis-py's errors, and the cluster
+    client's that are not ``RedisError``s (no reachable node, a slot no node serves)."""
+    import redis
+
+    return (redis.RedisError, redis.exceptions.RedisClusterException)
 
 
 _SECRET_QUERY = ("password", "username", "ssl_password")
@@ -104,6 +170,9 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}" + (f"?{query}" if query else "")
 
 
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
 def check_url(url: str) -> None:
     from urllib.parse import parse_qsl, urlsplit
 
@@ -112,28 +181,63 @@ def check_url(url: str) -> None:
         keys = [k for k, _ in parse_qsl(parts.query)]
     except ValueError as err:
         raise StoreError(f"invalid Redis URL {redact_url(url)}: {err}") from err
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise StoreError(f"Redis URL {redact_url(url)} must start with redis://, rediss:// (TLS) "
-                         "or unix://")
+    if parts.scheme not in ("redis", "rediss", "unix", *_CLUSTER_SCHEMES):
+        raise StoreError(f"Redis URL {redact_url(url)} must start with redis://, rediss:// (TLS), "
+                         "unix://, or redis+cluster:// / rediss+cluster:// (Redis Cluster)")
     tls = [k for k in keys if k.startswith("ssl_")]
-    if tls and parts.scheme != "rediss":
+    if tls and parts.scheme not in ("rediss", "rediss+cluster"):
         raise StoreError(f"Redis URL {redact_url(url)} sets TLS options ({', '.join(tls)}) but is "
                          "not a rediss:// URL")
+    if parts.scheme in _CLUSTER_SCHEMES:
+        if parts.path not in ("", "/", "/0") or "db" in keys:
+            raise StoreError(f"Redis Cluster URL {redact_url(url)} names a database; a cluster "
+                             "has only database 0 (drop the /N path and db=)")
+        for seed in parts.netloc.rpartition("@")[2].split(","):
+            host, _, port = seed.rpartition(":")
+            if not host or not port.isdigit():
+                raise StoreError(f"Redis Cluster URL {redact_url(url)}: seed node {seed!r} is not "
+                                 "host:port")
+
+
+def _cluster_client(url: str, **options: Any) -> Any:
+    """A ``RedisCluster`` for a checked ``redis+cluster://[user:password@]host:port[,host:port...]``
+    URL: the first seed node goes in the URL redis-py parses (credentials, TLS options), the
+    others are extra startup nodes (any one that answers is enough)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from redis.cluster import ClusterNode, RedisCluster
+
+    parts = urlsplit(url)
+    auth, at, hosts = parts.netloc.rpartition("@")
+    seeds = [(h, int(p)) for h, _, p in (seed.rpartition(":") for seed in hosts.split(","))]
+    first = f"{auth}{at}{seeds[0][0]}:{seeds[0][1]}"
+    plain = urlunsplit((_CLUSTER_SCHEMES[parts.scheme], first, "", parts.query, ""))
+    return RedisCluster.from_url(plain, startup_nodes=[ClusterNode(h, p) for h, p in seeds[1:]],
+                                 **options)
 
 
 class RedisStore(OnlineStore):
-    """The online store on a real Redis server (plain, password or ``rediss://`` TLS URLs).
+    """The online store on a real Redis server (plain, password or ``rediss://`` TLS URLs) or a
+    Redis Cluster (``redis+cluster://`` / ``rediss+cluster://``).
 
     Parameters
     ----------
     url:
-        ``redis://[:password@]host:port/db`` or ``rediss://...``.
+        ``redis://[:password@]host:port/db`` or ``rediss://...``; for a Redis Cluster
+        ``redis+cluster://[:password@]host:port[,host:port...]`` (any nodes of the cluster; the
+        client discovers the rest), ``rediss+cluster://`` with TLS.
     namespace:
         Key namespace ``NS`` (see :mod:`.keys`).
     timeout_s:
         Socket and connect timeout of every call; the ranker sets it to its latency budget.
 
     The client is created on first use, so constructing a store never touches the network.
+
+    Example
+    -------
+    >>> store = RedisStore("redis+cluster://10.0.0.5:7000,10.0.0.6:7000", "prod")
+    >>> store.kind
+    'redis-cluster'
     """
 
     kind = "redis"
@@ -141,11 +245,15 @@ class RedisStore(OnlineStore):
     def __init__(self, url: str, namespace: str = "default", *, timeout_s: float = 5.0) -> None:
         check_url(url)
         self.url = url
+        self.cluster = url.partition("://")[0] in _CLUSTER_SCHEMES
+        if self.cluster:
+            self.kind = "redis-cluster"
         self.keys = Keys(namespace)
         self.timeout_s = float(timeout_s)
         self._client: Any = None
         self._lock = threading.Lock()
         self._commit_script: Any = None
+        self._schema1_checked = False  # an old namespace is reported once per store
 
     @property
     def client(self) -> Any:
@@ -157,9 +265,11 @@ class RedisStore(OnlineStore):
                     except ImportError as err:  # pragma: no cover - redis is a dependency
                         raise MissingDependencyError(
                             "the online store needs redis: pip install 'apex-rank[serve]'") from err
-                    self._client = redis.Redis.from_url(
-                        self.url, socket_timeout=self.timeout_s,
-                        socket_connect_timeout=self.timeout_s, health_check_interval=30)
+                    options = {"socket_timeout": self.timeout_s,
+                               "socket_connect_timeout": self.timeout_s,
+                               "health_check_interval": 30}
+                    self._client = (_cluster_client(self.url, **options) if self.cluster
+                                    else redis.Redis.from_url(self.url, **options))
         return self._client
 
     def _fail(self, what: str, err: Exception) -> StoreError:
@@ -173,25 +283,29 @@ class RedisStore(OnlineStore):
             return False
 
     def current_version(self) -> int | None:
-        import redis
 
         try:
             raw = self.client.get(self.keys.current)
-        except redis.RedisError as err:
+            if not raw and not self._schema1_checked:
+                self._schema1_checked = True
+                if self.client.exists(self.keys.schema1_current):
+                    log.warning("namespace %r holds data of key schema 1 (%s) but nothing of "
+                                "schema %d (%s): publish the bundle again (apex-rank publish); "
+                                "the old keys expire by their TTLs", self.keys.namespace,
+                                self.keys.schema1_current, KEY_SCHEMA, self.keys.current)
+        except _failures() as err:
             raise self._fail(f"GET {self.keys.current}", err) from err
         return int(raw) if raw else None
 
     def next_version(self) -> int:
-        import redis
 
         try:
             return int(self.client.incr(self.keys.seq))
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"INCR {self.keys.seq}", err) from err
 
     def write_songs(self, version: int, ids: Sequence[str], records: Sequence[bytes],
                     embeddings: np.ndarray, ttl_s: int) -> None:
-        import redis
 
         emb = np.ascontiguousarray(embeddings, dtype="<f4")
         songs_key, emb_key = self.keys.songs(version), self.keys.emb(version)
@@ -202,11 +316,10 @@ class RedisStore(OnlineStore):
             pipe.expire(songs_key, ttl_s)
             pipe.expire(emb_key, ttl_s)
             pipe.execute()
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"writing {len(ids)} songs to {songs_key}", err) from err
 
     def write_users(self, version: int, users: Sequence[tuple[str, UserState]], ttl_s: int) -> None:
-        import redis
 
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -215,40 +328,36 @@ class RedisStore(OnlineStore):
                 pipe.hset(key, mapping=encode_user(rec))
                 pipe.expire(key, ttl_s)
             pipe.execute()
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"writing {len(users)} users of version {version}", err) from err
 
     def write_meta(self, version: int, meta: dict[str, Any], ttl_s: int) -> None:
-        import redis
 
         try:
             self.client.set(self.keys.meta(version), json.dumps(meta), ex=ttl_s)
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"SET {self.keys.meta(version)}", err) from err
 
     def read_meta(self, version: int) -> dict[str, Any] | None:
-        import redis
 
         try:
             raw = self.client.get(self.keys.meta(version))
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"GET {self.keys.meta(version)}", err) from err
         return json.loads(raw) if raw else None
 
     def version_present(self, version: int) -> tuple[int | None, bool]:
-        import redis
 
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.get(self.keys.current)
             pipe.exists(self.keys.meta(version), self.keys.songs(version))
             cur, n = pipe.execute()
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"EXISTS {self.keys.meta(version)}", err) from err
         return (int(cur) if cur else None), int(n) == 2
 
     def commit(self, version: int, expected: int | None) -> CommitResult:
-        import redis
 
         try:
             if self._commit_script is None:
@@ -257,7 +366,7 @@ class RedisStore(OnlineStore):
                 keys=[self.keys.current, self.keys.meta(version), self.keys.events,
                       self.keys.catalogue],
                 args=["" if expected is None else str(expected), str(version)])
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"commit of version {version}", err) from err
         before_v = int(before) if before else None
         if int(status) == -1:
@@ -266,7 +375,6 @@ class RedisStore(OnlineStore):
         return CommitResult(int(status) == 1, before_v, as_text(ev), as_text(cat))
 
     def expire_version(self, version: int, ttl_s: int) -> int:
-        import redis
 
         n = 0
         try:
@@ -277,7 +385,7 @@ class RedisStore(OnlineStore):
                     n += self._expire_batch(batch, ttl_s)
                     batch = []
             n += self._expire_batch(batch, ttl_s)
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"expiring version {version}", err) from err
         return n
 
@@ -291,7 +399,6 @@ class RedisStore(OnlineStore):
         return len(keys)
 
     def read_user(self, version: int, user_id: str) -> tuple[int | None, UserState | None]:
-        import redis
 
         key = self.keys.user(version, user_id)
         try:
@@ -299,12 +406,11 @@ class RedisStore(OnlineStore):
             pipe.get(self.keys.current)
             pipe.hgetall(key)
             cur, raw = pipe.execute()
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"HGETALL {key}", err) from err
         return (int(cur) if cur else None), decode_user(user_id, raw, key)
 
     def read_songs(self, version: int, ids: Sequence[str]) -> list[tuple[bytes | None, bytes | None]]:
-        import redis
 
         if not ids:
             return []
@@ -313,7 +419,7 @@ class RedisStore(OnlineStore):
             pipe.hmget(self.keys.songs(version), list(ids))
             pipe.hmget(self.keys.emb(version), list(ids))
             recs, embs = pipe.execute()
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"HMGET {self.keys.songs(version)}", err) from err
         return list(zip(recs, embs, strict=True))
 
@@ -333,7 +439,11 @@ class RedisStore(OnlineStore):
         """Replace users by ``update`` and append ``events`` in one optimistic transaction of
         three round trips and two commands besides the WATCH (the scripts above), whatever the
         batch size: per-command overhead, not the network, bounds a batch's cost here.
-        ``also(pipe)`` queues more writes into the same MULTI (before the script)."""
+        ``also(pipe)`` queues more writes into the same MULTI (before the script). On a Redis
+        Cluster: :meth:`_write_batch_per_slot`."""
+        if self.cluster:
+            return self._write_batch_per_slot(version, user_ids, update, ttl_s, events, maxlen,
+                                              require_current, what, also)
         users = list(dict.fromkeys(user_ids))
         keys = [self.keys.user(version, u) for u in users]
         new: dict[str, UserState] = {}
@@ -391,10 +501,7 @@ class RedisStore(OnlineStore):
                             results = reader.execute()
                         if require_current:
                             cur, results = results[0], results[1:]
-                            if cur is None or int(cur) != version:
-                                raise VersionMovedError(
-                                    f"{what}: version {version} is no longer current "
-                                    f"({self.keys.current} = {as_text(cur) or 'unset'})")
+                            self._check_current(version, cur, what)
                         pipe.multi()
                         write(pipe, results)
                         return list(pipe.execute())
@@ -410,9 +517,114 @@ class RedisStore(OnlineStore):
                         # loaded machine (seen in CI)
                         time.sleep(random.uniform(0.0, min(0.05, 0.001 * 2**attempt)))
                         continue
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(what, err) from err
         raise ContentionError(f"{what}: too many concurrent writers, nothing written")
+
+    def _check_current(self, version: int, cur: Any, what: str) -> None:
+        """Raise :class:`VersionMovedError` unless the pointer's value ``cur`` is ``version``."""
+        if cur is None or int(cur) != version:
+            raise VersionMovedError(f"{what}: version {version} is no longer current "
+                                    f"({self.keys.current} = {as_text(cur) or 'unset'})")
+
+    def _write_batch_per_slot(self, version: int, user_ids: Sequence[str],
+                              update: Callable[[str, UserState | None], UserState], ttl_s: int,
+                              events: Sequence[dict[str, str]], maxlen: int,
+                              require_current: bool, what: str,
+                              also: Callable[[Any], None] | None) -> tuple[list[str], dict[str, UserState]]:
+        """:meth:`_write_batch` on a Redis Cluster, where a transaction holds one slot (see
+        "What is atomic" in :mod:`.keys`): (1) read every user, one script per slot, pipelined
+        per node; (2) compute every new state (an update that raises writes nothing); (3) in
+        the namespace slot, one transaction: the version check, ``also``'s writes and the
+        append of the events (a moved version writes nothing); (4) per slot, a compare-and-set
+        script replaces the states computed from states that did not change since (1); the
+        slots where another writer came first are read and computed again (jittered back-off,
+        20 rounds). Round trips: about 4 per node that holds a user of the batch."""
+        from redis.crc import key_slot
+
+        users = list(dict.fromkeys(user_ids))
+        label = f"{what} for {len(users)} user(s) of version {version}"
+        keys = {u: self.keys.user(version, u) for u in users}
+        by_slot: dict[int, list[str]] = {}
+        for u in users:
+            by_slot.setdefault(key_slot(keys[u].encode()), []).append(u)
+        new: dict[str, UserState] = {}
+        fields: dict[str, dict[str, bytes]] = {}
+        was: dict[str, str] = {}  # the digest of the state each new one was computed from
+
+        def compute(slots: list[int]) -> None:
+            reads = self._scripts_per_slot(_READ_USERS_SHA, [(
+                [keys[u] for u in by_slot[s]], []) for s in slots])
+            for s, flats in zip(slots, reads, strict=True):
+                for u, flat in zip(by_slot[s], flats, strict=True):
+                    raw = dict(zip(flat[::2], flat[1::2], strict=True))
+                    new[u] = update(u, decode_user(u, raw, keys[u]))
+                    fields[u], was[u] = encode_user(new[u]), state_digest(raw)
+
+        ids: list[str] = []
+        try:
+            compute(list(by_slot))
+            if events or also is not None:
+                def write(pipe: Any, _: list[Any]) -> None:
+                    if also is not None:
+                        also(pipe)
+                    if events:
+                        args: list[Any] = [ttl_s, maxlen, len(events)]
+                        for e in events:
+                            args.append(len(e))
+                            for name, text in e.items():
+                                args += (name, text)
+                        # (redis-py's ClusterPipeline blocks its evalsha method, not the command)
+                        pipe.execute_command("EVALSHA", _WRITE_BATCH_SHA, 1, self.keys.events, *args)
+
+                res = self._transaction(version, [], None, write, require_current, label)
+                ids = [as_text(x) for x in res[-1]] if events else []
+            elif require_current:
+                self._check_current(version, self.client.get(self.keys.current), label)
+        except _failures() as err:
+            raise self._fail(label, err) from err
+        appended = (f"; its {len(ids)} event(s) are on {self.keys.events} ({ids[0]} .. {ids[-1]}) "
+                    "without these states (the next publish replays them)") if ids else ""
+        pending = list(by_slot)
+        try:
+            for attempt in range(20):
+                calls = []
+                for s in pending:
+                    args: list[Any] = [ttl_s]
+                    for u in by_slot[s]:
+                        args += (was[u], state_digest(fields[u]), len(fields[u]))
+                        for name, raw in fields[u].items():
+                            args += (name, raw)
+                    calls.append(([keys[u] for u in by_slot[s]], args))
+                done = self._scripts_per_slot(_WRITE_USERS_CAS_SHA, calls)
+                pending = [s for s, ok in zip(pending, done, strict=True) if not int(ok)]
+                if not pending:
+                    return ids, dict(new)
+                time.sleep(random.uniform(0.0, min(0.05, 0.001 * 2**attempt)))
+                compute(pending)
+        except _failures() as err:
+            raise self._fail(label + appended, err) from err
+        n = sum(len(by_slot[s]) for s in pending)
+        raise ContentionError(f"{label}: {n} user state(s) were changed by other writers in each "
+                              f"of 20 rounds and not written{appended}")
+
+    def _scripts_per_slot(self, sha: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run script ``sha`` once per ``(keys, args)`` (the keys of one slot each) in one
+        pipeline, which redis-py splits per node: one round trip per node. Loads the scripts
+        on every master when one lacks them (first use, a failover, a restart) and runs again
+        (a script that was not loaded did nothing)."""
+        import redis
+
+        for _ in range(3):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            try:
+                return list(pipe.execute())
+            except redis.exceptions.NoScriptError:
+                for script in _SCRIPTS:
+                    self.client.script_load(script)
+        return list(pipe.execute())
 
     def update_users(self, version: int, user_ids: Sequence[str],
                      update: Callable[[str, UserState | None], UserState], ttl_s: int, *,
@@ -424,14 +636,13 @@ class RedisStore(OnlineStore):
                     after_id: str | None = None, until_id: str | None = None,
                     batch: int = 10000,
                     on_bad: Callable[[str, str], None] | None = None) -> Iterator[list[Event]]:
-        import redis
 
         start = f"({after_id}" if after_id else f"{int(since_ms)}-0"
         end = until_id or ("+" if until_ms is None else f"{int(until_ms)}-18446744073709551615")
         while True:
             try:
                 rows = self.client.xrange(self.keys.events, min=start, max=end, count=batch)
-            except redis.RedisError as err:
+            except _failures() as err:
                 raise self._fail(f"XRANGE {self.keys.events}", err) from err
             if not rows:
                 return
@@ -455,20 +666,18 @@ class RedisStore(OnlineStore):
         return as_text(res[-1])
 
     def ingested_ids(self, version: int) -> list[str]:
-        import redis
 
         try:
             return sorted(m.decode() for m in self.client.smembers(self.keys.ingested(version)))
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"SMEMBERS {self.keys.ingested(version)}", err) from err
 
     def read_new_events(self, after_id: str, *, block_ms: int = 0,
                         count: int = 1000) -> tuple[list[Event], str]:
-        import redis
 
         try:
             res = self.client.xread({self.keys.events: after_id}, count=count, block=block_ms or None)
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"XREAD {self.keys.events}", err) from err
         rows = [row for _, page in res or [] for row in page]
         return decode_events(rows, None), (as_text(rows[-1][0]) if rows else after_id)
@@ -491,7 +700,6 @@ class RedisStore(OnlineStore):
                           also=also)
 
     def read_warm(self, version: int, ids: Sequence[str] | None = None) -> dict[str, bytes]:
-        import redis
 
         key = self.keys.warm(version)
         try:
@@ -501,15 +709,14 @@ class RedisStore(OnlineStore):
                 return {}
             return {s: v for s, v in zip(ids, self.client.hmget(key, list(ids)), strict=True)
                     if v is not None}
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"reading {key}", err) from err
 
     def read_warm_log(self, after_id: str) -> list[tuple[str, list[str], int]]:
-        import redis
 
         try:
             res = self.client.xread({self.keys.warm_log: after_id}, count=1000)
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"XREAD {self.keys.warm_log}", err) from err
         return [(as_text(eid), as_text(f[b"s"]).split(","), int(f[b"v"]))
                 for _, rows in res or [] for eid, f in rows]
@@ -521,21 +728,19 @@ class RedisStore(OnlineStore):
         return self._last_id(self.keys.events)
 
     def _last_id(self, key: str) -> str:
-        import redis
 
         try:
             rows = self.client.xrevrange(key, count=1)
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"XREVRANGE {key}", err) from err
         return as_text(rows[0][0]) if rows else "0-0"
 
     def read_catalogue(self, after_id: str, block_ms: int = 0) -> list[tuple[str, str, int]]:
-        import redis
 
         try:
             res = self.client.xread({self.keys.catalogue: after_id}, count=1000,
                                     block=block_ms or None)
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"XREAD {self.keys.catalogue}", err) from err
         out = []
         for _, rows in res or []:
@@ -544,44 +749,50 @@ class RedisStore(OnlineStore):
         return out
 
     def last_catalogue_id(self) -> str:
-        import redis
 
         try:
             rows = self.client.xrevrange(self.keys.catalogue, count=1)
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"XREVRANGE {self.keys.catalogue}", err) from err
         return rows[0][0].decode() if rows else "0-0"
 
     def write_worker_metrics(self, worker: str, snapshot: dict[str, Any]) -> None:
-        import redis
 
         try:
-            sec, usec = self.client.time()
+            sec, usec = self._clock()
             raw = json.dumps({**snapshot, "at": float(sec) + usec / 1e6}, separators=(",", ":"))
             self.client.hset(self.keys.metrics, worker, raw)
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"HSET {self.keys.metrics} {worker}", err) from err
 
     def read_worker_metrics(self) -> tuple[float, dict[str, bytes]]:
-        import redis
 
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.time()
-            pipe.hgetall(self.keys.metrics)
-            (sec, usec), raws = pipe.execute()
-        except redis.RedisError as err:
+            if self.cluster:  # TIME has no key: a cluster pipeline cannot route it
+                (sec, usec), raws = self._clock(), self.client.hgetall(self.keys.metrics)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.time()
+                pipe.hgetall(self.keys.metrics)
+                (sec, usec), raws = pipe.execute()
+        except _failures() as err:
             raise self._fail(f"HGETALL {self.keys.metrics}", err) from err
         return float(sec) + usec / 1e6, {as_text(k): v for k, v in raws.items()}
 
+    def _clock(self) -> tuple[int, int]:
+        """The store's ``TIME``; on a cluster the clock of the node holding the metrics hash, so
+        every worker stamps and ages snapshots by one clock."""
+        if self.cluster:
+            return self.client.time(target_nodes=self.client.get_node_from_key(self.keys.metrics))
+        return self.client.time()
+
     def drop_worker_metrics(self, workers: Sequence[str]) -> None:
-        import redis
 
         if not workers:
             return
         try:
             self.client.hdel(self.keys.metrics, *workers)
-        except redis.RedisError as err:
+        except _failures() as err:
             raise self._fail(f"HDEL {self.keys.metrics}", err) from err
 
     def close(self) -> None:

@@ -213,7 +213,7 @@ def test_503_bodies_are_generic_and_the_log_has_the_reason(caplog: pytest.LogCap
             h = c.get("/health").json()
             assert h["status"] == "degraded" and h["store_reachable"] is False
     logged = "\n".join(rec.getMessage() for rec in caplog.records)
-    assert f"127.0.0.1:{port}" in logged and "apexrank:nodata:current" in logged
+    assert f"127.0.0.1:{port}" in logged and "apexrank:nodata:{nodata}:current" in logged
 
 
 def test_api_docs_are_off_unless_asked_for(served: dict[str, Any]) -> None:

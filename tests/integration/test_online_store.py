@@ -39,12 +39,42 @@ def store(request: pytest.FixtureRequest) -> OnlineStore:
 
 
 def test_key_format_is_versioned_and_documented() -> None:
+    """Schema 2: hash tags put the namespace's keys in one slot and each user's in another; every
+    key of a version still matches ``apexrank:<NS>:v<V>:*``."""
+    from redis.crc import key_slot
+
     k = Keys("prod")
-    assert k.current == "apexrank:prod:current"
-    assert k.user(7, "u1") == "apexrank:prod:v7:u:u1"
-    assert k.songs(7) == "apexrank:prod:v7:songs"
+    assert k.current == "apexrank:prod:{prod}:current"
+    assert k.user(7, "u1") == "apexrank:prod:v7:u:{u1}"
+    assert k.songs(7) == "apexrank:prod:v7:{prod}:songs"
+    namespace_slot = {key_slot(x.encode()) for x in (k.current, k.seq, k.events, k.catalogue, k.warm_log,
+                                                      k.metrics, k.meta(7), k.songs(7), k.emb(7),
+                                                      k.ingested(7), k.warm(7), k.meta(8))}
+    assert len(namespace_slot) == 1
+    assert key_slot(k.user(7, "u1").encode()) == key_slot(k.user(8, "u1").encode()) == key_slot(b"u1")
+    assert all(x.startswith(k.version_prefix(7)) for x in (k.meta(7), k.warm(7), k.user(7, "u1")))
     with pytest.raises(StoreError, match="namespace"):
         Keys("bad ns")
+
+
+def test_a_namespace_of_key_schema_1_is_reported_not_read(redis_url: str, redis_prefix: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Data written under schema 1 (keys without hash tags) is not read: the store reports
+    nothing published, logs once that the namespace must be published again, and publishes."""
+    import logging
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"apexrank:{redis_prefix}:current", "3", ex=60)  # schema 1's pointer
+    client.close()
+    store = RedisStore(redis_url, redis_prefix)
+    with caplog.at_level(logging.WARNING):
+        assert store.current_version() is None and store.current_version() is None
+    said = [r.getMessage() for r in caplog.records if "key schema 1" in r.getMessage()]
+    assert len(said) == 1 and "publish the bundle again" in said[0]
+    assert _publish_empty(store) == 1 and store.current_version() == 1
+    store.close()
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "x" * 129, "u*", "u{1}", "é", "a\nb", "u1\n", None, 5])

@@ -82,7 +82,7 @@ def test_rediss_untrusted_certificate_fails_cleanly_and_ranker_degrades(
             wrong.current_version()
         msg = str(info.value)
         assert f"127.0.0.1:{own.port}" in msg  # names the server ...
-        assert "apexrank:tlswrong:current" in msg  # ... and the namespace's key
+        assert "apexrank:tlswrong:{tlswrong}:current" in msg  # ... and the namespace's key
         assert "certificate verify failed" in msg.lower(), msg  # says why
         assert "tls-s3cret-pw" not in msg  # and never the password
         with pytest.raises(StoreError) as pub_info:
