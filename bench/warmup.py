@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from apex_rank.ranking.online.keys import Keys
 from bench.common import median, percentile, print_header
 from bench.online import _free_port, _rss_kb, build_bundle
 
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         result["load"] = load_phase(base, users, songs, cold, {"service": server.pid, "consumer": consumer.pid},
                                     seconds=load_s, rate=args.rate, event_batches=args.event_batches,
                                     batch_size=args.batch_size)
-        result["load"]["warmed_songs"] = int(client.hlen(f"apexrank:{ns}:v{res.version}:warm"))
+        result["load"]["warmed_songs"] = int(client.hlen(Keys(ns).warm(res.version)))
         print("load:", json.dumps(result["load"]), flush=True)
     finally:
         for proc in procs:

@@ -18,7 +18,7 @@ class OnlineConfig:
     Attributes
     ----------
     namespace:
-        Key namespace ``NS`` in ``apexrank:{NS}:...``.
+        Key namespace ``NS`` in ``apexrank:<NS>:...`` (see :mod:`.keys`).
     budget_ms:
         Latency budget of the ranker's Redis round trip (socket timeout); beyond it, or when
         Redis is down, ``rank`` answers from the in-process fallback marked ``degraded``.

@@ -126,7 +126,7 @@ def parse_snapshot(raw: bytes | str) -> Snapshot | None:
 class MetricsFlusher:
     """Shares one worker's :class:`Metrics` through the store (see the module doc).
 
-    A daemon thread writes the registry's snapshot into the hash ``apexrank:{NS}:metrics``
+    A daemon thread writes the registry's snapshot into the hash ``apexrank:<NS>:{<NS>}:metrics``
     (field: the worker) every ``flush_s`` seconds; :meth:`others` reads the other workers'
     snapshots written within the last ``5 * flush_s`` seconds (one HGETALL, no key scan), all
     through the store contract (:meth:`~.store.OnlineStore.write_worker_metrics` and its

@@ -14,7 +14,7 @@ the log). With an API key set, ``/events`` and ``/songs`` need it, and per-key q
 Several uvicorn workers each build their own ranker from the environment
 (:func:`app_from_env`) and share one Redis; the catalogue stream keeps their song sets equal.
 ``GET /metrics`` reports the sum over all live workers of the namespace: each worker writes a
-snapshot of its own registry to the hash ``apexrank:{NS}:metrics`` every ``metrics_flush_s``
+snapshot of its own registry to the hash ``apexrank:<NS>:{<NS>}:metrics`` every ``metrics_flush_s``
 seconds, stamped with the Redis server's clock (so hosts' clocks do not matter), and adds the
 others' latest snapshots to its own live numbers; a snapshot older than five periods is a dead
 worker's and is dropped.

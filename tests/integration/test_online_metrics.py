@@ -50,7 +50,7 @@ def test_metrics_are_summed_over_workers(redis_url: str, redis_prefix: str) -> N
                 assert b.get("/recommend", params={"user_id": users[i], "k": 5}).status_code == 200
             assert app_a.state.metrics_flusher.flush_now() and app_b.state.metrics_flusher.flush_now()
 
-            key = f"apexrank:{redis_prefix}:metrics"
+            key = RedisStore(redis_url, redis_prefix).keys.metrics
             assert sorted(direct.hkeys(key)) == [b"worker-a", b"worker-b"]
             for client in (a, b):
                 text = client.get("/metrics").text
