@@ -618,7 +618,10 @@ class RedisStore(OnlineStore):
         for _ in range(3):
             pipe = self.client.pipeline(transaction=False)
             for keys, args in calls:
-                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                # the node named: else redis-py's cluster pipeline asks a server for the keys
+                # of each EVALSHA (COMMAND GETKEYS), one round trip per script
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args,
+                                     target_nodes=self.client.get_node_from_key(keys[0]))
             try:
                 return list(pipe.execute())
             except redis.exceptions.NoScriptError:
