@@ -58,7 +58,9 @@ key                                         type      holds
                                                       summed weight (JSON list), ``n`` activity (JSON
                                                       number), ``t`` time of the latest interaction
                                                       (JSON number of unix seconds; absent when
-                                                      unknown)
+                                                      unknown); on a cluster also ``x``, a token of
+                                                      the write that last replaced the state (read
+                                                      by that write's retry only; readers ignore it)
 ==========================================  ========  =============================================
 
 Every ``v<V>`` key carries a TTL: ``staging_ttl_s`` while a publish is running (a killed
@@ -88,7 +90,9 @@ runs a transaction or a script on one slot only, so there (``redis+cluster://`` 
   stream together with the check that its version is current* (all namespace slot);
 - per user, atomic: the read-compute-write of one user's state (a compare-and-set script on
   the user's slot that writes only if the state is still the one the update was computed
-  from; else it is read and computed again);
+  from, else it is read and computed again, so concurrent writers lose no update; a script
+  that redis-py runs again after a lost reply finds its own ``x`` token and writes nothing
+  twice);
 - not atomic: a batch as a whole. ``record_events`` first reads and computes every state
   (an update that raises writes nothing), then appends the events under the version check (a
   moved version raises :class:`~apex_rank.errors.VersionMovedError`, nothing written), then

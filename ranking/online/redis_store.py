@@ -28,6 +28,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -91,10 +92,11 @@ return ids
 
 # Redis Cluster: replace the states of users of one slot only if each is still the state the
 # new one was computed from (a compare-and-set on a digest, see state_digest), all or none.
-# KEYS: the user hashes. ARGV: ttl; per user the digest it was computed from ('' when it had no
-# state), the digest of the new state, the field count and the field/value pairs. Returns 1
-# when written (also when every hash already holds its new state: a call retried after a lost
-# reply applies nothing twice); 0 when a state changed in between (nothing written).
+# KEYS: the user hashes. ARGV: ttl, the writing call's token; per user the digest of the state
+# its new one was computed from ('' when it had none), the field count and the field/value
+# pairs. The token is stored in field 'x': a call that finds its own token already there (its
+# reply was lost and redis-py ran it again) writes nothing twice. Returns 1 when written (or
+# already written by this call), 0 when a state changed in between (nothing written).
 _WRITE_USERS_CAS_LUA = """
 local function digest(key)
   local flat = redis.call('HGETALL', key)
@@ -106,21 +108,21 @@ local function digest(key)
   for j = 1, #names do parts[j] = names[j] .. '\\n' .. #values[names[j]] .. ':' .. values[names[j]] end
   return redis.sha1hex(table.concat(parts))
 end
-local i, stale, done = 2, false, true
+local i, stale, done = 3, false, true
 for k = 1, #KEYS do
-  local now = digest(KEYS[k])
-  if now ~= ARGV[i] then stale = true end
-  if now ~= ARGV[i + 1] then done = false end
-  i = i + 3 + 2 * tonumber(ARGV[i + 2])
+  if redis.call('HGET', KEYS[k], 'x') ~= ARGV[2] then done = false end
+  if digest(KEYS[k]) ~= ARGV[i] then stale = true end
+  i = i + 2 + 2 * tonumber(ARGV[i + 1])
 end
-if stale and not done then return 0 end
-i = 2
+if done then return 1 end
+if stale then return 0 end
+i = 3
 for k = 1, #KEYS do
-  local n = tonumber(ARGV[i + 2])
+  local n = tonumber(ARGV[i + 1])
   redis.call('DEL', KEYS[k])
-  redis.call('HSET', KEYS[k], unpack(ARGV, i + 3, i + 2 + 2 * n))
+  redis.call('HSET', KEYS[k], 'x', ARGV[2], unpack(ARGV, i + 2, i + 1 + 2 * n))
   redis.call('EXPIRE', KEYS[k], ARGV[1])
-  i = i + 3 + 2 * n
+  i = i + 2 + 2 * n
 end
 return 1
 """
@@ -136,7 +138,7 @@ _READ_USERS_SHA, _WRITE_BATCH_SHA, _WRITE_USERS_CAS_SHA = (hashlib.sha1(s.encode
 def state_digest(fields: Mapping[Any, bytes]) -> str:
     """The digest ``_WRITE_USERS_CAS_LUA`` compares: SHA-1 over the fields sorted by name
     (hash field order is not stable in Redis), each as ``name \\n len : value``; ``""`` for no
-    state. Field names are the ASCII letters of :func:`.keys.encode_user`."""
+    state. Field names are single ASCII letters (:func:`.keys.encode_user`, and ``x``)."""
     if not fields:
         return ""
     named = sorted(((k if isinstance(k, bytes) else k.encode()), v) for k, v in fields.items())
@@ -587,12 +589,13 @@ class RedisStore(OnlineStore):
                     "without these states (the next publish replays them)") if ids else ""
         pending = list(by_slot)
         try:
+            token = uuid.uuid4().hex  # marks this call's writes (see _WRITE_USERS_CAS_LUA)
             for attempt in range(20):
                 calls = []
                 for s in pending:
-                    args: list[Any] = [ttl_s]
+                    args: list[Any] = [ttl_s, token]
                     for u in by_slot[s]:
-                        args += (was[u], state_digest(fields[u]), len(fields[u]))
+                        args += (was[u], len(fields[u]))
                         for name, raw in fields[u].items():
                             args += (name, raw)
                     calls.append(([keys[u] for u in by_slot[s]], args))
@@ -605,8 +608,11 @@ class RedisStore(OnlineStore):
         except _failures() as err:
             raise self._fail(label + appended, err) from err
         n = sum(len(by_slot[s]) for s in pending)
-        raise ContentionError(f"{label}: {n} user state(s) were changed by other writers in each "
-                              f"of 20 rounds and not written{appended}")
+        msg = f"{label}: {n} user state(s) were changed by other writers in each of 20 rounds"
+        if ids or also is not None or len(pending) < len(by_slot):
+            # part of the batch is written: not a ContentionError, whose callers retry it whole
+            raise StoreError(f"{msg}; the other states are written{appended}")
+        raise ContentionError(f"{msg}, nothing written")
 
     def _scripts_per_slot(self, sha: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run script ``sha`` once per ``(keys, args)`` (the keys of one slot each) in one

@@ -29,6 +29,8 @@ from apex_rank.ranking.online.redis_store import redact_url
 
 from .online_support import bundle_dir
 from .test_online_store import (  # noqa: F401 - the store contract's tests, run here on the cluster
+    _publish_empty,
+    play,
     test_catalogue_announcements,
     test_publish_commit_read_cycle,
     test_record_event_creates_user_and_streams,
@@ -268,6 +270,36 @@ def test_events_are_recorded_and_reflected_as_on_one_server(cluster: OwnCluster,
     assert len([e for page in many.read_events(0) for e in page]) == len(batch)  # nothing appended
     one.close()
     many.close()
+
+
+def test_concurrent_writers_of_the_same_users_lose_no_update(store: RedisStore) -> None:
+    """Three writers record batches for the same three users at once: the per-slot
+    compare-and-set makes a writer that lost a race read and compute again, so every event is
+    in its user's state exactly once."""
+    v = _publish_empty(store)
+    e = np.array([1, 0, 0, 0], np.float32)
+    users = ["hot-a", "hot-b", "hot-c"]
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        w = RedisStore(store.url, store.keys.namespace, timeout_s=5.0)
+        try:
+            for _ in range(30):
+                w.record_events(v, [{"u": u, "s": "a", "k": "play", "t": "1.7e9", "w": "1"} for u in users],
+                                users, lambda u, old: play(u, old, "a", e, 1.7e9), 60, 10000)
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            failures.append(err)
+        finally:
+            w.close()
+
+    threads = [threading.Thread(target=writer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not failures, failures
+    assert [store.read_user(v, u)[1].activity for u in users] == [90, 90, 90]
+    assert len([x for b in store.read_events(0) for x in b]) == 270
 
 
 def test_carry_over_at_publish(cluster: OwnCluster, engine: RankingEngine) -> None:
