@@ -63,12 +63,14 @@ class ApexPredictor:
         head: ApexHead,
         *,
         encoder: str | None = None,
+        segmenting: str | None = None,
         target_transform: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
         device: str = "auto",
     ) -> None:
         self.head = head.eval()
         self.encoder = encoder
+        self.segmenting = segmenting  # how the audio was cut (AudioConfig.segmenting), None unknown
         self.target_transform = target_transform or {}
         self.extra = extra or {}
         self.device = resolve_device(device)
@@ -130,13 +132,18 @@ class ApexPredictor:
         """An embeddings table → ``song_id`` + the 7 task columns: the pure batch step of
         ``apex-rank predict``, on one machine and in each Ray actor (``--engine ray``).
 
-        Refuses embeddings of another encoder than the head's (naming ``source``, the file) and
+        Refuses embeddings of another encoder or audio rule than the head's (naming ``source``, the file) and
         rows :func:`embedding_matrix` rejects (wrong width, NaN, a repeated id; naming the song).
         """
         if self.encoder and "encoder" in emb.columns and emb.height and emb["encoder"][0] != self.encoder:
             raise SchemaError(
                 f"{source}: embeddings come from encoder {emb['encoder'][0]!r} but the model expects {self.encoder!r}"
             )
+        if self.segmenting and "segmenting" in emb.columns and emb.height:
+            other = emb["segmenting"].drop_nulls().unique().to_list()
+            if any(rule != self.segmenting for rule in other):
+                raise SchemaError(f"{source}: embeddings were cut by the audio rule {other[0]} but the model "
+                                  f"was trained on {self.segmenting}")
         ids, X = embedding_matrix(emb, expected_width=self.input_dim)
         return self.score_songs(ids, X, batch_size=batch_size)
 
@@ -153,6 +160,7 @@ class ApexPredictor:
                 "input_dim": self.input_dim,
                 "n_shared": self.head.n_shared,
                 "encoder": self.encoder,
+                "segmenting": self.segmenting,
                 "target_transform": self.target_transform,
                 "extra": self.extra,
             },
@@ -172,7 +180,8 @@ class ApexPredictor:
         except Exception as err:
             raise CheckpointError(f"{folder / WEIGHTS} is not a readable safetensors file: {err}") from err
         _load_state_checked(head, state, str(folder / WEIGHTS))
-        return cls(head, encoder=man.get("encoder"), target_transform=man.get("target_transform") or {},
+        return cls(head, encoder=man.get("encoder"), segmenting=man.get("segmenting"),
+                   target_transform=man.get("target_transform") or {},
                    extra=man.get("extra") or {}, device=device)
 
     @classmethod

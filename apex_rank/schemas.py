@@ -3,7 +3,8 @@
 songs        song_id str; optional platform str, created_at datetime, audio_path str,
              streams/likes int, the five aesthetic columns float 1-5 (null = unlabelled),
              split str ("train"/"val"/"test").
-embeddings   song_id str, embedding list[f32] of one fixed width, encoder str, n_segments int.
+embeddings   song_id str, embedding list[f32] of one fixed width, encoder str, n_segments int;
+             optional segmenting str (JSON: how the audio was cut, ``AudioConfig.segmenting``).
 interactions user_id str, song_id str, ts datetime or int seconds, weight float (default 1).
 
 Rules every entry point shares (build, evaluate, publish and the online API):

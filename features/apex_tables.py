@@ -196,11 +196,29 @@ def _segment_dataset(
     )
 
 
+def embedding_recipe(emb: pl.DataFrame, source: str = "embeddings") -> tuple[str | None, str | None]:
+    """``(encoder id, segmenting record)`` of an embeddings table (None where the table lacks the
+    column): how its vectors were made, which the APEX predictor records so that a song embedded
+    later (online ingest) is made the same way. Rows cut by different rules are a
+    :class:`SchemaError` naming ``source`` and two of the rules."""
+    if emb.height == 0:
+        return None, None
+    encoder = emb["encoder"][0] if "encoder" in emb.columns else None
+    if "segmenting" not in emb.columns:
+        return encoder, None
+    rules = emb["segmenting"].drop_nulls().unique(maintain_order=True).to_list()
+    if len(rules) > 1:
+        raise SchemaError(f"{source}: rows were cut by different audio rules ({rules[0]} and {rules[1]}); "
+                          "embed every song with the same settings")
+    return encoder, (rules[0] if rules else None)
+
+
 def train_apex(
     data: ApexDataset, config: TrainConfig | None = None, *, encoder: str | None = None,
-    callbacks: tuple[Any, ...] = (),
+    segmenting: str | None = None, callbacks: tuple[Any, ...] = (),
 ) -> tuple[ApexPredictor, dict[str, Any], TrainResult]:
     """Train on ``data``'s train split with early stopping on val; metrics on val and test.
+    ``encoder`` and ``segmenting``: how the embeddings were made (:func:`embedding_recipe`).
 
     Tasks without any label are left out of the head. Returns ``(predictor, metrics, result)``;
     ``metrics`` is ``{"val": {task: {...}}, "test": {...}, "best_epoch": int, "log_sigma": {...}}``.
@@ -218,7 +236,7 @@ def train_apex(
     Xva, Yva = data.part("val")
     result = ApexTrainer(cfg, callbacks=callbacks).fit(Xtr, Ytr[:, cols], Xva, Yva[:, cols])
     predictor = ApexPredictor(
-        result.model, encoder=encoder, device="cpu",
+        result.model, encoder=encoder, segmenting=segmenting, device="cpu",
         target_transform={t: tf.to_dict() for t, tf in data.transforms.items()},
     )
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "log_sigma": result.log_sigma, "tasks": list(tasks)}

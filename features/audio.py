@@ -23,6 +23,7 @@ Example
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 #: File extensions that :func:`find_audio_files` picks up in a folder.
 AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aif", ".aiff")
 _RAW_EXTENSIONS = (".raw", ".pcm")
+
+
+SEGMENTING_FIELDS = ("segment_s", "hop_s", "min_last_s", "max_duration_s")  # the AudioConfig fields a vector depends on
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,25 @@ class AudioConfig:
             )
         if self.on_silence not in ("skip", "keep"):
             raise ConfigError(f"on_silence must be 'skip' or 'keep', got {self.on_silence!r}")
+
+    def segmenting(self) -> str:
+        """The settings that shape a song's vector (:data:`SEGMENTING_FIELDS`) as compact JSON:
+        the ``segmenting`` column of an embeddings table, recorded with the APEX predictor, from
+        which online ingest rebuilds the same rule (:meth:`from_segmenting`)."""
+        return json.dumps({k: getattr(self, k) for k in SEGMENTING_FIELDS}, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_segmenting(cls, text: str, where: str) -> AudioConfig:
+        """The rule a ``segmenting`` record describes (other settings default). A record that
+        is not such JSON is a :class:`ConfigError` naming ``where``."""
+        try:
+            value = json.loads(text)
+            if not isinstance(value, dict) or set(value) != set(SEGMENTING_FIELDS):
+                raise ValueError(f"expected the keys {sorted(SEGMENTING_FIELDS)}")
+            short = value["max_duration_s"]  # a shorter cut than the default minimum duration
+            return cls(**value, min_duration_s=min(1.0, short) if short is not None else 1.0)
+        except (ValueError, TypeError, ConfigError) as err:
+            raise ConfigError(f"{where}: segmenting record {text!r} is not valid: {err}") from err
 
     @classmethod
     def official(cls) -> AudioConfig:

@@ -21,7 +21,7 @@ Example
 -------
 >>> result = embed_audio("music/", EmbedConfig(cache_dir=".emb-cache"))  # doctest: +SKIP
 >>> result.table.columns                                                  # doctest: +SKIP
-['song_id', 'embedding', 'encoder', 'n_segments', 'duration_s', 'audio_path']
+['song_id', 'embedding', 'encoder', 'n_segments', 'duration_s', 'audio_path', 'segmenting']
 """
 
 from __future__ import annotations
@@ -500,7 +500,7 @@ def embed_audio(
     embed_wall = time.perf_counter() - t_embed
 
     rows = [results[s.song_id] for s in sources if s.song_id in results]
-    table = _table(rows, encoder_id, keep_segments=cfg.keep_segments)
+    table = _table(rows, encoder_id, cfg.audio, keep_segments=cfg.keep_segments)
     n_new = len(rows) - state["cached"]
     if skipped:
         log.warning("%d of %d file(s) skipped", len(skipped), n_total)
@@ -548,7 +548,7 @@ def _run_workers(
             raise
 
 
-def _table(rows: list[FileResult], encoder_id: str, *, keep_segments: bool) -> pl.DataFrame:
+def _table(rows: list[FileResult], encoder_id: str, audio: AudioConfig, *, keep_segments: bool) -> pl.DataFrame:
     if not rows:
         return pl.DataFrame(
             schema={
@@ -558,6 +558,7 @@ def _table(rows: list[FileResult], encoder_id: str, *, keep_segments: bool) -> p
                 "n_segments": pl.Int64,
                 "duration_s": pl.Float64,
                 "audio_path": pl.String,
+                "segmenting": pl.String,
             }
         )
     X = np.stack([r.vector for r in rows])
@@ -565,6 +566,7 @@ def _table(rows: list[FileResult], encoder_id: str, *, keep_segments: bool) -> p
     df = df.with_columns(
         pl.Series("duration_s", [r.duration_s for r in rows], dtype=pl.Float64),
         pl.Series("audio_path", [r.path for r in rows], dtype=pl.String),
+        pl.lit(audio.segmenting(), dtype=pl.String).alias("segmenting"),  # the rule online ingest repeats
     )
     if keep_segments:
         df = df.with_columns(

@@ -342,7 +342,7 @@ def embed_on_ray(
                     batch_encoder = batch["encoder"][0].as_py()
                     if encoder_id is None:
                         encoder_id = batch_encoder
-                    _write_part(_table(rows, batch_encoder, keep_segments=config.keep_segments), out,
+                    _write_part(_table(rows, batch_encoder, config.audio, keep_segments=config.keep_segments), out,
                                 f"part-{run}-{i:06d}.parquet", settings, "embeddings")
                     n_written += len(rows)
                 for r in items:

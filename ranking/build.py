@@ -462,7 +462,12 @@ def _candidate_recall(frame: pl.DataFrame, n_positive: int) -> dict[str, float]:
 def _train_apex(
     songs: pl.DataFrame, embeddings: pl.DataFrame, inter: pl.DataFrame, cfg: RecommenderConfig
 ) -> ApexPredictor:
-    from apex_rank.features.apex_tables import build_apex_dataset, labels_from_interactions, train_apex
+    from apex_rank.features.apex_tables import (
+        build_apex_dataset,
+        embedding_recipe,
+        labels_from_interactions,
+        train_apex,
+    )
 
     counts = None
     if "streams" not in songs.columns or "likes" not in songs.columns:
@@ -470,8 +475,8 @@ def _train_apex(
         log.info("songs table lacks streams/likes: APEX popularity labels from the interaction counts of the "
                  "%d played songs", songs.height)
     data = build_apex_dataset(songs, embeddings, seed=cfg.seed, popularity_counts=counts)
-    encoder = embeddings["encoder"][0] if "encoder" in embeddings.columns else None
-    predictor, metrics, _ = train_apex(data, cfg.apex.train_config(cfg.seed), encoder=encoder)
+    encoder, segmenting = embedding_recipe(embeddings)
+    predictor, metrics, _ = train_apex(data, cfg.apex.train_config(cfg.seed), encoder=encoder, segmenting=segmenting)
     log.info("APEX trained on the way: best epoch %s", metrics.get("best_epoch"))
     return predictor
 

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from apex_rank.features.apex_tables import build_apex_dataset, train_apex
+    from apex_rank.features.apex_tables import build_apex_dataset, embedding_recipe, train_apex
 
     check_out_folder(args.out)
     cfg = load_config(args.config, TrainConfig, section="train") if args.config else TrainConfig()
@@ -56,8 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     songs = read_table(args.songs, "songs")
     emb = read_table(args.embeddings, "embeddings")
     data = build_apex_dataset(songs, emb, gamma=args.gamma, seed=args.seed)
-    encoder = emb["encoder"][0] if "encoder" in emb.columns else None
-    predictor, metrics, _ = train_apex(data, cfg, encoder=encoder)
+    encoder, segmenting = embedding_recipe(emb, str(args.embeddings))
+    predictor, metrics, _ = train_apex(data, cfg, encoder=encoder, segmenting=segmenting)
     out = Path(args.out)
     predictor.save(out)
     write_json_atomic(out / "metrics.json", metrics)

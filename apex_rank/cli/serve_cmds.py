@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the parser."""
     p = sub.add_parser("publish", help="publish a bundle to Redis; moves the current pointer atomically")
     p.add_argument("--bundle", required=True, help="bundle folder written by `apex-rank build`")
-    p.add_argument("--redis", default=DEFAULT_REDIS, help="redis://, rediss:// or redis+cluster://host:port[,host:port] URL")
+    p.add_argument("--redis", default=DEFAULT_REDIS,
+                   help="redis://, rediss:// or redis+cluster://host:port[,host:port] URL")
     p.add_argument("--namespace", default="default")
     p.add_argument("--batch-size", type=int, default=2000, help="records per pipelined batch")
     p.add_argument("--grace-s", type=int, default=600, help="seconds the replaced version stays readable")

@@ -6,8 +6,10 @@ the ``encoder`` id (``"<name>:<config hash>"``, the ``encoder`` column of the em
 it was trained on). :class:`AudioEmbedder` rebuilds that encoder from the registry
 (:data:`~apex_rank.features.encoders.ENCODERS`, default options, nothing downloaded) in a small
 process pool and embeds with the same functions as ``apex-rank embed``
-(:func:`~apex_rank.features.embed._worker_init` / ``_worker_embed``), so an ingested song's
-vector equals the offline pipeline's vector of the same file. An encoder that cannot be
+(:func:`~apex_rank.features.embed._worker_init` / ``_worker_embed``) and cuts the audio by the
+rule the catalogue was cut by (the embeddings table's ``segmenting`` column, which the predictor
+records next to the encoder id; the default rule for a bundle without one), so an ingested
+song's vector equals the offline pipeline's vector of the same file. An encoder that cannot be
 rebuilt, or rebuilds to another id, is refused with one error naming the bundle and the
 encoder.
 
@@ -34,11 +36,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from apex_rank.errors import ConfigError, RequestError
+
+if TYPE_CHECKING:
+    from apex_rank.features.audio import AudioConfig
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +173,10 @@ class AudioEmbedder:
     """
 
     def __init__(self, bundle_dir: str, encoder_id: str | None, dim: int,
-                 config: AudioIngestConfig) -> None:
+                 config: AudioIngestConfig, segmenting: str | None = None) -> None:
         self.bundle_dir = bundle_dir
         self.encoder_id = encoder_id
+        self.segmenting = segmenting  # how the bundle's songs were cut (None: the default rule)
         self.dim = int(dim)
         self.config = config
         self._pool: ProcessPoolExecutor | None = None
@@ -181,11 +187,21 @@ class AudioEmbedder:
                             f"which this server cannot rebuild ({why}); send the song's embedding "
                             "instead")
 
+    def audio_config(self) -> AudioConfig:
+        """The rule the bundle's songs were cut by (its APEX predictor's ``segmenting`` record;
+        the default rule for a bundle without one), read no further than ``max_duration_s``."""
+        from apex_rank.features.audio import AudioConfig
+
+        rule = (AudioConfig.from_segmenting(self.segmenting, f"bundle {self.bundle_dir}") if self.segmenting
+                else AudioConfig())
+        cut = [d for d in (rule.max_duration_s, self.config.max_duration_s) if d is not None]
+        return replace(rule, max_duration_s=min(cut) if cut else None,
+                       min_duration_s=min([rule.min_duration_s, *cut]))
+
     def _start(self) -> ProcessPoolExecutor:
         """The pool, started on first use with the bundle's encoder (checked by its id)."""
         if self._pool is not None:
             return self._pool
-        from apex_rank.features.embed import EmbedConfig
         from apex_rank.features.encoders import ENCODERS, EncoderSpec
 
         if self.encoder_id is None:
@@ -194,7 +210,7 @@ class AudioEmbedder:
         if name not in ENCODERS or name == "precomputed":
             raise self._refuse(f"{name!r} is not an audio encoder of the registry")
         spec = EncoderSpec.of(name)
-        audio = replace(EmbedConfig().audio, max_duration_s=self.config.max_duration_s)
+        audio = self.audio_config()
         pool = ProcessPoolExecutor(self.config.workers, mp_context=mp.get_context("spawn"),
                                    initializer=_init, initargs=(spec, audio))
         try:

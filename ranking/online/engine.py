@@ -318,7 +318,7 @@ class RankingEngine:
         self.bundle_dir = str(Path(bundle_dir).resolve())
         self.fingerprint = bundle_fingerprint(bundle_dir)
         self._audio = AudioEmbedder(self.bundle_dir, recommender.apex.encoder, self.embedding_dim,
-                                    audio or AudioIngestConfig())
+                                    audio or AudioIngestConfig(), recommender.apex.segmenting)
         self._lock = _RWLock()
         t = recommender.songs
         self._fallback = FallbackList(list(t.song_ids), np.asarray(t.quality, dtype=np.float64),

@@ -72,8 +72,10 @@ def test_folder_to_table_with_bad_files_skipped(music: Path, tmp_path: Path) -> 
         "n_segments",
         "duration_s",
         "audio_path",
+        "segmenting",
         "segment_embeddings",
     ]
+    assert t["segmenting"].unique().to_list() == [AUDIO.segmenting()]  # the rule online ingest repeats
     ids, X = embedding_matrix(t, expected_width=238)
     assert X.shape == (5, 238)
     row = t.filter(pl.col("song_id") == "calm/soft_a").row(0, named=True)

@@ -18,6 +18,7 @@ import pytest
 import soundfile as sf
 
 from apex_rank.errors import RequestError
+from apex_rank.features.audio import AudioConfig
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, publish
 from apex_rank.ranking.online.access import KeyRing
 from apex_rank.ranking.online.audio import AudioEmbedder, AudioIngestConfig
@@ -32,10 +33,14 @@ KEY = "k-" + "0a1b2c3d" * 4
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+RULE = AudioConfig(segment_s=2.0, min_last_s=0.5)  # not the default rule: ingest must read it from the bundle
+
+
 @lru_cache(maxsize=1)
 def spectral_bundle() -> str:
     """A small bundle whose embeddings are declared to come from the ``spectral`` encoder (its
-    width, its id in the table's ``encoder`` column, hence in the APEX predictor's manifest)."""
+    width, its id in the table's ``encoder`` column, hence in the APEX predictor's manifest),
+    cut by :data:`RULE` (the table's ``segmenting`` column, recorded the same way)."""
     import polars as pl
 
     from apex_rank.features.encoders import SPECTRAL_DIM, get_encoder
@@ -47,7 +52,8 @@ def spectral_bundle() -> str:
 
     world = make_world(WorldConfig(n_songs=300, n_users=80, dim=SPECTRAL_DIM, interactions_per_user=20,
                                    seed=5))
-    emb = world.embeddings.with_columns(pl.lit(get_encoder("spectral").id).alias("encoder"))
+    emb = world.embeddings.with_columns(pl.lit(get_encoder("spectral").id).alias("encoder"),
+                                        pl.lit(RULE.segmenting()).alias("segmenting"))
     cfg = RecommenderConfig(apex=ApexFitConfig(epochs=2, patience=1, batch_size=512),
                             reranker=RerankerConfig(n_estimators=15, early_stopping_rounds=5),
                             cf=CFConfig(factors=16, iterations=5), seed=5)
@@ -103,10 +109,10 @@ def served(redis_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[dict[s
     ranker.close()
 
 
-def _offline(path: Path) -> np.ndarray:
+def _offline(path: Path, rule: AudioConfig = RULE) -> np.ndarray:
     from apex_rank.features.embed import EmbedConfig, SongSource, embed_audio
 
-    res = embed_audio([SongSource("x", str(path))], EmbedConfig(encoder="spectral"))
+    res = embed_audio([SongSource("x", str(path))], EmbedConfig(encoder="spectral", audio=rule))
     assert not res.skipped, res.skipped
     return np.asarray(res.table["embedding"][0].to_list(), dtype=np.float32)
 
@@ -138,6 +144,8 @@ def test_upload_makes_the_song_rankable_with_the_offline_embedding(served: dict[
     stored = _stored(served, "up1")
     assert stored.shape == (served["engine"].embedding_dim,)
     np.testing.assert_allclose(stored, _offline(path), atol=1e-5, rtol=0)
+    assert served["engine"].recommender.apex.segmenting == RULE.segmenting()  # recorded by build, saved, loaded
+    assert not np.allclose(stored, _offline(path, AudioConfig()), atol=1e-3)  # the default rule cuts it otherwise
     assert _ranked_by_content(served, "up1"), "the uploaded song reached no user's top 50"
     again = served["client"].post("/songs/up1/audio", content=path.read_bytes(),
                                   headers={**AUTH, "Content-Type": "audio/flac"})
@@ -285,8 +293,8 @@ def test_a_slow_file_is_stopped_and_the_next_one_gets_a_fresh_worker(tmp_path: P
     try:
         with pytest.raises(RequestError, match=r"a\.wav: not embedded within 0\.001 s; its worker was stopped"):
             emb.embed(path)
-        emb.config = replace(emb.config, timeout_s=60.0)
-        np.testing.assert_allclose(emb.embed(path), _offline(path), atol=1e-5, rtol=0)
+        emb.config = replace(emb.config, timeout_s=60.0)  # a bare embedder: the default rule
+        np.testing.assert_allclose(emb.embed(path), _offline(path, AudioConfig()), atol=1e-5, rtol=0)
     finally:
         emb.close()
 

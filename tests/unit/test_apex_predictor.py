@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
@@ -111,3 +112,41 @@ def test_official_checkpoint_of_nan_weights_is_refused(tmp_path: Path) -> None:
     torch.save({"model_state": state, "task": "full", "shared": 2}, tmp_path / "best_model.pt")
     with pytest.raises(CheckpointError, match="tensor 'shared.0.block.0.weight' holds NaN or inf"):
         ApexPredictor.from_official_checkpoint(tmp_path / "best_model.pt", device="cpu")
+
+
+def test_the_audio_rule_travels_with_the_predictor_and_guards_its_inputs(predictor: ApexPredictor,
+                                                                          tmp_path: Path) -> None:
+    """The ``segmenting`` record (how the embeddings' audio was cut) is read from the table once,
+    saved and loaded with the predictor, and embeddings cut another way are refused by name."""
+    from apex_rank.features.apex_tables import embedding_recipe
+    from apex_rank.features.audio import AudioConfig
+    from apex_rank.schemas import embeddings_frame
+
+    rule, other = AudioConfig(segment_s=2.0, min_last_s=0.5), AudioConfig()
+    X = np.random.default_rng(2).normal(size=(3, 24)).astype(np.float32)
+    table = embeddings_frame(["a", "b", "c"], X, encoder="spectral-test")
+    assert embedding_recipe(table) == ("spectral-test", None)  # an older table: no record
+    cut = table.with_columns(pl.lit(rule.segmenting()).alias("segmenting"))
+    assert embedding_recipe(cut) == ("spectral-test", rule.segmenting())
+    mixed = cut.with_columns(pl.when(pl.col("song_id") == "c").then(pl.lit(other.segmenting()))
+                             .otherwise(pl.col("segmenting")).alias("segmenting"))
+    with pytest.raises(SchemaError, match="emb.parquet: rows were cut by different audio rules"):
+        embedding_recipe(mixed, "emb.parquet")
+    predictor.segmenting = rule.segmenting()
+    predictor.save(tmp_path / "m")
+    again = ApexPredictor.load(tmp_path / "m", device="cpu")
+    assert again.segmenting == rule.segmenting() and AudioConfig.from_segmenting(again.segmenting, "m") == rule
+    assert again.score_embeddings(cut).height == 3
+    assert again.score_embeddings(table).height == 3  # no record in the table: nothing to compare
+    with pytest.raises(SchemaError, match="new.parquet: embeddings were cut by the audio rule"):
+        again.score_embeddings(cut.with_columns(pl.lit(other.segmenting()).alias("segmenting")), source="new.parquet")
+
+
+@pytest.mark.parametrize("record", ['{"segment_s": 2.0}', "not json", "[1, 2]",
+                                    '{"segment_s": -1, "hop_s": null, "min_last_s": 0, "max_duration_s": null}'])
+def test_a_bad_segmenting_record_is_a_config_error_naming_where(record: str) -> None:
+    from apex_rank.errors import ConfigError
+    from apex_rank.features.audio import AudioConfig
+
+    with pytest.raises(ConfigError, match="bundle b/: segmenting record"):
+        AudioConfig.from_segmenting(record, "bundle b/")
