@@ -73,15 +73,18 @@ def _rowdot(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", A, B, optimize=False).astype(np.float32)
 
 
-GATHER_ROWS = 4096  # rows gathered at a time: both operands stay in cache (2 x 1 MB at width 64)
+GATHER_BYTES = 1 << 18  # bytes of each operand gathered at a time (1024 rows at width 64): in
+# cache, and small enough that numpy's buffers are reused rather than mapped afresh (blocks of
+# 1 MB made the products 3.5x slower)
 
 
 def _gathered_rowdot(A: np.ndarray, rows_a: np.ndarray, B: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
     """``_rowdot(A[rows_a], B[rows_b])`` in blocks of rows: the same products, without gathering
     two (n, width) matrices through main memory first."""
     out = np.empty(len(rows_a), dtype=np.float32)
-    for lo in range(0, len(rows_a), GATHER_ROWS):
-        hi = lo + GATHER_ROWS
+    step = max(64, GATHER_BYTES // (B.itemsize * max(1, B.shape[1])))
+    for lo in range(0, len(rows_a), step):
+        hi = lo + step
         out[lo:hi] = _rowdot(A[rows_a[lo:hi]], B[rows_b[lo:hi]])
     return out
 
@@ -167,46 +170,43 @@ def feature_array(
     has_recent &= np.isfinite(np.asarray([x.last_seen_s for x in states], dtype=np.float64))
     activity = np.log1p(np.asarray([x.activity for x in states], dtype=np.float32))
 
-    X = np.empty((n, len(FEATURES)), dtype=np.float32)
+    # one feature per row of XT, written contiguously, then one transposing copy: the row-major
+    # matrix LightGBM reads, without a strided write per column
+    XT = np.empty((len(FEATURES), n), dtype=np.float32)
     col = {c: j for j, c in enumerate(FEATURES)}
     warm = st.warm[s]
     ucf = has_cf[u]
-    als = np.full(n, np.nan, dtype=np.float32)
+    als = XT[col["als_score"]]
+    als[:] = np.nan
     m = ucf & warm
     if m.any():
         als[m] = _gathered_rowdot(U, u[m], st.cf_factors, s[m])
-    X[:, col["als_score"]] = als
-    pcf = np.full(n, np.nan, dtype=np.float32)
+    pcf = XT[col["pseudo_cf_score"]]
+    pcf[:] = np.nan
     if ucf.any():
         pcf[ucf] = _gathered_rowdot(U, u[ucf], st.pseudo_factors, s[ucf])
-    X[:, col["pseudo_cf_score"]] = pcf
-    rec = np.full(n, np.nan, dtype=np.float32)
+    rec = XT[col["recent_cf_sim"]]
+    rec[:] = np.nan
     mr = has_recent[u]
     for rows, V in ((mr & warm, st.cf_factors), (mr & ~warm, st.pseudo_factors)):  # a cold song: its pseudo factor
         if rows.any():
             rec[rows] = _gathered_rowdot(R_u, u[rows], V, s[rows])
-    X[:, col["recent_cf_sim"]] = rec
-    csim = np.full(n, np.nan, dtype=np.float32)
+    csim = XT[col["content_sim"]]
+    csim[:] = np.nan
     mp = has_prof[u]
     if mp.any():
         csim[mp] = _gathered_rowdot(P, u[mp], st.embeddings, s[mp])
-    X[:, col["content_sim"]] = csim
     pri = st.priors[s]
-    for k, t in enumerate(APEX_TASKS):
-        X[:, col[t]] = pri[:, k]
-    X[:, col["log_popularity"]] = np.where(warm, np.log((1.0 + st.popularity[s]) / st.popularity_scale), np.nan)
+    XT[[col[t] for t in APEX_TASKS]] = pri.T
+    XT[col["log_popularity"]] = np.where(warm, np.log((1.0 + st.popularity[s]) / st.popularity_scale), np.nan)
     seen = np.asarray([x.last_seen_s for x in states], dtype=np.float64)
     ref = np.where(np.isfinite(seen), seen, st.now_s)[u]
-    X[:, col["age_days"]] = (np.maximum(0.0, ref - st.created_s[s]) / 86400.0).astype(np.float32)
-    X[:, col["is_cold"]] = (~warm).astype(np.float32)
-    R = np.asarray(ranks, dtype=np.float32).reshape(n, len(RANK_COLUMNS))
-    for k, c in enumerate(RANK_COLUMNS):
-        X[:, col[c]] = R[:, k]
-    X[:, col["user_activity"]] = activity[u]
-    gaps = (pri - hist_mean[u]).astype(np.float32)
-    for k, g in enumerate(GAP_COLUMNS):
-        X[:, col[g]] = gaps[:, k]
-    return X
+    XT[col["age_days"]] = (np.maximum(0.0, ref - st.created_s[s]) / 86400.0).astype(np.float32)
+    XT[col["is_cold"]] = (~warm).astype(np.float32)
+    XT[[col[c] for c in RANK_COLUMNS]] = np.asarray(ranks, dtype=np.float32).reshape(n, len(RANK_COLUMNS)).T
+    XT[col["user_activity"]] = activity[u]
+    XT[[col[g] for g in GAP_COLUMNS]] = (pri - hist_mean[u]).astype(np.float32).T
+    return np.ascontiguousarray(XT.T)
 
 
 def build_feature_frame(states: Sequence[UserState], candidates: pl.DataFrame, song_table: SongTable) -> pl.DataFrame:
