@@ -589,9 +589,10 @@ def _gather(
 
 
 def lex_order(*keys: np.ndarray) -> np.ndarray:
-    """``np.lexsort(keys)`` (the last key primary) for non-negative integer keys: one stable
-    argsort of the keys packed into an int64 when their ranges fit in 63 bits (several times
-    faster than a sort pass per key), ``np.lexsort`` otherwise."""
+    """``np.lexsort(keys)`` (the last key primary) for non-negative integer keys that together
+    tell every element apart (equal keys come in no set order): one argsort of the keys packed
+    into an int64 when their ranges fit in 63 bits (several times faster than a sort pass per
+    key, and than a stable sort), ``np.lexsort`` otherwise."""
     bits = [int(k.max()).bit_length() if len(k) else 0 for k in keys]
     if sum(bits) > 63:
         return np.lexsort(keys)
@@ -600,7 +601,7 @@ def lex_order(*keys: np.ndarray) -> np.ndarray:
     for k, nb in zip(keys, bits):
         packed |= np.asarray(k, dtype=np.int64) << shift
         shift += nb
-    return np.argsort(packed, kind="stable")
+    return np.argsort(packed)
 
 
 def _union(
