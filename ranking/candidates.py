@@ -535,9 +535,6 @@ class RankedListSource(CandidateSource):
         return _two_pass(search, excluded, n, self.max_overfetch, len(self.song_ids))
 
 
-_NULL_RANK = np.iinfo(np.int32).max
-
-
 def sorted_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(values, return_inverse=True)`` for object (string) arrays, without sorting all values.
 
@@ -611,18 +608,19 @@ def _union(
     (the item's place in song-id order): ``(rows, items, best, ranks)`` as
     :func:`candidate_arrays` returns them."""
     nsrc = len(SOURCE_ORDER)
-    packed = rank * nsrc + src_  # (rank, source): ties go to the earlier source
-    by = lex_order(packed, code, row)  # each (row, code) group together, its best cell first
-    row, code, packed = row[by], code[by], packed[by]
-    first = np.r_[True, (np.diff(row) != 0) | (np.diff(code) != 0)]
-    ginv = np.cumsum(first) - 1
-    R = np.full((int(first.sum()), nsrc), _NULL_RANK, dtype=np.int64)
-    np.minimum.at(R, (ginv, src_[by]), rank[by])
-    best, minrank = packed[first] % nsrc, packed[first] // nsrc
-    grow, gcode, gitem = row[first], code[first], item[by[first]]
+    by = lex_order(rank, src_, code, row)  # each (row, code) group together, each source's best rank first
+    row, code, src_, rank = row[by], code[by], src_[by], rank[by]
+    new_group = np.r_[True, (np.diff(row) != 0) | (np.diff(code) != 0)]
+    starts = np.flatnonzero(new_group)
+    ginv = np.cumsum(new_group) - 1
+    first_of_source = new_group | np.r_[True, np.diff(src_) != 0]  # a source's best rank of the song
+    R = np.zeros((len(starts), nsrc), dtype=np.int32)
+    R[ginv[first_of_source], src_[first_of_source]] = rank[first_of_source]
+    best_cell = np.minimum.reduceat(rank * nsrc + src_, starts)  # (rank, source): ties go to the earlier source
+    best, minrank = best_cell % nsrc, best_cell // nsrc
+    grow, gcode, gitem = row[starts], code[starts], item[by[starts]]
     order = lex_order(gcode, minrank, best, grow)
-    R = np.where(R == _NULL_RANK, 0, R)[order].astype(np.int32)
-    return grow[order], gitem[order], best[order].astype(np.int8), R
+    return grow[order], gitem[order], best[order].astype(np.int8), R[order]
 
 
 def _no_candidates(item_dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
