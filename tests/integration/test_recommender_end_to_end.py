@@ -21,7 +21,7 @@ import pytest
 from apex_rank.errors import ArtifactError, ConfigError, SchemaError, UnknownIdError
 from apex_rank.ranking.candidates import generate_candidates
 from apex_rank.ranking.pipeline import MAX_K, RESULT_SCHEMA, rank_arrays, ranked_frame
-from apex_rank.ranking.recommender import load_recommender
+from apex_rank.ranking.recommender import Recommender, load_recommender
 from apex_rank.ranking.rerank_features import FEATURES, build_feature_frame
 from apex_rank.schemas import embeddings_frame
 from apex_rank.tasks import APEX_TASKS
@@ -53,6 +53,23 @@ def test_batch_equals_single() -> None:
         single = rec.recommend(u, k=10)
         part = batch.filter(pl.col("user_id") == u).drop("user_id")
         assert part.equals(single), u
+
+
+def test_batch_in_chunks_equals_single_whatever_the_batch() -> None:
+    """recommend_batch ranks ``batch_users`` users at a time: across several chunks each user's
+    rows equal recommend() for that user, and the same in another batch (rows depend on their
+    own user only)."""
+    base = recommender()
+    rec = Recommender(dataclasses.replace(base.parts, config=dataclasses.replace(base.config, batch_users=7)))
+    users = _users(30) + ["nobody-1"]
+    batch = rec.recommend_batch(users, k=10)
+    other = rec.recommend_batch(users[20:5:-1], k=10)
+    assert batch["user_id"].unique(maintain_order=True).to_list() == users
+    for u in users:
+        single = base.recommend(u, k=10)
+        assert batch.filter(pl.col("user_id") == u).drop("user_id").equals(single), u
+        if u in users[6:21]:
+            assert other.filter(pl.col("user_id") == u).drop("user_id").equals(single), u
 
 
 def test_duplicate_ids_in_batch_are_answered_once() -> None:
