@@ -285,7 +285,6 @@ class RedisStore(OnlineStore):
             return False
 
     def current_version(self) -> int | None:
-
         try:
             raw = self.client.get(self.keys.current)
             if not raw and not self._schema1_checked:
@@ -300,7 +299,6 @@ class RedisStore(OnlineStore):
         return int(raw) if raw else None
 
     def next_version(self) -> int:
-
         try:
             return int(self.client.incr(self.keys.seq))
         except _failures() as err:
@@ -322,7 +320,6 @@ class RedisStore(OnlineStore):
             raise self._fail(f"writing {len(ids)} songs to {songs_key}", err) from err
 
     def write_users(self, version: int, users: Sequence[tuple[str, UserState]], ttl_s: int) -> None:
-
         try:
             pipe = self.client.pipeline(transaction=False)
             for uid, rec in users:  # version numbers are never reused: the keys are new
@@ -334,14 +331,12 @@ class RedisStore(OnlineStore):
             raise self._fail(f"writing {len(users)} users of version {version}", err) from err
 
     def write_meta(self, version: int, meta: dict[str, Any], ttl_s: int) -> None:
-
         try:
             self.client.set(self.keys.meta(version), json.dumps(meta), ex=ttl_s)
         except _failures() as err:
             raise self._fail(f"SET {self.keys.meta(version)}", err) from err
 
     def read_meta(self, version: int) -> dict[str, Any] | None:
-
         try:
             raw = self.client.get(self.keys.meta(version))
         except _failures() as err:
@@ -349,7 +344,6 @@ class RedisStore(OnlineStore):
         return json.loads(raw) if raw else None
 
     def version_present(self, version: int) -> tuple[int | None, bool]:
-
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.get(self.keys.current)
@@ -360,7 +354,6 @@ class RedisStore(OnlineStore):
         return (int(cur) if cur else None), int(n) == 2
 
     def commit(self, version: int, expected: int | None) -> CommitResult:
-
         try:
             if self._commit_script is None:
                 self._commit_script = self.client.register_script(_COMMIT_LUA)
@@ -377,7 +370,6 @@ class RedisStore(OnlineStore):
         return CommitResult(int(status) == 1, before_v, as_text(ev), as_text(cat))
 
     def expire_version(self, version: int, ttl_s: int) -> int:
-
         n = 0
         try:
             batch: list[bytes] = []
@@ -401,7 +393,6 @@ class RedisStore(OnlineStore):
         return len(keys)
 
     def read_user(self, version: int, user_id: str) -> tuple[int | None, UserState | None]:
-
         key = self.keys.user(version, user_id)
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -413,7 +404,6 @@ class RedisStore(OnlineStore):
         return (int(cur) if cur else None), decode_user(user_id, raw, key)
 
     def read_songs(self, version: int, ids: Sequence[str]) -> list[tuple[bytes | None, bytes | None]]:
-
         if not ids:
             return []
         try:
@@ -675,7 +665,6 @@ class RedisStore(OnlineStore):
         return as_text(res[-1])
 
     def ingested_ids(self, version: int) -> list[str]:
-
         try:
             return sorted(m.decode() for m in self.client.smembers(self.keys.ingested(version)))
         except _failures() as err:
@@ -709,7 +698,6 @@ class RedisStore(OnlineStore):
                           also=also)
 
     def read_warm(self, version: int, ids: Sequence[str] | None = None) -> dict[str, bytes]:
-
         key = self.keys.warm(version)
         try:
             if ids is None:
@@ -722,7 +710,6 @@ class RedisStore(OnlineStore):
             raise self._fail(f"reading {key}", err) from err
 
     def read_warm_log(self, after_id: str) -> list[tuple[str, list[str], int]]:
-
         try:
             res = self.client.xread({self.keys.warm_log: after_id}, count=1000)
         except _failures() as err:
@@ -737,7 +724,6 @@ class RedisStore(OnlineStore):
         return self._last_id(self.keys.events)
 
     def _last_id(self, key: str) -> str:
-
         try:
             rows = self.client.xrevrange(key, count=1)
         except _failures() as err:
@@ -745,7 +731,6 @@ class RedisStore(OnlineStore):
         return as_text(rows[0][0]) if rows else "0-0"
 
     def read_catalogue(self, after_id: str, block_ms: int = 0) -> list[tuple[str, str, int]]:
-
         try:
             res = self.client.xread({self.keys.catalogue: after_id}, count=1000,
                                     block=block_ms or None)
@@ -758,7 +743,6 @@ class RedisStore(OnlineStore):
         return out
 
     def last_catalogue_id(self) -> str:
-
         try:
             rows = self.client.xrevrange(self.keys.catalogue, count=1)
         except _failures() as err:
@@ -766,7 +750,6 @@ class RedisStore(OnlineStore):
         return rows[0][0].decode() if rows else "0-0"
 
     def write_worker_metrics(self, worker: str, snapshot: dict[str, Any]) -> None:
-
         try:
             sec, usec = self._clock()
             raw = json.dumps({**snapshot, "at": float(sec) + usec / 1e6}, separators=(",", ":"))
@@ -775,7 +758,6 @@ class RedisStore(OnlineStore):
             raise self._fail(f"HSET {self.keys.metrics} {worker}", err) from err
 
     def read_worker_metrics(self) -> tuple[float, dict[str, bytes]]:
-
         try:
             if self.cluster:  # TIME has no key: a cluster pipeline cannot route it
                 (sec, usec), raws = self._clock(), self.client.hgetall(self.keys.metrics)
@@ -796,7 +778,6 @@ class RedisStore(OnlineStore):
         return self.client.time()
 
     def drop_worker_metrics(self, workers: Sequence[str]) -> None:
-
         if not workers:
             return
         try:
