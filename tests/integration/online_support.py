@@ -11,9 +11,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -166,3 +168,45 @@ def bundle_dir(seed: int = 7) -> str:
     out = Path(tempfile.mkdtemp(prefix=f"apexrank-online-bundle{seed}-"))
     rec.save(out)
     return str(out)
+
+
+class BackgroundWriter:
+    """A thread recording plays through its own store while a test does something else (a
+    publish, a failover): users in turn, songs stepping by 7. ``counts[user]`` grows by one per
+    acknowledged play (start it with the plays recorded before); what the thread raised is in
+    ``failures``. A context manager: started on entry, stopped and joined on exit."""
+
+    def __init__(self, url: str, namespace: str, users: list[str], songs: list[str], config: Any,
+                 counts: dict[str, int]) -> None:
+        self.url, self.namespace, self.users, self.songs, self.config = url, namespace, users, songs, config
+        self.counts = counts
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        from apex_rank.ranking.online import RedisStore, record
+
+        w = RedisStore(self.url, self.namespace)
+        i = 0
+        try:
+            while not self._stop.is_set():
+                u = self.users[i % len(self.users)]
+                record(w, u, self.songs[(7 * i) % len(self.songs)], "play", config=self.config)
+                self.counts[u] += 1
+                i += 1
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            self.failures.append(err)
+        finally:
+            w.close()
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __enter__(self) -> BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)

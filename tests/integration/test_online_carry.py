@@ -4,7 +4,6 @@ once, on real Redis."""
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 from apex_rank.ranking.online import OnlineConfig, OnlineRanker, RedisStore, ingest, publish, record
 from apex_rank.ranking.online.engine import RankingEngine
 
-from .online_support import bundle_dir
+from .online_support import BackgroundWriter, bundle_dir
 
 pytestmark = pytest.mark.integration
 
@@ -96,35 +95,13 @@ def test_events_recorded_during_a_publish_land_exactly_once(engine: RankingEngin
     users = engine.recommender.user_ids[:8]
     songs = engine.recommender.songs.song_ids
     counts = dict.fromkeys(users, 0)
-    stop = threading.Event()
-    failures: list[BaseException] = []
-
-    def writer() -> None:
-        w = RedisStore(redis_url, redis_prefix)
-        i = 0
-        try:
-            while not stop.is_set():
-                u = users[i % len(users)]
-                record(w, u, songs[(7 * i) % len(songs)], "play", config=cfg)
-                counts[u] += 1
-                i += 1
-        except BaseException as err:  # noqa: BLE001 - reported by the test
-            failures.append(err)
-        finally:
-            w.close()
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        while sum(counts.values()) < 20:  # some events before the publish starts
-            threading.Event().wait(0.005)
+    with BackgroundWriter(redis_url, redis_prefix, users, songs, cfg, counts) as writer:
+        while writer.total() < 20:  # some events before the publish starts
+            time.sleep(0.005)
         res = publish(engine, store, config=cfg)
-        n_during = sum(counts.values())
-        threading.Event().wait(0.05)  # and some after it committed
-    finally:
-        stop.set()
-        t.join(timeout=30)
-    assert not failures, failures
+        n_during = writer.total()
+        time.sleep(0.05)  # and some after it committed
+    assert not writer.failures, writer.failures
     assert sum(counts.values()) > n_during > 20
     for u in users:
         got = store.read_user(res.version, u)[1]

@@ -27,7 +27,7 @@ from apex_rank.ranking.online.engine import RankingEngine
 from apex_rank.ranking.online.events import Interaction, record_many
 from apex_rank.ranking.online.redis_store import redact_url
 
-from .online_support import bundle_dir
+from .online_support import BackgroundWriter, bundle_dir
 from .test_online_store import (  # noqa: F401 - the store contract's tests, run here on the cluster
     _publish_empty,
     play,
@@ -319,35 +319,13 @@ def test_carry_over_at_publish(cluster: OwnCluster, engine: RankingEngine) -> No
     record(store, users[0], "carried-song", "like", config=cfg)
     counts = dict.fromkeys(users, 0)
     counts[users[0]] = 1
-    stop = threading.Event()
-    failures: list[BaseException] = []
-
-    def writer() -> None:
-        w = RedisStore(cluster.url, ns)
-        i = 0
-        try:
-            while not stop.is_set():
-                u = users[i % len(users)]
-                record(w, u, songs[(7 * i) % len(songs)], "play", config=cfg)
-                counts[u] += 1
-                i += 1
-        except BaseException as err:  # noqa: BLE001 - reported by the test
-            failures.append(err)
-        finally:
-            w.close()
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        while sum(counts.values()) < 20:
+    with BackgroundWriter(cluster.url, ns, users, songs, cfg, counts) as writer:
+        while writer.total() < 20:
             time.sleep(0.005)
         res = publish(engine, store, config=cfg)
-        n_during = sum(counts.values())
+        n_during = writer.total()
         time.sleep(0.05)
-    finally:
-        stop.set()
-        t.join(timeout=30)
-    assert not failures, failures
+    assert not writer.failures, writer.failures
     assert res.version == 2 and res.carried_songs == 1 and sum(counts.values()) > n_during > 20
     assert store.ingested_ids(2) == ["carried-song"]
     for u in users:
