@@ -165,7 +165,8 @@ def rank_arrays(
     order = order[np.lexsort((song_table.id_rank[s[order]], -scores[order], user_key))]
     if cold_share is None:
         keep, rank = select_top_k(urank[rows[order]], cold[order], k, min_cold_share, floor=True,
-                                  draws=user_draws([st.user_id for st in states])[rows[order]])
+                                  draws=user_draws([st.user_id for st in states])[rows[order]],
+                                  by_score=None if trusted is None else ~trusted[last[rows[order]]])
     else:
         keep, rank = select_top_k(urank[rows[order]], cold[order], k, cold_share)
     keep = order[keep]

@@ -29,7 +29,7 @@ from apex_rank.ranking.rerank_features import (
     feature_array,
     feature_matrix,
 )
-from apex_rank.ranking.reranker import select_top_k
+from apex_rank.ranking.reranker import select_top_k, user_draws
 from apex_rank.ranking.state import UserState
 from apex_rank.threads import using_threads
 from tests.integration.test_recommender_fixtures import recommender
@@ -159,7 +159,8 @@ def test_top_k_of_the_contenders_equals_the_top_k_of_all() -> None:
             scores = rec.reranker.score_matrix(feature_array(states, rows, pos, np.where(R > 0, R, np.nan), st))
             order = np.lexsort((st.id_rank[pos], -scores, rows))  # user ids follow state order here
             if share is None:
-                keep, rank = select_top_k(rows[order], ~st.warm[pos[order]], k, floor, floor=True)
+                keep, rank = select_top_k(rows[order], ~st.warm[pos[order]], k, floor, floor=True,
+                                          draws=user_draws([x.user_id for x in states])[rows[order]])
             else:
                 keep, rank = select_top_k(rows[order], ~st.warm[pos[order]], k, share)
             np.testing.assert_array_equal(got.song, pos[order[keep]])
