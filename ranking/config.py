@@ -64,7 +64,9 @@ class RecommenderConfig:
         (CF, content map, user states, popularity), their label-slice plays stay as labels.
         They reach the training groups exactly as a new song reaches a served user: no CF
         factor, out-of-sample pseudo factor, from the ``pseudo_cf``/``fresh``/``content``
-        sources, at the base rate of plays a song has in one period (0 disables).
+        sources, at the base rate of plays a song has in one period (0 disables). Half are the
+        latest songs to reach the catalogue (new releases), half a seeded random draw (songs
+        whose history was lost); see ``build._simulated_new_songs``.
     cf_grid: ALS settings (overrides of ``cf``) tried on the training side; the one with the best
         NDCG@10 of plain ALS on the label slice is kept for both sides (empty: ``cf`` as given;
         only for ``cf.model == "als"``).

@@ -70,17 +70,17 @@ def test_build_simulates_new_songs_and_reports_candidate_recall() -> None:
     assert 0 < rc["als"] <= rc["union"] <= 1 and 0 < rc["pseudo_cf"] <= rc["union"]
     assert r["n_rerank_positives"] <= rc["n_positive_pairs"]
     assert r["n_rerank_positives"] == round(rc["union"] * rc["n_positive_pairs"])
-    # the new-song floor: chosen on validation against the ALS order, at most the share of the
-    # label slice's plays that went to new songs, scaled to this catalogue
+    # the new-song floor: the largest floor keeping half the reranker's validation margin over
+    # the ALS order, scaled to this catalogue's share of new songs
     ex = r["exposure"]
-    als, trials = ex["trials"][0], ex["trials"][1:]
-    assert als["model"] == "als_order" and [t["min_cold_share"] for t in trials][0] == 0.0
-    assert 0 < ex["label_new_share"] < 1 and ex["min_cold_share"] <= ex["label_new_share"]
-    chosen = [t for t in trials if t["min_cold_share"] == ex["min_cold_share"]][0]
-    assert chosen["ndcg_all"] >= als["ndcg_all"] and chosen["ndcg_warm"] >= 0.97 * als["ndcg_warm"]
-    assert not any(ex["min_cold_share"] < t["min_cold_share"] <= ex["label_new_share"]
-                   and t["ndcg_all"] >= als["ndcg_all"] and t["ndcg_warm"] >= 0.97 * als["ndcg_warm"]
-                   for t in trials)
+    als, trees, trials = ex["trials"][0], ex["trials"][1], ex["trials"][1:]
+    assert als["model"] == "als_order" and trees["min_cold_share"] == 0.0
+
+    def keeps(t: dict) -> bool:
+        return all(t[m] >= als[m] + 0.5 * max(trees[m] - als[m], 0.0) for m in ("ndcg_all", "ndcg_warm"))
+
+    assert max(t["min_cold_share"] for t in trials if keeps(t)) == ex["min_cold_share"]
+    assert ex["min_cold_share"] > 0  # this world has a margin to spend on new songs
     frac = float((~rec.songs.warm).mean())
     assert rec.min_cold_share == pytest.approx(ex["min_cold_share"] * min(1.0, frac / ex["train_cold_fraction"]))
 

@@ -190,8 +190,38 @@ def test_select_top_k_reserves_new_song_slots_in_score_order() -> None:
     # as a floor: at least the share, more where the scores put more new songs in the top k
     keep, _ = select_top_k(user, cold, 4, 0.25, floor=True)  # user 0's own top 4 holds 1 new song
     assert keep.tolist() == [0, 1, 2, 3, 6, 7]
-    keep, _ = select_top_k(user, cold, 4, 0.5, floor=True)  # raised to 2 new songs
-    assert keep.tolist() == [0, 1, 2, 4, 6, 7]
+    keep, _ = select_top_k(user, cold, 4, 0.5, floor=True)  # raised to 2 new songs, one in the top 2
+    assert keep.tolist() == [0, 2, 1, 4, 6, 7]
+
+
+def test_floor_holds_at_every_depth_of_the_list() -> None:
+    """A floor spreads new songs over the list: the top p of each user's list holds at least
+    ceil(share · p − draw) new songs (where that many are kept), new and warm songs each keep
+    their score order, and no new song sits below its score position."""
+    from apex_rank.ranking.reranker import select_top_k
+
+    rng = np.random.default_rng(0)
+    n_users, n, k = 300, 30, 10
+    user = np.repeat(np.arange(n_users), n)
+    cold = rng.random(n_users * n) < 0.3
+    draws = np.repeat(rng.random(n_users), n)
+    for share in (0.1, 0.25, 0.4):
+        keep, rank = select_top_k(user, cold, k, share, floor=True, draws=draws)
+        assert (np.bincount(user[keep], minlength=n_users) == k).all()
+        in_user = keep - user[keep] * n  # score position of each kept row
+        mean_new_at = np.zeros(k)
+        for u in range(n_users):
+            rows = keep[user[keep] == u]
+            c = cold[rows]
+            pos = in_user[user[keep] == u]
+            assert (np.diff(pos[c]) > 0).all() and (np.diff(pos[~c]) > 0).all()
+            need = np.ceil(share * np.arange(1, k + 1) - draws[u * n])
+            assert (np.cumsum(c) >= np.minimum(need, c.sum())).all()
+            score_rank = np.argsort(np.argsort(pos))  # position by score alone among the kept rows
+            assert (np.flatnonzero(c) <= score_rank[c]).all()
+            mean_new_at += c
+        # on average every depth gets at least the share
+        assert (mean_new_at / n_users >= share - 0.08).all()
 
 
 def test_fractional_floor_slots_average_to_the_share_and_follow_the_user() -> None:
@@ -230,9 +260,34 @@ def test_group_ndcg_counts_what_is_served() -> None:
     assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, min_cold_share=0.5) == pytest.approx(1.0)
     # warm targets only: the cold positive is not relevant
     assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, targets="warm") == pytest.approx(1.0)
-    # new-song targets only: the cold positive is served 2nd under the floor, absent without it
-    assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, min_cold_share=0.5, targets="cold") == pytest.approx(
-        1 / np.log2(3))
+    # new-song targets only: the cold positive is served first under the floor (the floor holds
+    # at every depth, and the first group's draw, 0, gives depth 1 its half slot), absent without it
+    assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, min_cold_share=0.5, targets="cold") == pytest.approx(1.0)
     assert group_ndcg(y, sc, np.array([5]), 2, cold=cold, targets="cold") == 0.0
     with pytest.raises(ConfigError, match="targets"):
         group_ndcg(y, sc, np.array([5]), 2, cold=cold, targets="new")
+
+
+def test_simulated_new_songs_are_half_new_releases_half_random() -> None:
+    """Half of the simulated new songs are the latest songs to reach the catalogue, half a
+    seeded draw among the others; without timestamps all are drawn."""
+    import polars as pl
+
+    from apex_rank.ranking.build import _simulated_new_songs
+    from apex_rank.ranking.config import RecommenderConfig
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    s = rng.integers(0, 100, n)
+    first_day = np.arange(100) * 3.0  # song i appears on day 3i
+    ts = (first_day[s] + rng.random(n) * 50) * 86400
+    fit = pl.DataFrame({"_s": s, "ts_s": ts})
+    cfg = RecommenderConfig(cold_sim_share=0.2)
+    sim = _simulated_new_songs(fit, cfg)
+    assert len(sim) == 20 and len(set(sim.tolist())) == 20
+    first = fit.group_by("_s").agg(pl.col("ts_s").min()).sort("ts_s", descending=True)["_s"].to_list()
+    assert set(first[:10]) <= set(sim.tolist())  # the 10 latest arrivals
+    assert len(set(sim.tolist()) - set(first[:10])) == 10
+    assert (_simulated_new_songs(fit, cfg) == sim).all()  # seeded
+    no_ts = _simulated_new_songs(fit.with_columns(pl.lit(float("nan")).alias("ts_s")), cfg)
+    assert len(no_ts) == 20 and not set(first[:10]) <= set(no_ts.tolist())
