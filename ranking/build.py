@@ -6,14 +6,15 @@ Steps (DESIGN.md, "Cold start: how the pieces fit", with the changes of the blen
    one trained on the way from the songs table's labels; without labels, from the play counts
    of the played songs only).
 2. Each user's latest ``rerank_share`` of interactions labels the reranker's training groups; the
-   earlier rest is the fit part (:func:`_label_rows`). A seeded ``cold_sim_share`` of the played
-   songs is held out of the training side as simulated new songs (their label plays stay), songs
+   earlier rest is the fit part (:func:`_label_rows`). A ``cold_sim_share`` of the played songs
+   (half the latest to arrive, half a seeded draw, :func:`_simulated_new_songs`) is held out of
+   the training side as simulated new songs (their label plays stay), songs
    nobody played stay out of the groups, ALS settings are chosen on the label slice
    (``cf_grid``, :func:`_choose_cf`).
 3. Training side: CF, content map, user states and candidates on the fit part
    (:func:`_fit_side`, :func:`user_arrays`, :func:`training_frame`); LightGBM learns corrections
-   to the ALS order (``init_score``); a minimum share of new songs is chosen on its validation
-   groups (:func:`_choose_cold_floor`, ``report["exposure"]``).
+   to the ALS order (``init_score``); a minimum share of new songs, held at every depth of the
+   list, is chosen on its validation groups (:func:`_choose_cold_floor`, ``report["exposure"]``).
 4. Serving side: CF, map, states and indexes refitted on all interactions (``refit_on_all``).
 
 Only the ``Recommender`` facade imports this module (the layering test holds it to that):
