@@ -118,9 +118,10 @@ def test_build_with_the_dask_engine_makes_the_one_machine_training_frame(client:
     assert on_dask.report["n_rerank_rows"] == local.report["n_rerank_rows"] > 0
     assert on_dask.report["candidate_recall"] == pytest.approx(local.report["candidate_recall"], abs=1e-12)
     assert on_dask.reranker.als_order_score == local.reranker.als_order_score  # the same validation groups
-    # 37 validation users: their NDCG@10 moves by about 0.03 between two equally good models
-    # (seed 7: one machine 0.126 at round 29, Dask 0.090 at round 8; Dask's data-parallel trees
-    # stop improving earlier on 20 users a partition). The like-for-like comparison on enough
+    # Not alike here: with the training groups of half-new-release simulated songs, Dask's
+    # data-parallel trees stop improving at round 8 on these 20-user partitions (seed 7: 0.090
+    # on 37 validation users; one machine 0.126 at round 29, 0.178 at round 37 given 100
+    # rounds), a difference left open under issue 16. The like-for-like comparison on enough
     # users is test_dask_training_ranks_like_one_machine (within 0.005).
     assert on_dask.reranker.best_score > on_dask.reranker.als_order_score
     assert abs(on_dask.reranker.best_score - local.reranker.best_score) <= 0.05
