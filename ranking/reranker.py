@@ -215,8 +215,8 @@ def select_top_k(
     else:
         whole = np.floor(slots + 1e-9)
         want = (whole + (np.asarray(draws, dtype=np.float64)[start] < slots - whole)).astype(np.int64)
-    share = np.full(len(start), float(cold_share))
     if floor:
+        share = np.full(len(start), float(cold_share))  # the depth each user's floor holds at
         if by_score is not None:
             share[np.asarray(by_score, dtype=bool)[start]] = 0.0  # spread nothing
         top = pos < k
@@ -266,14 +266,6 @@ def _group_draws(n_groups: int) -> np.ndarray:
     return (np.arange(n_groups) * 0.6180339887498949) % 1.0
 
 
-def served_cold_share(g: np.ndarray, cold: np.ndarray, scores: np.ndarray, k: int, min_cold_share: float) -> float:
-    """Share of new songs in the top k of groups ``g`` served with a ``min_cold_share`` floor."""
-    order = np.lexsort((np.arange(len(scores)), -scores, g))
-    keep, _ = select_top_k(g[order], cold[order], k, min_cold_share, floor=True,
-                           draws=_group_draws(int(g.max()) + 1 if len(g) else 0)[g[order]])
-    return float(cold[order[keep]].mean()) if len(keep) else 0.0
-
-
 def group_ndcg(
     labels: np.ndarray,
     scores: np.ndarray,
@@ -291,26 +283,48 @@ def group_ndcg(
     rows as relevant, groups without such a positive left out: the offline evaluation's
     ``warm`` (``cold``) slice.
     """
+    return served_ndcg(labels, scores, groups, k, cold=cold, min_cold_share=min_cold_share,
+                       targets=(targets,))[f"ndcg_{targets}"]
+
+
+def served_ndcg(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    *,
+    cold: np.ndarray | None = None,
+    min_cold_share: float = 0.0,
+    targets: Sequence[str] = ("all", "warm", "cold"),
+) -> dict[str, float]:
+    """:func:`group_ndcg` for each of ``targets`` (``ndcg_<target>``) and the share of new songs
+    served (``served_cold_share``), from one selection of each group's top k."""
     n = len(labels)
     g = np.repeat(np.arange(len(groups)), groups)
-    y = labels.astype(np.float64)
     is_cold = np.zeros(n, bool) if cold is None else np.asarray(cold, bool)
-    if targets not in ("all", "warm", "cold"):
-        raise ConfigError(f"targets must be 'all', 'warm' or 'cold', got {targets!r}")
-    if targets != "all":
-        y = np.where(is_cold == (targets == "warm"), 0.0, y)
+    for t in targets:
+        if t not in ("all", "warm", "cold"):
+            raise ConfigError(f"targets must be 'all', 'warm' or 'cold', got {t!r}")
     order = np.lexsort((np.arange(n), -scores, g))
     keep, rank = select_top_k(g[order], is_cold[order], k, min_cold_share, floor=True,
                               draws=_group_draws(len(groups))[g[order]])
     rows = order[keep]
     disc = 1.0 / np.log2(rank + 1.0)
-    dcg = np.bincount(g[rows], weights=(2.0 ** y[rows] - 1.0) * disc, minlength=len(groups))
-    ideal_order = np.lexsort((-y, g))
-    ikeep, irank = select_top_k(g[ideal_order], np.zeros(n, bool), k, None)
-    irows = ideal_order[ikeep]
-    idcg = np.bincount(g[irows], weights=(2.0 ** y[irows] - 1.0) / np.log2(irank + 1.0), minlength=len(groups))
-    ok = idcg > 0
-    return float(np.mean(dcg[ok] / idcg[ok])) if ok.any() else float("nan")
+    out: dict[str, float] = {}
+    for t in targets:
+        y = labels.astype(np.float64)
+        if t != "all":
+            y = np.where(is_cold == (t == "warm"), 0.0, y)
+        dcg = np.bincount(g[rows], weights=(2.0 ** y[rows] - 1.0) * disc, minlength=len(groups))
+        ideal_order = np.lexsort((-y, g))
+        ikeep, irank = select_top_k(g[ideal_order], np.zeros(n, bool), k, None)
+        irows = ideal_order[ikeep]
+        idcg = np.bincount(g[irows], weights=(2.0 ** y[irows] - 1.0) / np.log2(irank + 1.0),
+                           minlength=len(groups))
+        ok = idcg > 0
+        out[f"ndcg_{t}"] = float(np.mean(dcg[ok] / idcg[ok])) if ok.any() else float("nan")
+    out["served_cold_share"] = float(is_cold[rows].mean()) if len(rows) else 0.0
+    return out
 
 
 def query_groups(user_ids: pl.Series, max_rows: int) -> np.ndarray:
@@ -465,16 +479,12 @@ class Reranker:
         cold = X[:, FEATURES.index("is_cold")] > 0.5
         sc = self.score_matrix(X)
         als = -np.nan_to_num(X[:, FEATURES.index("rank_als")], nan=np.inf)
-        out: list[dict[str, Any]] = [{"model": "als_order", "min_cold_share": None,
-                                      "ndcg_all": group_ndcg(y, als, groups, k),
-                                      **{f"ndcg_{t}": group_ndcg(y, als, groups, k, cold=cold, targets=t)
-                                         for t in ("warm", "cold")}}]
-        g = np.repeat(np.arange(len(groups)), groups)
+        als_order = served_ndcg(y, als, groups, k, cold=cold)
+        del als_order["served_cold_share"]  # reported for the reranker's lists only
+        out: list[dict[str, Any]] = [{"model": "als_order", "min_cold_share": None, **als_order}]
         for share in shares:
             out.append({"model": "reranker", "min_cold_share": share,
-                        **{f"ndcg_{t}": group_ndcg(y, sc, groups, k, cold=cold, min_cold_share=share, targets=t)
-                           for t in ("all", "warm", "cold")},
-                        "served_cold_share": served_cold_share(g, cold, sc, k, share)})
+                        **served_ndcg(y, sc, groups, k, cold=cold, min_cold_share=share)})
         return out
 
     def score(self, frame: pl.DataFrame) -> np.ndarray:

@@ -108,6 +108,7 @@ def test_new_releases_hybrid_ranks_new_releases(ml100k) -> None:  # type: ignore
     # ALS order with the new-song floor's songs where their scores put them (seed 42: all 0.212
     # / warm 0.213 vs ALS 0.216 / 0.216, a known gap of 2%; with the trees for everyone it was
     # 0.183 / 0.180 vs 0.216). The floor's 3.5% of slots, where new songs got 2.3% of the test
-    # plays, is the gap. The floor below leaves room for thread-count noise.
+    # plays, is most of the gap (about 0.215 without the floor for these users, measured on an
+    # earlier revision). The floor below leaves room for thread-count noise.
     for s in ("all", "warm"):
         assert m["hybrid"][s]["ndcg@10"] >= 0.93 * m["als"][s]["ndcg@10"], s
